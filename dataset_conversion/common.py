@@ -1,0 +1,361 @@
+"""Shared pieces of the dataset converters.
+
+- ``ConversionError``: bad input; the message names the offending file and the fix. Converter ``main()``s
+  print it as one line on stderr and exit with code 2 (see ``run_cli``).
+- ``write_dataset``: validates and writes cases into ``<out>.tmp-<pid>`` and moves the folder into place only
+  when everything (images, labels, dataset.json, case_patient_map.json) is written, so a failed conversion
+  never leaves a half dataset that nnU-Net would pick up.
+- Patient-level test split: whole patients go to imagesTs/labelsTs, never single slices of a patient.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+
+# nnU-Net's recommended spacing of the dummy axis when a 2D image is stored as a 1 x H x W volume.
+DUMMY_SLICE_SPACING = 999.0
+CASE_PATIENT_MAP = "case_patient_map.json"
+NATURAL_IMAGE_ENDINGS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+MEDICAL_IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha")
+SUPPORTED_ENDINGS = MEDICAL_IMAGE_ENDINGS + NATURAL_IMAGE_ENDINGS
+
+
+class ConversionError(Exception):
+    """Bad or inconsistent input. The message names the file and what to do about it."""
+
+
+# ----------------------------------------------------------------------------------------------- paths
+def resolve_raw_root(output_root: Optional[str]) -> Path:
+    """``--output-root`` if given, else ``$nnUNet_raw``; neither → ConversionError naming the fix."""
+    root = output_root or os.environ.get("nnUNet_raw")
+    if not root:
+        raise ConversionError("nnUNet_raw is not set: export nnUNet_raw=/path/to/nnUNet_raw "
+                              "(see nnU-Net's documentation/setting_up_paths.md) or pass --output-root DIR")
+    return Path(root)
+
+
+def resolve_preprocessed_root(preprocessed_root: Optional[str]) -> Path:
+    root = preprocessed_root or os.environ.get("nnUNet_preprocessed")
+    if not root:
+        raise ConversionError("nnUNet_preprocessed is not set: export nnUNet_preprocessed=/path/to/"
+                              "nnUNet_preprocessed (see nnU-Net's documentation/setting_up_paths.md)")
+    return Path(root)
+
+
+def dataset_folder_name(dataset_id: int, name: str) -> str:
+    if not 0 < dataset_id <= 999:
+        raise ConversionError(f"dataset id {dataset_id} is out of range: nnU-Net ids are 1..999")
+    if not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
+        raise ConversionError(f"dataset name {name!r} may only contain letters, digits, '_' and '-'")
+    return f"Dataset{dataset_id:03d}_{name}"
+
+
+def find_dataset_folder(root: Path, dataset_id: int) -> Path:
+    """The one ``DatasetXXX_*`` folder in ``root`` (temp folders of running conversions are ignored)."""
+    prefix = f"Dataset{dataset_id:03d}_"
+    found = sorted(p for p in root.glob(prefix + "*") if p.is_dir() and ".tmp-" not in p.name
+                   and ".old-" not in p.name) if root.is_dir() else []
+    if not found:
+        raise ConversionError(f"no {prefix}* folder in {root}: convert the dataset first "
+                              f"(python -m dataset_conversion.<converter>) or check the dataset id")
+    if len(found) > 1:
+        raise ConversionError(f"several folders for dataset id {dataset_id} in {root}: "
+                              f"{', '.join(p.name for p in found)}; remove all but one")
+    return found[0]
+
+
+def sanitize_case_id(stem: str) -> str:
+    """Case ids end up in file names and JSON; keep them to a safe character set."""
+    return re.sub(r"[^A-Za-z0-9_\-]", "_", stem)
+
+
+def strip_ending(name: str, endings: Sequence[str] = SUPPORTED_ENDINGS) -> Tuple[str, str]:
+    low = name.lower()
+    for e in sorted(endings, key=len, reverse=True):
+        if low.endswith(e):
+            return name[: -len(e)], e
+    return name, ""
+
+
+# ---------------------------------------------------------------------------------------------- images
+def read_image(path: Path) -> sitk.Image:
+    """SimpleITK read with an error naming the file (missing, unreadable, not an image)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"missing file {path}: restore it or remove the case that refers to it")
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as e:  # SimpleITK raises RuntimeError for every read failure
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else "unknown reason"
+        raise ConversionError(f"cannot read {path} ({reason[:160]}): replace the file with a valid "
+                              f"image or remove it") from None
+
+
+def channels_from_array(arr: np.ndarray, mode: str, path: Path) -> List[np.ndarray]:
+    """2D array (H, W) or (H, W, C) → list of 2D channel arrays. ``mode``: 'gray' or 'rgb'.
+
+    gray: R=G=B images give one channel losslessly; true colour images are reduced to luminance.
+    rgb: three channels; grey images are repeated so that every case has the same channel count.
+    """
+    if arr.ndim == 2:
+        return [arr] if mode == "gray" else [arr, arr, arr]
+    if arr.ndim != 3 or arr.shape[-1] not in (2, 3, 4):
+        raise ConversionError(f"{path} has shape {arr.shape}; expected a 2D grey or RGB(A) image")
+    if arr.shape[-1] == 2:  # grey + alpha
+        arr = arr[..., :1]
+    rgb = arr[..., :3]
+    if mode == "rgb":
+        if rgb.shape[-1] == 1:
+            return [rgb[..., 0]] * 3
+        return [rgb[..., i] for i in range(3)]
+    if rgb.shape[-1] == 1 or (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
+        return [rgb[..., 0]]
+    lum = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+    return [np.round(lum).astype(rgb.dtype)]
+
+
+def read_2d_array(path: Path, mode: str = "gray") -> List[np.ndarray]:
+    """Read a 2D natural image (png/jpg/bmp/tif) into a list of 2D channel arrays."""
+    img = read_image(path)
+    arr = sitk.GetArrayFromImage(img)
+    if img.GetDimension() == 3 and arr.shape[0] == 1:
+        arr = arr[0]
+    if img.GetNumberOfComponentsPerPixel() == 1 and arr.ndim != 2:
+        raise ConversionError(f"{path} is not a 2D image (array shape {arr.shape}): use a 2D file")
+    return channels_from_array(arr, mode, path)
+
+
+def read_2d_mask(path: Path) -> np.ndarray:
+    """Masks must be single-valued per pixel; R=G=B masks are accepted, colour masks are not."""
+    img = read_image(path)
+    arr = sitk.GetArrayFromImage(img)
+    if img.GetDimension() == 3 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim == 3:
+        ch = arr[..., : min(3, arr.shape[-1])]
+        if not all(np.array_equal(ch[..., 0], ch[..., i]) for i in range(ch.shape[-1])):
+            raise ConversionError(f"mask {path} has colour channels that differ: save masks as single-channel "
+                                  f"label images (one integer value per class)")
+        arr = ch[..., 0]
+    if arr.ndim != 2:
+        raise ConversionError(f"mask {path} is not a 2D image (array shape {arr.shape})")
+    return arr
+
+
+def slice_as_volume(arr: np.ndarray, spacing_yx: Optional[Tuple[float, float]]) -> sitk.Image:
+    """2D array → 1 x H x W SimpleITK volume with spacing (x, y, 999): nnU-Net's way to keep 2D spacing."""
+    img = sitk.GetImageFromArray(np.ascontiguousarray(arr)[None])
+    sy, sx = spacing_yx if spacing_yx is not None else (1.0, 1.0)
+    img.SetSpacing((float(sx), float(sy), DUMMY_SLICE_SPACING))
+    return img
+
+
+def remap_labels(arr: np.ndarray, mapping: Mapping[int, int], path: Path, fix: str) -> np.ndarray:
+    """Map source mask values to nnU-Net labels; any value not in ``mapping`` → ConversionError naming ``path``."""
+    values = np.unique(arr)
+    unknown = [v.item() for v in values if int(v) != v or int(v) not in mapping]
+    if unknown:
+        raise ConversionError(f"mask {path} has unknown label value(s) {unknown[:10]} (expected "
+                              f"{sorted(mapping)}): {fix}")
+    out = np.zeros(arr.shape, dtype=np.uint8)
+    for src in values:
+        out[arr == src] = mapping[int(src)]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- writer
+@dataclass
+class CaseSource:
+    """One case to convert. ``load`` returns (channel images, label image); nothing is read before writing."""
+    case_id: str
+    patient_id: str
+    image_files: List[str]
+    label_file: str
+    load: Callable[[], Tuple[List[sitk.Image], sitk.Image]]
+
+
+def check_unique_case_ids(cases: Iterable[CaseSource]) -> None:
+    seen: Dict[str, CaseSource] = {}
+    for c in cases:
+        if c.case_id in seen:
+            raise ConversionError(f"duplicate case id {c.case_id!r}: {seen[c.case_id].image_files[0]} and "
+                                  f"{c.image_files[0]}; rename or remove one of them")
+        seen[c.case_id] = c
+
+
+def patient_level_test_split(patients: Iterable[str], test_fraction: float, seed: int) -> Set[str]:
+    """Draw round(test_fraction * #patients) whole patients as test set (seeded; >= 1 train patient kept)."""
+    if not 0.0 <= test_fraction < 1.0:
+        raise ConversionError(f"--test-fraction {test_fraction} must be in [0, 1)")
+    unique = sorted(set(patients))
+    if test_fraction == 0 or len(unique) < 2:
+        return set()
+    n_test = min(max(1, round(test_fraction * len(unique))), len(unique) - 1)
+    rng = random.Random(seed)
+    return set(rng.sample(unique, n_test))
+
+
+def _write(img: sitk.Image, path: Path, file_ending: str) -> None:
+    if file_ending == ".png":
+        arr = sitk.GetArrayFromImage(img)
+        arr = arr[0] if arr.ndim == 3 and arr.shape[0] == 1 else arr
+        if arr.ndim != 2:
+            raise ConversionError(f"cannot store {path.name} as .png (array shape {arr.shape}); use .nii.gz")
+        if arr.dtype not in (np.uint8, np.uint16):
+            if arr.min() < 0 or arr.max() > 65535 or not np.all(np.equal(np.mod(arr, 1), 0)):
+                raise ConversionError(f"cannot store {path.name} as .png (values outside 0..65535 or not "
+                                      f"integer); use --file-ending .nii.gz")
+            arr = arr.astype(np.uint8 if arr.max() < 256 else np.uint16)
+        img = sitk.GetImageFromArray(arr)
+    sitk.WriteImage(img, str(path), True)
+
+
+def _check_case(case: CaseSource, channels: List[sitk.Image], label: sitk.Image, n_channels: int,
+                allowed_labels: Set[int]) -> sitk.Image:
+    if len(channels) != n_channels:
+        raise ConversionError(f"{case.image_files[0]} gives {len(channels)} channel(s), the dataset has "
+                              f"{n_channels}; convert all images of the dataset the same way")
+    ref = channels[0]
+    for f, ch in zip(case.image_files * len(channels), channels):
+        if ch.GetSize() != ref.GetSize():
+            raise ConversionError(f"channel size mismatch in case {case.case_id}: {f} is {ch.GetSize()}, "
+                                  f"first channel is {ref.GetSize()}; all channels need the same grid")
+    if label.GetSize() != ref.GetSize():
+        raise ConversionError(f"size mismatch: mask {case.label_file} is {label.GetSize()} but image "
+                              f"{case.image_files[0]} is {ref.GetSize()} (x, y[, z]); use the mask made for "
+                              f"this image")
+    if not np.allclose(label.GetSpacing(), ref.GetSpacing(), rtol=1e-3):
+        raise ConversionError(f"spacing mismatch: mask {case.label_file} has {label.GetSpacing()}, image "
+                              f"{case.image_files[0]} has {ref.GetSpacing()}; fix the mask header")
+    values = set(np.unique(sitk.GetArrayViewFromImage(label)).tolist())
+    if not values <= allowed_labels:
+        raise ConversionError(f"mask {case.label_file} has unknown label value(s) "
+                              f"{sorted(values - allowed_labels)[:10]} (dataset labels "
+                              f"{sorted(allowed_labels)}); fix the mask or the label mapping")
+    label = sitk.Cast(label, sitk.sitkUInt8)
+    label.CopyInformation(ref)  # same grid checked above; identical headers avoid nnU-Net origin warnings
+    for ch in channels[1:]:
+        ch.CopyInformation(ref)
+    return label
+
+
+def write_dataset(cases: Sequence[CaseSource], *, raw_root: Path, dataset_id: int, dataset_name: str,
+                  channel_names: Mapping[int, str], labels: Mapping[str, int], file_ending: str,
+                  test_fraction: float = 0.2, seed: int = 0, overwrite: bool = False,
+                  extra_json: Optional[Mapping] = None, verbose: bool = True) -> Path:
+    """Convert ``cases`` into ``raw_root/DatasetXXX_Name`` atomically; return the final folder.
+
+    Test patients (patient-level) go to imagesTs/labelsTs. ``case_patient_map.json`` ({case: patient}, all
+    cases) is written beside dataset.json for ``label_budget``.
+    """
+    from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
+
+    if not cases:
+        raise ConversionError("no cases found in the input: check the input folder and its layout "
+                              "(see --help)")
+    check_unique_case_ids(cases)
+    raw_root = Path(raw_root)
+    final = raw_root / dataset_folder_name(dataset_id, dataset_name)
+    others = [p.name for p in raw_root.glob(f"Dataset{dataset_id:03d}_*")
+              if p.is_dir() and p.name != final.name and ".tmp-" not in p.name and ".old-" not in p.name]
+    if others:
+        raise ConversionError(f"dataset id {dataset_id} is already used by {raw_root / others[0]}: choose "
+                              f"another -d or remove that folder")
+    if final.exists() and not overwrite:
+        raise ConversionError(f"output {final} already exists: pass --overwrite to replace it")
+
+    test_patients = patient_level_test_split([c.patient_id for c in cases], test_fraction, seed)
+    allowed = set(int(v) for v in labels.values())
+    raw_root.mkdir(parents=True, exist_ok=True)
+    tmp = raw_root / f"{final.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+            (tmp / sub).mkdir(parents=True)
+        n_train = 0
+        for i, case in enumerate(cases):
+            channels, label = case.load()
+            label = _check_case(case, channels, label, len(channel_names), allowed)
+            split = "Ts" if case.patient_id in test_patients else "Tr"
+            n_train += split == "Tr"
+            for k, ch in enumerate(channels):
+                _write(ch, tmp / f"images{split}" / f"{case.case_id}_{k:04d}{file_ending}", file_ending)
+            _write(label, tmp / f"labels{split}" / f"{case.case_id}{file_ending}", file_ending)
+            if verbose and (i + 1) % 50 == 0:
+                print(f"  {i + 1}/{len(cases)} cases written")
+        if n_train == 0:
+            raise ConversionError("all cases fell into the test set: lower --test-fraction")
+        generate_dataset_json(str(tmp), {int(k): v for k, v in channel_names.items()}, dict(labels), n_train,
+                              file_ending, dataset_name=final.name,
+                              license=(extra_json or {}).get("licence", "see the dataset's own license"),
+                              converted_by="tskd-nnunet dataset_conversion",
+                              **{k: v for k, v in (extra_json or {}).items() if k != "licence"},
+                              numTest=len(cases) - n_train)
+        with open(tmp / CASE_PATIENT_MAP, "w") as f:
+            json.dump({c.case_id: c.patient_id for c in cases}, f, indent=1, sort_keys=True)
+        _move_into_place(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if verbose:
+        n_pat = len(set(c.patient_id for c in cases))
+        print(f"wrote {final}: {n_train} training cases, {len(cases) - n_train} test cases "
+              f"({len(test_patients)} of {n_pat} patients in imagesTs/labelsTs)")
+    return final
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    if final.exists():
+        # os.replace cannot replace a non-empty folder: park the old one, swap, then delete it.
+        old = final.parent / f"{final.name}.old-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def atomic_write_json(obj, path: Path) -> None:
+    path = Path(path)
+    tmp = path.parent / f"{path.name}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def add_common_args(parser: argparse.ArgumentParser, default_id: Optional[int], default_name: Optional[str],
+                    name_help: Optional[str] = None) -> None:
+    """-d/-n (required when no default is given), --output-root, --test-fraction, --seed, --overwrite."""
+    parser.add_argument("-d", "--dataset-id", type=int, default=default_id, required=default_id is None,
+                        help=f"nnU-Net dataset id (default {default_id})")
+    parser.add_argument("-n", "--name", default=default_name, required=default_name is None and not name_help,
+                        help=name_help or f"dataset name, folder becomes DatasetXXX_NAME (default {default_name})")
+    parser.add_argument("--output-root", default=None,
+                        help="folder to write DatasetXXX_NAME into (default: $nnUNet_raw)")
+    parser.add_argument("--test-fraction", type=float, default=0.2,
+                        help="fraction of PATIENTS moved to imagesTs/labelsTs (default 0.2; 0 = no test set)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the test split (default 0)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output dataset")
+
+
+def run_cli(fn: Callable[[Optional[Sequence[str]]], None], argv: Optional[Sequence[str]] = None) -> int:
+    """Run a converter; ConversionError → one line on stderr and exit code 2 (no traceback)."""
+    try:
+        fn(argv)
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,161 @@
+"""Label-budget splits: N labeled training cases per fold plus the unlabeled pool.
+
+    python -m dataset_conversion.label_budget -d 505 -n 80 --folds 5 --seed 0 [--val-fraction 0.2]
+
+Reads the case ids of ``$nnUNet_raw/DatasetXXX_*/imagesTr`` (works before preprocessing) and the
+``case_patient_map.json`` the converters write (without it every case is its own patient). Per fold:
+
+1. validation = one fold of a seeded K-fold partition of the training PATIENTS (or, with ``--val-fraction f``,
+   round(f * #patients) patients starting at that fold's offset in the same shuffled list);
+2. labeled = whole patients drawn (seeded) from the other training patients until the case count is as close
+   to N as possible without splitting a patient (greedy fill up to N, then at most one patient more if that
+   gets closer); the exact count is printed;
+3. unlabeled pool = the remaining training cases (never validation cases, never test cases).
+
+Writes ``$nnUNet_preprocessed/DatasetXXX_*/splits_final.json`` (nnU-Net's format) and
+``tskd_unlabeled_pool.json`` (list per fold of case ids), both atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from dataset_conversion.common import (CASE_PATIENT_MAP, ConversionError, atomic_write_json,
+                                       find_dataset_folder, resolve_preprocessed_root, resolve_raw_root,
+                                       run_cli)
+
+POOL_FILE = "tskd_unlabeled_pool.json"
+
+
+def read_training_cases(raw_folder: Path) -> Tuple[List[str], Dict[str, str]]:
+    """Case ids in imagesTr and their patient ids (from case_patient_map.json, else the case itself)."""
+    ds_json = raw_folder / "dataset.json"
+    if not ds_json.is_file():
+        raise ConversionError(f"missing file {ds_json}: convert the dataset first")
+    ending = json.loads(ds_json.read_text())["file_ending"]
+    suffix = "_0000" + ending
+    cases = sorted(p.name[: -len(suffix)] for p in (raw_folder / "imagesTr").iterdir() if p.name.endswith(suffix))
+    if not cases:
+        raise ConversionError(f"no *{suffix} files in {raw_folder / 'imagesTr'}: convert the dataset first")
+    map_file = raw_folder / CASE_PATIENT_MAP
+    if map_file.is_file():
+        mapping = json.loads(map_file.read_text())
+        missing = [c for c in cases if c not in mapping]
+        if missing:
+            raise ConversionError(f"case {missing[0]} is not in {map_file}: add it ({{case: patient}}) or "
+                                  f"delete the file to treat every case as its own patient")
+        patient_of = {c: str(mapping[c]) for c in cases}
+    else:
+        patient_of = {c: c for c in cases}
+    return cases, patient_of
+
+
+def _draw_labeled(patients: List[str], cases_of: Dict[str, List[str]], n: int, rng: random.Random) -> List[str]:
+    order = list(patients)
+    rng.shuffle(order)
+    chosen, count = [], 0
+    for p in order:  # greedy fill without passing n
+        if count + len(cases_of[p]) <= n:
+            chosen.append(p)
+            count += len(cases_of[p])
+        if count == n:
+            break
+    if count < n:  # one more patient if overshooting gets closer to n than stopping short
+        rest = [p for p in order if p not in chosen]
+        if rest:
+            best = min(rest, key=lambda p: len(cases_of[p]))
+            if count + len(cases_of[best]) - n < n - count:
+                chosen.append(best)
+    return chosen
+
+
+def make_label_budget_splits(cases: Sequence[str], patient_of: Dict[str, str], n_labeled: int, num_folds: int,
+                             seed: int, val_fraction: Optional[float] = None
+                             ) -> Tuple[List[Dict[str, List[str]]], List[List[str]]]:
+    """Pure split logic: returns (splits [{'train', 'val'}] per fold, unlabeled pool per fold)."""
+    if n_labeled < 1:
+        raise ConversionError(f"-n {n_labeled}: the label budget must be at least 1 case")
+    if num_folds < 1:
+        raise ConversionError(f"--folds {num_folds} must be at least 1")
+    if num_folds == 1 and val_fraction is None:
+        val_fraction = 0.2
+    if val_fraction is not None and not 0.0 < val_fraction < 1.0:
+        raise ConversionError(f"--val-fraction {val_fraction} must be in (0, 1)")
+    cases_of: Dict[str, List[str]] = {}
+    for c in cases:
+        cases_of.setdefault(patient_of[c], []).append(c)
+    patients = sorted(cases_of)
+    if len(patients) < max(2, num_folds):
+        raise ConversionError(f"only {len(patients)} training patient(s): need at least {max(2, num_folds)} "
+                              f"for {num_folds} fold(s) with a validation set")
+    rng = random.Random(seed)
+    shuffled = list(patients)
+    rng.shuffle(shuffled)
+    n_pat = len(shuffled)
+    bounds = [round(k * n_pat / num_folds) for k in range(num_folds + 1)]
+    splits, pools = [], []
+    for k in range(num_folds):
+        if val_fraction is None:
+            val_p = shuffled[bounds[k]:bounds[k + 1]]
+        else:
+            n_val = min(max(1, round(val_fraction * n_pat)), n_pat - 1)
+            val_p = [shuffled[(bounds[k] + i) % n_pat] for i in range(n_val)]
+        val_set = set(val_p)
+        train_p = [p for p in patients if p not in val_set]
+        available = sum(len(cases_of[p]) for p in train_p)
+        if n_labeled > available:
+            raise ConversionError(f"label budget {n_labeled} exceeds the {available} training cases outside "
+                                  f"validation in fold {k}: choose a smaller -n or fewer --folds")
+        labeled_p = set(_draw_labeled(train_p, cases_of, n_labeled, random.Random(f"{seed}-{k}")))
+        train = sorted(c for p in labeled_p for c in cases_of[p])
+        val = sorted(c for p in val_p for c in cases_of[p])
+        pool = sorted(c for p in train_p if p not in labeled_p for c in cases_of[p])
+        splits.append({"train": train, "val": val})
+        pools.append(pool)
+    return splits, pools
+
+
+def write_label_budget(dataset_id: int, n_labeled: int, num_folds: int = 5, seed: int = 0,
+                       val_fraction: Optional[float] = None, raw_root: Optional[str] = None,
+                       preprocessed_root: Optional[str] = None, verbose: bool = True) -> List[Dict[str, List[str]]]:
+    """Write splits_final.json and tskd_unlabeled_pool.json for ``dataset_id``; return the splits."""
+    raw_folder = find_dataset_folder(resolve_raw_root(raw_root), dataset_id)
+    cases, patient_of = read_training_cases(raw_folder)
+    splits, pools = make_label_budget_splits(cases, patient_of, n_labeled, num_folds, seed, val_fraction)
+    out = resolve_preprocessed_root(preprocessed_root) / raw_folder.name
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(splits, out / "splits_final.json")
+    atomic_write_json(pools, out / POOL_FILE)
+    if verbose:
+        for k, (s, p) in enumerate(zip(splits, pools)):
+            n_pat = len({patient_of[c] for c in s["train"]})
+            print(f"fold {k}: {len(s['train'])} labeled cases ({n_pat} patients; asked {n_labeled}), "
+                  f"{len(s['val'])} val, {len(p)} unlabeled pool")
+        print(f"wrote {out / 'splits_final.json'} and {out / POOL_FILE}")
+    return splits
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> None:
+    p = argparse.ArgumentParser(prog="tskd_label_budget", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-d", "--dataset-id", type=int, required=True, help="nnU-Net dataset id")
+    p.add_argument("-n", "--n-labeled", type=int, required=True, help="labeled training cases per fold")
+    p.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="validation patients as a fraction of all training patients (default: one fold, 1/folds)")
+    p.add_argument("--raw-root", default=None, help="default: $nnUNet_raw")
+    p.add_argument("--preprocessed-root", default=None, help="default: $nnUNet_preprocessed")
+    a = p.parse_args(argv)
+    write_label_budget(a.dataset_id, a.n_labeled, a.folds, a.seed, a.val_fraction, a.raw_root, a.preprocessed_root)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run_cli(_main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

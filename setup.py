@@ -1,0 +1,58 @@
+"""Installs ``tskd_nnunet`` (the library) and ``dataset_conversion`` (the converters).
+
+Besides the two packages, the wheel carries ``tskd_nnunet_autoregister.pth`` at its root, so it
+lands in site-packages; see tskd_nnunet_autoregister.py for why.
+"""
+import os
+import shutil
+
+from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+PTH = "tskd_nnunet_autoregister.pth"
+
+
+class BuildPyWithPth(build_py):
+    """Copy the start-up hook into the wheel root (regular and editable installs alike)."""
+
+    def run(self):
+        super().run()
+        here = os.path.dirname(os.path.abspath(__file__))
+        shutil.copyfile(os.path.join(here, PTH), os.path.join(self.build_lib, PTH))
+
+    def get_outputs(self, include_bytecode=1):
+        return super().get_outputs(include_bytecode) + [os.path.join(self.build_lib, PTH)]
+
+
+setup(
+    name="tskd-nnunet",
+    version="0.1.0",
+    description="Task-specific knowledge distillation of vision foundation models as an nnU-Net v2 plugin",
+    long_description=open("README.md").read() if os.path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["tskd_nnunet", "tskd_nnunet.*", "dataset_conversion", "dataset_conversion.*"]),
+    py_modules=["tskd_nnunet_autoregister"],
+    cmdclass={"build_py": BuildPyWithPth},
+    install_requires=[
+        "torch>=2.1",
+        "nnunetv2>=2.8",
+        "timm>=1.0,<1.0.23",
+        "peft>=0.11",
+        "diffusers>=0.30",
+        "SimpleITK>=2.2",
+        "batchgenerators>=0.25",
+        "numpy",
+        "scipy",
+        "pandas",
+        "matplotlib",
+        "tqdm",
+    ],
+    extras_require={"test": ["pytest>=7"]},
+    entry_points={
+        "console_scripts": [
+            "tskd_trainer_dir = tskd_nnunet.discovery:print_trainer_dir",
+            "tskd_demo = tskd_nnunet.demo.run_demo:main",
+        ],
+    },
+)

@@ -1,0 +1,1 @@
+"""Benchmark: report and figures (the resumable runner lives beside them)."""

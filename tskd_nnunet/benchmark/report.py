@@ -1,0 +1,390 @@
+"""Benchmark report: Markdown + CSV + PNG from a long-format results table and a run-status table.
+
+Inputs
+* ``results``: one row per (dataset, method, budget, fold and/or seed, case, class) with dice, nsd,
+  hd95 and optional numeric clinical columns (e.g. hc_abs_diff_mm, pred_volume_ml).
+* ``runs``: one row per (dataset, method, budget, fold and/or seed) with status in
+  {done, failed, missing}, params, latency_ms, error.
+
+Statistics use the test case as the unit: each case's value is the mean over classes and over
+the runs (folds/seeds) of a (dataset, method, budget). A (method, budget) whose runs failed is
+reported as FAILED with its error, never dropped and never scored as zero; results rows of
+failed runs are ignored because a crashed run's partial output is not trustworthy.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from pathlib import Path
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import pandas as pd
+
+from tskd_nnunet.benchmark.plots import (OverlayItem, plot_boxplots, plot_label_efficiency, plot_overlay_grid,
+                                         select_worst_median_best, sorted_budgets)
+from tskd_nnunet.evaluation._io import atomic_write_csv, atomic_write_text
+from tskd_nnunet.evaluation.stats import bootstrap_ci, holm_adjust, mean_sd, paired_wilcoxon
+
+PathLike = Union[str, os.PathLike]
+
+BASELINE = "nnUNetTrainer"
+METRICS = ("dice", "nsd", "hd95")
+RUN_ID_COLUMNS = ("fold", "seed")
+STATUSES = ("done", "failed", "missing")
+# numeric result columns that are bookkeeping, not endpoints
+_NOT_CLINICAL = {"ref_voxels", "pred_voxels", "fold", "seed", "budget"}
+LOWER_IS_BETTER = {"hd95"}
+
+OverlayLoader = Callable[[Dict[str, object]], Optional[OverlayItem]]
+
+
+def _norm_budget(v):
+    """5, 5.0 and '5' are the same budget; non-numeric budgets ('all') stay strings."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return str(v)
+    return int(f) if f.is_integer() else f
+
+
+def _prepare(results: pd.DataFrame, runs: Optional[pd.DataFrame]):
+    results = results.copy()
+    missing_cols = {"method", "budget", "case", "class", *METRICS} - set(results.columns)
+    if missing_cols:
+        raise ValueError(f"results table lacks columns {sorted(missing_cols)}")
+    if "dataset" not in results:
+        results["dataset"] = "dataset"
+    run_ids = [c for c in RUN_ID_COLUMNS if c in results.columns]
+    if runs is None:
+        # no status table: every run that produced results counts as done
+        runs = results[["dataset", "method", "budget", *run_ids]].drop_duplicates().assign(status="done")
+    runs = runs.copy()
+    if "dataset" not in runs:
+        runs["dataset"] = "dataset"
+    run_ids_runs = [c for c in RUN_ID_COLUMNS if c in runs.columns]
+    if len(results) and run_ids_runs != run_ids:
+        raise ValueError(f"results identify runs by {run_ids}, the status table by {run_ids_runs}")
+    run_ids = run_ids_runs
+    for col, default in (("params", np.nan), ("latency_ms", np.nan), ("error", "")):
+        if col not in runs:
+            runs[col] = default
+    runs["status"] = runs["status"].astype(str).str.strip().str.lower()
+    bad = sorted(set(runs["status"]) - set(STATUSES))
+    if bad:
+        raise ValueError(f"unknown run status {bad}; expected one of {STATUSES}")
+    runs["error"] = runs["error"].fillna("").astype(str)
+    for df in (results, runs):
+        df["budget"] = df["budget"].map(_norm_budget)
+        for c in run_ids:
+            df[c] = df[c].map(_norm_budget)
+    keys = ["dataset", "method", "budget", *run_ids]
+    # runs that produced results but are absent from the status table are done
+    known = set(map(tuple, runs[keys].astype(str).to_numpy()))
+    extra = results[keys].drop_duplicates()
+    extra = extra[[tuple(r) not in known for r in extra.astype(str).to_numpy()]]
+    if len(extra):
+        runs = pd.concat([runs, extra.assign(status="done", error="")], ignore_index=True)
+    failed = runs.loc[runs["status"] == "failed", keys].astype(str)
+    failed_set = set(map(tuple, failed.to_numpy()))
+    keep = [tuple(r) not in failed_set for r in results[keys].astype(str).to_numpy()]
+    return results[keep], runs, run_ids
+
+
+def _clinical_columns(results: pd.DataFrame, run_ids: Sequence[str]) -> List[str]:
+    fixed = {"dataset", "method", "budget", "case", "class", *METRICS, *run_ids, *_NOT_CLINICAL}
+    return [c for c in results.columns if c not in fixed and pd.api.types.is_numeric_dtype(results[c])]
+
+
+def _method_order(methods, baseline: str) -> List[str]:
+    ms = list(dict.fromkeys(methods))
+    return ([baseline] if baseline in ms else []) + [m for m in ms if m != baseline]
+
+
+def case_values(results: pd.DataFrame, value_columns: Sequence[str]) -> pd.DataFrame:
+    """One row per (dataset, method, budget, case): mean over classes and runs."""
+    return (results.groupby(["dataset", "method", "budget", "case"], sort=False)[list(value_columns)]
+            .mean().reset_index())
+
+
+def _status_text(r: pd.DataFrame) -> str:
+    n = len(r)
+    nf, nm = int((r["status"] == "failed").sum()), int((r["status"] == "missing").sum())
+    if n == 0:
+        return "done"
+    if nf == n:
+        return "FAILED"
+    if nf:
+        return f"FAILED ({nf}/{n} runs)"
+    if nm == n:
+        return "MISSING"
+    if nm:
+        return f"done ({nm}/{n} runs missing)"
+    return "done"
+
+
+def summarize(results: pd.DataFrame, runs: pd.DataFrame, run_ids: Sequence[str], value_columns: Sequence[str],
+              baseline: str = BASELINE, n_resamples: int = 10000, seed: int = 0) -> pd.DataFrame:
+    """Per (dataset, budget, method): status, runs, cases, mean/sd/95% CI of each value, params, latency."""
+    cv = case_values(results, value_columns)
+    keys = ["dataset", "method", "budget"]
+    groups = pd.concat([runs[keys], cv[keys]]).drop_duplicates()
+    rows = []
+    for ds in dict.fromkeys(groups["dataset"]):
+        g_ds = groups[groups["dataset"] == ds]
+        for b in sorted_budgets(g_ds["budget"]):
+            for m in _method_order(g_ds.loc[g_ds["budget"] == b, "method"], baseline):
+                r = runs[(runs["dataset"] == ds) & (runs["method"] == m) & (runs["budget"] == b)]
+                v = cv[(cv["dataset"] == ds) & (cv["method"] == m) & (cv["budget"] == b)]
+                status = _status_text(r)
+                if status == "done" and v.empty:
+                    status = "done (no results)"
+                row = {"dataset": ds, "budget": b, "method": m, "status": status,
+                       "n_runs": len(r), "n_done": int((r["status"] == "done").sum()),
+                       "n_failed": int((r["status"] == "failed").sum()), "n_cases": int(v["case"].nunique()),
+                       "params": float(pd.to_numeric(r["params"], errors="coerce").median()) if len(r) else np.nan,
+                       "latency_ms": float(pd.to_numeric(r["latency_ms"], errors="coerce").median()) if len(r) else np.nan,
+                       "error": " | ".join(dict.fromkeys(e for e in r.loc[r["status"] == "failed", "error"] if e))}
+                for c in value_columns:
+                    x = v[c].to_numpy(float)
+                    mu, sd = mean_sd(x)
+                    lo, hi = bootstrap_ci(x, n_resamples=n_resamples, seed=seed)
+                    row.update({f"{c}_mean": mu, f"{c}_sd": sd, f"{c}_ci_lo": lo, f"{c}_ci_hi": hi})
+                rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def per_class_summary(results: pd.DataFrame, metrics: Sequence[str] = METRICS) -> pd.DataFrame:
+    """Per (dataset, budget, method, class): mean and sd over cases (case value = mean over runs)."""
+    per_case = results.groupby(["dataset", "budget", "method", "class", "case"], sort=False)[list(metrics)].mean()
+    agg = per_case.groupby(level=[0, 1, 2, 3], sort=False).agg(["mean", "std"])
+    agg.columns = [f"{m}_{s if s == 'mean' else 'sd'}" for m, s in agg.columns]
+    return agg.reset_index()
+
+
+def wilcoxon_vs_baseline(cv: pd.DataFrame, summary: pd.DataFrame, metrics: Sequence[str] = METRICS,
+                         baseline: str = BASELINE) -> pd.DataFrame:
+    """Paired two-sided Wilcoxon of every method vs the baseline on shared test cases.
+
+    Holm-adjusted over the methods within one (dataset, budget, metric). ``rank_biserial`` > 0
+    means the method's values are larger than the baseline's (better for Dice/NSD, worse for HD95).
+    """
+    rows = []
+    for (ds, b), s in summary.groupby(["dataset", "budget"], sort=False):
+        base = cv[(cv["dataset"] == ds) & (cv["budget"] == b) & (cv["method"] == baseline)].set_index("case")
+        for metric in metrics:
+            block = []
+            for _, srow in s.iterrows():
+                m = srow["method"]
+                if m == baseline:
+                    continue
+                row = {"dataset": ds, "budget": b, "method": m, "metric": metric, "status": srow["status"],
+                       "n_pairs": 0, "median_diff": np.nan, "statistic": np.nan, "p_value": np.nan,
+                       "rank_biserial": np.nan, "note": ""}
+                other = cv[(cv["dataset"] == ds) & (cv["budget"] == b) & (cv["method"] == m)].set_index("case")
+                common = base.index.intersection(other.index)
+                if base.empty:
+                    row["note"] = f"no {baseline} results"
+                elif other.empty:
+                    row["note"] = "no results (" + srow["status"] + ")"
+                elif len(common) == 0:
+                    row["note"] = "no shared test cases"
+                else:
+                    w = paired_wilcoxon(other.loc[common, metric].to_numpy(float), base.loc[common, metric].to_numpy(float))
+                    row.update({"n_pairs": len(common), "median_diff": w.median_diff, "statistic": w.statistic,
+                                "p_value": w.p_value, "rank_biserial": w.rank_biserial})
+                block.append(row)
+            adj = holm_adjust([r["p_value"] for r in block]) if block else []
+            for r, p in zip(block, adj):
+                r["p_holm"] = p
+            rows.extend(block)
+    cols = ["dataset", "budget", "method", "metric", "status", "n_pairs", "median_diff", "statistic", "p_value",
+            "p_holm", "rank_biserial", "note"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+# ---------------------------------------------------------------- Markdown
+
+def _fmt(x, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "–"
+    if isinstance(x, (float, np.floating)):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def _cell(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_cell(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _metric_cell(row: Mapping, c: str) -> str:
+    if not math.isfinite(row[f"{c}_mean"]):
+        st = str(row["status"])
+        return "FAILED" if st.startswith("FAILED") else ("MISSING" if st.startswith("MISSING") else "no results")
+    digits = 2 if c == "hd95" or c.endswith("_mm") or c.endswith("_ml") else 3
+    return (f"{row[f'{c}_mean']:.{digits}f} ± {_fmt(row[f'{c}_sd'], digits)} "
+            f"[{row[f'{c}_ci_lo']:.{digits}f}, {row[f'{c}_ci_hi']:.{digits}f}]")
+
+
+def _params_cell(p) -> str:
+    return "–" if not (isinstance(p, (int, float)) and math.isfinite(p)) else f"{p / 1e6:.2f} M"
+
+
+def render_markdown(summary: pd.DataFrame, runs: pd.DataFrame, run_ids: Sequence[str], wilcoxon: pd.DataFrame,
+                    per_class: pd.DataFrame, value_columns: Sequence[str], figures: Mapping[str, str],
+                    baseline: str, title: str, n_resamples: int, seed: int) -> str:
+    out = [f"# {title}", ""]
+    n_failed = int((runs["status"] == "failed").sum())
+    out += [f"Runs: {len(runs)} ({int((runs['status'] == 'done').sum())} done, {n_failed} {'FAILED' if n_failed else 'failed'}, "
+            f"{int((runs['status'] == 'missing').sum())} missing). Values are mean ± sd over test cases "
+            f"[95% percentile bootstrap CI, {n_resamples} resamples, seed {seed}]; a case's value is the mean "
+            f"over classes and runs. Metrics: Dice, NSD at the evaluation's tolerance, HD95 in mm "
+            f"(conventions: documentation/evaluation.md).", ""]
+    labels = {"dice": "Dice", "nsd": "NSD", "hd95": "HD95 (mm)"}
+    for ds, sd in summary.groupby("dataset", sort=False):
+        out += [f"## {ds}", ""]
+        for b, sb in sd.groupby("budget", sort=False):
+            out += [f"### {b} labelled cases", ""]
+            header = ["method", "status", "runs", "cases"] + [labels.get(c, c) for c in value_columns] + \
+                     ["params", "latency (ms)", "error"]
+            rows = [[r["method"] + (" (baseline)" if r["method"] == baseline else ""), r["status"],
+                     f"{r['n_done']}/{r['n_runs']}", str(r["n_cases"])]
+                    + [_metric_cell(r, c) for c in value_columns]
+                    + [_params_cell(r["params"]), _fmt(r["latency_ms"], 1), r["error"] or ""]
+                    for _, r in sb.iterrows()]
+            out += [md_table(header, rows), ""]
+            w = wilcoxon[(wilcoxon["dataset"] == ds) & (wilcoxon["budget"] == b)]
+            if len(w):
+                out += [f"Paired Wilcoxon signed-rank vs `{baseline}` (two-sided, Holm over methods; "
+                        "r = matched-pairs rank-biserial, > 0: method higher than baseline):", ""]
+                out += [md_table(["method", "metric", "pairs", "median diff", "p", "p (Holm)", "r", "note"],
+                                 [[r["method"], labels.get(r["metric"], r["metric"]), str(r["n_pairs"]),
+                                   _fmt(r["median_diff"], 4), _fmt(r["p_value"], 4), _fmt(r["p_holm"], 4),
+                                   _fmt(r["rank_biserial"], 3), r["note"] or ""] for _, r in w.iterrows()]), ""]
+    if len(per_class) and per_class["class"].nunique() > 1:
+        out += ["## Per class", ""]
+        out += [md_table(["dataset", "labels", "method", "class", "Dice", "NSD", "HD95 (mm)"],
+                         [[str(r["dataset"]), str(r["budget"]), r["method"], str(r["class"]),
+                           f"{_fmt(r['dice_mean'])} ± {_fmt(r['dice_sd'])}", f"{_fmt(r['nsd_mean'])} ± {_fmt(r['nsd_sd'])}",
+                           f"{_fmt(r['hd95_mean'], 2)} ± {_fmt(r['hd95_sd'], 2)}"] for _, r in per_class.iterrows()]), ""]
+    out += ["## Runs", ""]
+    id_cols = ["dataset", "method", "budget", *run_ids]
+    out += [md_table(id_cols + ["status", "params", "latency (ms)", "error"],
+                     [[str(r[c]) for c in id_cols] + [r["status"].upper() if r["status"] != "done" else "done",
+                                                      _params_cell(pd.to_numeric(r["params"], errors="coerce")),
+                                                      _fmt(pd.to_numeric(r["latency_ms"], errors="coerce"), 1),
+                                                      r["error"] or ""] for _, r in runs.iterrows()]), ""]
+    if figures:
+        out += ["## Figures", ""]
+        for caption, name in figures.items():
+            out += [f"![{caption}]({name})", ""]
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------- entry
+
+def _overlays(cv: pd.DataFrame, results: pd.DataFrame, summary: pd.DataFrame, run_ids: Sequence[str],
+              loader: OverlayLoader, out_dir: Path, baseline: str) -> Dict[str, str]:
+    """Worst/median/best cases (by case Dice) of each method at each dataset's smallest budget."""
+    figs = {}
+    for ds in dict.fromkeys(summary["dataset"]):
+        b = sorted_budgets(summary.loc[summary["dataset"] == ds, "budget"])[0]
+        rows, labels = [], []
+        for m in _method_order(summary.loc[(summary["dataset"] == ds) & (summary["budget"] == b), "method"], baseline):
+            scores = cv[(cv["dataset"] == ds) & (cv["budget"] == b) & (cv["method"] == m)].set_index("case")["dice"]
+            picks = select_worst_median_best(scores)
+            if not picks:
+                continue
+            res = results[(results["dataset"] == ds) & (results["budget"] == b) & (results["method"] == m)]
+            run = {c: res[c].iloc[0] for c in run_ids}  # the first run's prediction is shown
+            items = []
+            for label, case in picks:
+                item = loader({"dataset": ds, "method": m, "budget": b, "case": case, **run})
+                if item is not None and not item.title:
+                    item.title = f"{label}: {case} (Dice {scores[case]:.3f})"
+                items.append(item)
+            if any(i is not None for i in items):
+                rows.append(items)
+                labels.append(m)
+        if rows:
+            name = f"overlays_{_safe(ds)}.png"
+            plot_overlay_grid(rows, labels, out_dir / name)
+            figs[f"{ds}: worst / median / best cases at {b} labels"] = name
+    return figs
+
+
+def _safe(x) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in str(x))
+
+
+def write_report(results: pd.DataFrame, runs: Optional[pd.DataFrame], out_dir: PathLike, baseline: str = BASELINE,
+                 overlay_loader: Optional[OverlayLoader] = None, clinical_columns: Optional[Sequence[str]] = None,
+                 n_resamples: int = 10000, seed: int = 0, title: str = "Benchmark report") -> Dict[str, Path]:
+    """Write report.md, summary/per_class/wilcoxon/case_values/runs CSVs and PNGs into ``out_dir``.
+
+    ``overlay_loader`` receives {dataset, method, budget, case, fold/seed} and returns an
+    :class:`~tskd_nnunet.benchmark.plots.OverlayItem` (arrays or nnU-Net-readable paths) or None.
+    Returns the written paths by name. Every file is written atomically.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results, runs, run_ids = _prepare(results, runs)
+    clinical = list(clinical_columns) if clinical_columns is not None else _clinical_columns(results, run_ids)
+    value_columns = [*METRICS, *clinical]
+    summary = summarize(results, runs, run_ids, value_columns, baseline, n_resamples, seed)
+    cv = case_values(results, value_columns)
+    wil = wilcoxon_vs_baseline(cv, summary, METRICS, baseline)
+    per_class = per_class_summary(results) if len(results) else pd.DataFrame(columns=["class"])
+    written: Dict[str, Path] = {}
+    for name, df in (("summary", summary), ("wilcoxon", wil), ("per_class", per_class), ("case_values", cv),
+                     ("runs", runs)):
+        written[f"{name}.csv"] = atomic_write_csv(df, out_dir / f"{name}.csv")
+    figures: Dict[str, str] = {}
+    if len(summary):
+        for metric in ("dice", "nsd"):
+            name = f"label_efficiency_{metric}.png"
+            plot_label_efficiency(summary, out_dir / name, metric)
+            figures[f"label efficiency ({metric})"] = name
+        for metric in METRICS:
+            name = f"boxplot_{metric}.png"
+            plot_boxplots(cv, summary, out_dir / name, metric)
+            figures[f"per-case {metric}"] = name
+    if overlay_loader is not None and len(cv):
+        figures.update(_overlays(cv, results, summary, run_ids, overlay_loader, out_dir, baseline))
+    for name in figures.values():
+        written[name] = out_dir / name
+    md = render_markdown(summary, runs, run_ids, wil, per_class, value_columns, figures, baseline, title,
+                         n_resamples, seed)
+    written["report.md"] = atomic_write_text(out_dir / "report.md", md)
+    return written
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="tskd_report", description="Benchmark report (Markdown, CSV, PNG) from result tables.")
+    p.add_argument("-results", required=True, help="long-format results CSV (dataset, method, budget, fold/seed, "
+                                                   "case, class, dice, nsd, hd95, optional clinical columns)")
+    p.add_argument("-runs", default=None, help="run status CSV (method, budget, fold/seed, status, params, "
+                                               "latency_ms, error)")
+    p.add_argument("-o", "--output-dir", required=True)
+    p.add_argument("--baseline", default=BASELINE)
+    p.add_argument("--resamples", type=int, default=10000, help="bootstrap resamples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--title", default="Benchmark report")
+    a = p.parse_args(argv)
+    runs = pd.read_csv(a.runs, keep_default_na=True) if a.runs else None
+    written = write_report(pd.read_csv(a.results), runs, a.output_dir, a.baseline, None, None, a.resamples,
+                           a.seed, a.title)
+    print(f"wrote {written['report.md']} and {len(written) - 1} more files")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

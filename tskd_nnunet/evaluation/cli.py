@@ -1,0 +1,51 @@
+"""Console entry point ``tskd_evaluate``: score a prediction folder against a reference folder."""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import List, Optional
+
+from tskd_nnunet.evaluation._io import atomic_write_csv
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tskd_evaluate",
+        description="Per case and per class Dice, NSD and HD95 (mm) of nnU-Net predictions vs references.")
+    p.add_argument("-ref", required=True, help="folder of reference segmentations (e.g. labelsTs)")
+    p.add_argument("-pred", required=True, help="folder of predicted segmentations (same file names)")
+    p.add_argument("-djfile", required=True, help="dataset.json (labels, file_ending)")
+    p.add_argument("-o", "--output", required=True, help="output CSV (written atomically)")
+    p.add_argument("--tolerance-mm", type=float, default=2.0, help="NSD tolerance in mm (default 2)")
+    p.add_argument("--missing", choices=("error", "empty"), default="error",
+                   help="reference case without prediction: fail (default) or score as empty prediction")
+    p.add_argument("-np", "--num-processes", type=int, default=1)
+    p.add_argument("--hc18-csv", default=None,
+                   help="HC18 pixel_size_and_HC.csv: add head circumference columns (hc_pred_mm, "
+                        "hc_ref_mm, hc_abs_diff_mm) per case")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from tskd_nnunet.evaluation.evaluate import evaluate_folders_with_dataset_json, summarize
+
+    df = evaluate_folders_with_dataset_json(args.ref, args.pred, args.djfile, args.tolerance_mm,
+                                            None, args.missing, args.num_processes)
+    if args.hc18_csv:
+        from tskd_nnunet.evaluation.clinical import evaluate_hc18_folder
+
+        with open(args.djfile) as f:
+            file_ending = json.load(f)["file_ending"]
+        hc = evaluate_hc18_folder(args.pred, args.hc18_csv, file_ending)
+        df = df.merge(hc, on="case", how="left")
+        print(f"HC18 mean absolute difference: {hc['hc_abs_diff_mm'].mean():.2f} mm over {len(hc)} cases")
+    atomic_write_csv(df, args.output)
+    for name, m in summarize(df).items():
+        print(f"{name}: Dice {m['dice']:.4f}  NSD@{args.tolerance_mm:g}mm {m['nsd']:.4f}  HD95 {m['hd95']:.2f} mm")
+    print(f"wrote {args.output} ({len(df)} rows)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
