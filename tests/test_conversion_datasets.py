@@ -248,7 +248,8 @@ def test_chaos_bad_inputs_name_the_file(env, capsys):
     good = bad.read_bytes()
     bad.write_bytes(b"\0" * 64)
     assert Dataset504_CHAOS_CT.main(["--input", str(root)]) == 2
-    assert "cannot read" in capsys.readouterr().err.replace("\n", "") and bad.name
+    err = capsys.readouterr().err
+    assert "cannot read" in err and str(bad) in err
     bad.write_bytes(good)
     g = root / "Train_Sets" / "CT" / "1" / "Ground" / "liver_GT_001.png"
     png(np.full((20, 24), 128, np.uint8), g)
@@ -357,3 +358,22 @@ def test_kidneyus_missing_image_and_bad_mask_value(env, capsys):
     err = capsys.readouterr().err
     assert "unknown label value(s) [2]" in err and str(m) in err
     assert list((env / "nnUNet_raw").iterdir()) == []
+
+
+def test_console_plan_and_preprocess_after_label_budget(env):
+    """The real nnU-Net command on a tiny converted dataset; a label budget written before it survives."""
+    import subprocess
+    import sys
+
+    from dataset_conversion import label_budget
+    make_chaos_slices(env / "cs", patients=(1, 2, 3, 4, 5), n_slices=2)
+    assert Dataset502_CHAOS_MR_T2SPIR_slices.main(["--input", str(env / "cs"), "-d", "590"]) == 0
+    splits = label_budget.write_label_budget(590, 2, num_folds=2, seed=0, verbose=False)
+    exe = Path(sys.executable).with_name("nnUNetv2_plan_and_preprocess")
+    r = subprocess.run([str(exe), "-d", "590", "--verify_dataset_integrity", "-c", "2d", "-np", "1"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "verify_dataset_integrity Done" in r.stdout and "WARNING" not in r.stdout
+    pre = env / "nnUNet_preprocessed" / "Dataset590_CHAOS_MR_T2SPIR"
+    assert json.loads((pre / "splits_final.json").read_text()) == splits
+    assert len(list((pre / "nnUNetPlans_2d").glob("*.b2nd"))) + len(list((pre / "nnUNetPlans_2d").glob("*.npz"))) == 8

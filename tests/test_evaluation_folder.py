@@ -69,6 +69,10 @@ def test_folder_2d_png_via_nnunet_reader(tmp_path):
     assert df.loc[0, "nsd"] == pytest.approx(0.5)
     assert df.loc[0, "hd95"] == pytest.approx(1.0)
     assert np.isnan(df.loc[0, "ref_volume_ml"])
+    # PNG has no spacing: a per-case override puts distances in mm (e.g. HC18 pixel size)
+    df = evaluate_folders(ref_dir, pred_dir, ".png", {"head": 1}, tolerance_mm=0.5,
+                          spacing_override={"c1": (0.5, 0.5)})
+    assert df.loc[0, "hd95"] == pytest.approx(0.5) and df.loc[0, "nsd"] == pytest.approx(1.0)
 
 
 def test_hc18_folder(tmp_path):

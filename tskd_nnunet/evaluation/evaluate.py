@@ -52,17 +52,22 @@ def list_cases(folder: PathLike, file_ending: str) -> List[str]:
 
 
 def _evaluate_case(args) -> List[dict]:
-    case, ref_path, pred_path, file_ending, classes, ignore_label, tolerance_mm = args
+    case, ref_path, pred_path, file_ending, classes, ignore_label, tolerance_mm, spacing_override = args
     rw = reader_for(file_ending)
     ref, spacing = read_seg_2d_or_3d(rw, ref_path)
+    file_spacing = spacing
+    if spacing_override is not None:
+        spacing = tuple(float(s) for s in spacing_override)
+        if len(spacing) != ref.ndim:
+            raise ValueError(f"{case}: spacing override {spacing} does not match a {ref.ndim}D segmentation")
     if pred_path is None:
         pred = np.zeros_like(ref)
     else:
         pred, pred_spacing = read_seg_2d_or_3d(rw, pred_path)
         if pred.shape != ref.shape:
             raise ValueError(f"{case}: prediction shape {pred.shape} != reference shape {ref.shape}")
-        if not np.allclose(pred_spacing, spacing, rtol=1e-3):
-            raise ValueError(f"{case}: prediction spacing {pred_spacing} != reference spacing {spacing}")
+        if not np.allclose(pred_spacing, file_spacing, rtol=1e-3):
+            raise ValueError(f"{case}: prediction spacing {pred_spacing} != reference spacing {file_spacing}")
     scores = evaluate_segmentation(pred, ref, classes, spacing, tolerance_mm, ignore_label)
     rows = []
     for name, s in scores.items():
@@ -79,8 +84,13 @@ def _evaluate_case(args) -> List[dict]:
 def evaluate_folders(ref_folder: PathLike, pred_folder: PathLike, file_ending: str,
                      classes: Mapping[str, LabelOrRegion], tolerance_mm: float = 2.0,
                      ignore_label: Optional[int] = None, output_csv: Optional[PathLike] = None,
-                     missing: str = "error", num_processes: int = 1) -> pd.DataFrame:
+                     missing: str = "error", num_processes: int = 1,
+                     spacing_override: Optional[Mapping[str, Sequence[float]]] = None) -> pd.DataFrame:
     """Per case and per class Dice, NSD and HD95 of every reference case.
+
+    ``spacing_override`` maps case ids to the spacing (mm, array axis order) to use instead of the
+    files': formats without spacing (PNG, read as 1 x 1) would otherwise give distances in pixels,
+    e.g. HC18 stored as PNG with its pixel size in the challenge CSV.
 
     ``missing``: what to do with a reference case that has no prediction: 'error' (default) or
     'empty' (score it as an empty prediction, i.e. the worst score). Predictions without a
@@ -101,7 +111,8 @@ def evaluate_folders(ref_folder: PathLike, pred_folder: PathLike, file_ending: s
         raise FileNotFoundError(f"{len(absent)} reference case(s) lack a prediction in {pred_folder}: {absent[:10]}")
     jobs = [(c, Path(ref_folder) / f"{c}{file_ending}",
              Path(pred_folder) / f"{c}{file_ending}" if c in pred_cases else None,
-             file_ending, dict(classes), ignore_label, tolerance_mm) for c in ref_cases]
+             file_ending, dict(classes), ignore_label, tolerance_mm,
+             None if spacing_override is None else spacing_override.get(c)) for c in ref_cases]
     if num_processes > 1:
         with get_context("spawn").Pool(num_processes) as pool:
             per_case = pool.map(_evaluate_case, jobs)
