@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import SimpleITK as sitk
 from scipy.ndimage import binary_fill_holes
 
 from dataset_conversion.common import (CaseSource, ConversionError, add_common_args, read_2d_array, read_2d_mask,

@@ -23,9 +23,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from dataset_conversion.common import (MEDICAL_IMAGE_ENDINGS, NATURAL_IMAGE_ENDINGS, SUPPORTED_ENDINGS,
+from dataset_conversion.common import (MEDICAL_IMAGE_ENDINGS, NATURAL_IMAGE_ENDINGS,
                                        CaseSource, ConversionError, add_common_args, channels_from_array,
-                                       read_image, resolve_raw_root, run_cli, sanitize_case_id, slice_as_volume,
+                                       read_image, remap_labels, resolve_raw_root, run_cli, sanitize_case_id, slice_as_volume,
                                        strip_ending, write_dataset)
 
 
@@ -125,8 +125,6 @@ def build_cases(images_dir: Path, masks_dir: Path, value_map: Dict[int, int], ch
 
 def _loader(img_p: Path, mask_p: Path, value_map: Dict[int, int], channels: str,
             spacing: Optional[Sequence[float]], out_ending: str):
-    from dataset_conversion.common import remap_labels
-
     def load() -> Tuple[List[sitk.Image], sitk.Image]:
         img = read_image(img_p)
         m_arr, m_img = _read_mask_array(mask_p)

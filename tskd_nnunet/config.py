@@ -47,3 +47,105 @@ def schedule_from_env() -> Optional[Tuple[int, int, int]]:
             f"TSKD_SCHEDULE={value!r} is malformed. Fix: export TSKD_SCHEDULE=EPOCHS,TRAIN_ITERS,VAL_ITERS "
             f"with three positive integers, e.g. 5,20,5")
     return parts  # type: ignore[return-value]
+
+
+# --- distillation (tskd_nnunet/trainers/distill.py) ---
+
+def teacher_trainer_from_env(default: str) -> str:
+    """``TSKD_TEACHER_TRAINER``: trainer class name of the teacher folder to distil from."""
+    return env_str("TSKD_TEACHER_TRAINER", default)  # type: ignore[return-value]
+
+
+def teacher_plans_from_env(default: str) -> str:
+    """``TSKD_TEACHER_PLANS``: plans name of the teacher folder (default: the student's plans)."""
+    return env_str("TSKD_TEACHER_PLANS", default)  # type: ignore[return-value]
+
+
+def teacher_checkpoint_from_env() -> str:
+    """``TSKD_TEACHER_CHECKPOINT``: checkpoint file in the teacher's fold folder (default checkpoint_final.pth)."""
+    value = env_str("TSKD_TEACHER_CHECKPOINT", "checkpoint_final.pth")
+    if "/" in value or "\\" in value or not value.endswith(".pth"):  # type: ignore[operator]
+        raise TSKDConfigError(f"TSKD_TEACHER_CHECKPOINT={value!r} must be a file name in the teacher's fold folder. "
+                              f"Fix: export TSKD_TEACHER_CHECKPOINT=checkpoint_best.pth")
+    return value  # type: ignore[return-value]
+
+
+def unlabeled_fraction_from_env() -> Optional[float]:
+    """``TSKD_UNLABELED_FRACTION``: share of each batch drawn from unlabeled + synthetic cases.
+    Unset: every case equally likely (each source in proportion to its case count)."""
+    if env_str("TSKD_UNLABELED_FRACTION") is None:
+        return None
+    value = env_float("TSKD_UNLABELED_FRACTION", 0.5)
+    if not 0.0 <= value < 1.0:
+        raise TSKDConfigError(f"TSKD_UNLABELED_FRACTION={value} must be in [0, 1). "
+                              f"Fix: export TSKD_UNLABELED_FRACTION=0.5")
+    return value
+
+
+def student_weights_from_env() -> Optional[str]:
+    """``TSKD_STUDENT_WEIGHTS``: optional pretrained backbone checkpoint for the ViT-Tiny student."""
+    value = env_str("TSKD_STUDENT_WEIGHTS")
+    if value is not None and not os.path.isfile(value):
+        raise TSKDConfigError(f"TSKD_STUDENT_WEIGHTS={value!r} is not a file. Fix: point it at a timm-format "
+                              f"ViT-Tiny checkpoint or unset it for random initialisation")
+    return value
+
+
+# --- teacher (ViTLoRATeacherTrainer; documentation/teacher.md) -----------------------------------
+TEACHER_ENV_VARS = ("TSKD_TEACHER_BACKBONE", "TSKD_TEACHER_WEIGHTS", "TSKD_ALLOW_RANDOM_TEACHER",
+                    "TSKD_TEACHER_ARCH_OVERRIDES", "TSKD_TEACHER_IMG_SIZE")
+
+
+def teacher_env_is_set() -> bool:
+    """Whether the user set any teacher variable (else a recorded teacher spec is reused as is)."""
+    return any(env_str(name) is not None for name in TEACHER_ENV_VARS)
+
+
+def teacher_backbone() -> str:
+    """``TSKD_TEACHER_BACKBONE``: registry name (sam_vit_b, sam_vit_l, sam_vit_h, medsam_vit_b, vit_tiny,
+    vit_small, vit_base); default sam_vit_b."""
+    return env_str("TSKD_TEACHER_BACKBONE", "sam_vit_b")  # type: ignore[return-value]
+
+
+def teacher_weights() -> Optional[str]:
+    """``TSKD_TEACHER_WEIGHTS``: path of the backbone checkpoint (SAM/MedSAM .pth or timm ViT state dict)."""
+    value = env_str("TSKD_TEACHER_WEIGHTS")
+    return os.path.abspath(os.path.expanduser(value)) if value is not None else None
+
+
+def teacher_allow_random() -> bool:
+    """``TSKD_ALLOW_RANDOM_TEACHER=1``: build the backbone without weights (smoke tests only)."""
+    return env_flag("TSKD_ALLOW_RANDOM_TEACHER")
+
+
+def teacher_arch_overrides() -> dict:
+    """``TSKD_TEACHER_ARCH_OVERRIDES``: JSON object changing the backbone architecture, e.g.
+    '{"depth": 2, "embed_dim": 64, "num_heads": 2}'."""
+    import json
+    value = env_str("TSKD_TEACHER_ARCH_OVERRIDES")
+    if value is None:
+        return {}
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise TSKDConfigError(f"TSKD_TEACHER_ARCH_OVERRIDES={value!r} is not a JSON object. Fix: export "
+                              f"TSKD_TEACHER_ARCH_OVERRIDES='{{\"depth\": 2, \"embed_dim\": 64, \"num_heads\": 2}}'")
+    return parsed
+
+
+def teacher_img_size() -> Optional[Tuple[int, int]]:
+    """``TSKD_TEACHER_IMG_SIZE``: working size of the ViT, "256" or "256,224" (default: nnU-Net's patch
+    size rounded up to the ViT patch grid)."""
+    value = env_str("TSKD_TEACHER_IMG_SIZE")
+    if value is None:
+        return None
+    try:
+        parts = tuple(int(p) for p in value.replace("x", ",").split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) not in (1, 2) or min(parts) < 1:
+        raise TSKDConfigError(f"TSKD_TEACHER_IMG_SIZE={value!r} is malformed. Fix: export TSKD_TEACHER_IMG_SIZE=256 "
+                              f"or TSKD_TEACHER_IMG_SIZE=256,224")
+    return (parts[0], parts[-1])

@@ -5,3 +5,8 @@ It re-exports our trainer classes so that each keeps one identity,
 trainer must be listed here to be found by ``nnUNetv2_train -tr`` and ``nnUNetv2_predict -tr``.
 """
 from tskd_nnunet.trainers.base import TSKDPlainTrainer, TSKDPlainTrainer_demo, TSKDPlainTrainer_test  # noqa: F401
+from tskd_nnunet.trainers.distill import (DistillTrainer, DistillTrainer_cwd, DistillTrainer_feat, DistillTrainer_small,  # noqa: F401
+                                         DistillTrainer_T4, DistillTrainer_test, DistillTrainer_tiny)
+from tskd_nnunet.trainers.teacher import (ViTFullFTTeacherTrainer, ViTFullFTTeacherTrainer_test,  # noqa: F401
+                                          ViTLoRATeacherTrainer, ViTLoRATeacherTrainer_demo, ViTLoRATeacherTrainer_r4,
+                                          ViTLoRATeacherTrainer_r16, ViTLoRATeacherTrainer_test)

@@ -1,0 +1,121 @@
+"""Distillation losses against hand computations (no nnU-Net training needed)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tskd_nnunet.distill.losses import (DeepSupervisionKD, FeatureKD, FeatureTap, channel_wise_distillation,
+                                        deep_supervision_weights, kd_kl_loss, masked_supervised_loss, tokens_to_grid)
+
+
+def test_kd_is_zero_when_student_equals_teacher():
+    t = torch.randn(2, 3, 8, 8)
+    assert kd_kl_loss(t.clone(), t, 2.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert kd_kl_loss(t.clone(), t, 1.0, multilabel=True).item() == pytest.approx(0.0, abs=1e-6)
+    assert DeepSupervisionKD(4.0)([t.clone(), t[:, :, ::2, ::2]], t).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_temperature_and_t_squared_against_hand_computation():
+    # two pixels, two classes: s = (0, 0) and (2, 0); t = (2, 0) and (0, 0); T = 2
+    s = torch.tensor([[0.0, 2.0], [0.0, 0.0]]).reshape(1, 2, 1, 2)  # (B, C, H, W)
+    t = torch.tensor([[2.0, 0.0], [0.0, 0.0]]).reshape(1, 2, 1, 2)
+    T = 2.0
+
+    def softmax(v):
+        e = [math.exp(x / T) for x in v]
+        return [x / sum(e) for x in e]
+
+    def kl(p, q):
+        return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+
+    pix1 = kl(softmax([2, 0]), softmax([0, 0]))
+    pix2 = kl(softmax([0, 0]), softmax([2, 0]))
+    expected = T * T * (pix1 + pix2) / 2          # summed over classes, averaged over pixels, times T²
+    assert kd_kl_loss(s, t, T).item() == pytest.approx(expected, rel=1e-5)
+    # T only enters through the softening and T²: at T = 1 the plain KL mean
+    assert kd_kl_loss(s, t, 1.0).item() == pytest.approx(
+        (kl([math.e ** 2 / (1 + math.e ** 2), 1 / (1 + math.e ** 2)], [0.5, 0.5]) +
+         kl([0.5, 0.5], [math.e ** 2 / (1 + math.e ** 2), 1 / (1 + math.e ** 2)])) / 2, rel=1e-5)
+
+
+def test_multilabel_kd_is_bernoulli_kl_per_channel():
+    s, t = torch.tensor([0.0]).reshape(1, 1, 1, 1), torch.tensor([2.0]).reshape(1, 1, 1, 1)
+    p, q = 1 / (1 + math.exp(-1.0)), 0.5  # sigmoid(t/T), sigmoid(s/T) at T = 2
+    expected = 4 * (p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q)))
+    assert kd_kl_loss(s, t, 2.0, multilabel=True).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_deep_supervision_weights_and_downsampled_teacher():
+    w = deep_supervision_weights(4)
+    assert np.allclose(w, np.array([1, 0.5, 0.25, 0]) / 1.75)
+    torch.manual_seed(0)
+    t = torch.randn(1, 2, 8, 8)
+    outs = [torch.randn(1, 2, 8, 8), torch.randn(1, 2, 4, 4), torch.randn(1, 2, 2, 2)]
+    expected = (1 / 1.5) * kd_kl_loss(outs[0], t, 2.0) + (0.5 / 1.5) * kd_kl_loss(
+        outs[1], torch.nn.functional.avg_pool2d(t, 2), 2.0)  # lowest output has weight 0
+    assert DeepSupervisionKD(2.0)(outs, t).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_kd_decreases_on_a_fixed_batch():
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 16, 16)
+    teacher = torch.nn.Conv2d(1, 3, 3, padding=1)
+    student = torch.nn.Conv2d(1, 3, 3, padding=1)
+    with torch.no_grad():
+        t_logits = teacher(x)
+    opt = torch.optim.SGD(student.parameters(), lr=0.5)
+    losses = []
+    for _ in range(20):
+        opt.zero_grad()
+        loss = kd_kl_loss(student(x), t_logits, 2.0)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_unlabeled_samples_contribute_no_supervised_loss():
+    def loss(outputs, targets):  # stands in for nnU-Net's DS-wrapped Dice+CE
+        return sum(((o - t) ** 2).mean() for o, t in zip(outputs, targets))
+
+    out = [torch.randn(3, 2, 4, 4, requires_grad=True), torch.randn(3, 2, 2, 2, requires_grad=True)]
+    tgt = [torch.randn(3, 2, 4, 4), torch.randn(3, 2, 2, 2)]
+    labeled = torch.tensor([True, False, True])
+    base = masked_supervised_loss(loss, out, tgt, labeled)
+    tgt2 = [t.clone() for t in tgt]
+    for t in tgt2:
+        t[1] += 100.0  # change only the unlabeled sample's target
+    assert masked_supervised_loss(loss, out, tgt2, labeled).item() == pytest.approx(base.item())
+    base.backward()
+    assert out[0].grad[1].abs().sum() == 0 and out[0].grad[0].abs().sum() > 0
+    none = masked_supervised_loss(loss, out, tgt, torch.tensor([False, False, False]))
+    assert none.item() == 0.0 and none.requires_grad
+
+
+def test_feature_kd_projection_resize_and_modes():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 8, 8, 8), torch.randn(2, 16, 4, 4)
+    for mode in ("mse", "cwd"):
+        head = FeatureKD(8, 16, 2, mode)
+        loss = head(s, t)
+        loss.backward()
+        assert loss.item() > 0 and head.proj.weight.grad is not None
+    assert channel_wise_distillation(t.clone(), t).item() == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="'mse' or 'cwd'"):
+        FeatureKD(8, 16, 2, "l1")
+
+
+def test_tokens_to_grid_and_feature_tap():
+    tokens = torch.arange(2 * 17 * 3, dtype=torch.float32).reshape(2, 17, 3)  # cls + 4x4
+    grid = tokens_to_grid(tokens)
+    assert grid.shape == (2, 3, 4, 4) and torch.equal(grid[:, :, 0, 0], tokens[:, 1])
+    assert tokens_to_grid(torch.zeros(1, 4, 4, 5), channels_last=True).shape == (1, 5, 4, 4)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.ReLU())
+    tap = FeatureTap(net, "0")
+    y = net(torch.ones(1, 1, 3, 3))
+    assert tap.pop().shape == y.shape
+    with pytest.raises(RuntimeError, match="run a forward pass"):
+        tap.pop()
+    with pytest.raises(ValueError, match="no submodule 'nope'"):
+        FeatureTap(net, "nope")

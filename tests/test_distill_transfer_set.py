@@ -1,0 +1,136 @@
+"""Transfer set: labeled + pool + extension cases as one nnU-Net dataset, and its leak guard."""
+import json
+import os
+import shutil
+from typing import Dict
+
+import numpy as np
+import pytest
+
+from conftest import PHANTOM_ID
+
+DATASET = f"Dataset{PHANTOM_ID}_Phantom"
+TRAIN = [f"phantom_tr{i:03d}" for i in range(4)]
+VAL = [f"phantom_tr{i:03d}" for i in range(4, 7)]
+POOL = [f"phantom_tr{i:03d}" for i in range(7, 12)]
+
+
+def make_distill_dataset(nnunet_env: Dict[str, str], root: str) -> Dict[str, str]:
+    """A private copy of the session's preprocessed phantom with a label budget (4 labeled, 3 val,
+    5 pool cases in fold 0) and an extension of one synthetic and one real-unlabeled case.
+    Returns an env whose nnUNet_preprocessed points at the copy."""
+    from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params, nnUNetDatasetBlosc2
+
+    pre = os.path.join(root, "nnUNet_preprocessed")
+    base = os.path.join(pre, DATASET)
+    shutil.copytree(os.path.join(nnunet_env["nnUNet_preprocessed"], DATASET), base,
+                    ignore=shutil.ignore_patterns("splits_final.json"))
+    with open(os.path.join(base, "splits_final.json"), "w") as f:
+        json.dump([{"train": TRAIN, "val": VAL}], f)
+    with open(os.path.join(base, "tskd_unlabeled_pool.json"), "w") as f:
+        json.dump([POOL], f)
+    main = nnUNetDatasetBlosc2(os.path.join(base, "nnUNetPlans_2d"))
+    for source, case, src_case in (("synthetic", "syn_000", POOL[0]), ("unlabeled", "unl_000", POOL[1])):
+        folder = os.path.join(base, "tskd_extension", "nnUNetPlans_2d", "fold_0", source)
+        os.makedirs(folder)
+        data, seg, _, props = main.load_case(src_case)
+        data = np.asarray(data[:]) + 0.1  # not byte-identical to the pool case
+        props = dict(props, class_locations={1: np.zeros((0, 4), dtype=np.int64)})
+        blocks, chunks = comp_blosc2_params(data.shape, (64, 64))
+        nnUNetDatasetBlosc2.save_case(data, np.zeros(seg.shape, dtype=np.int16), props, os.path.join(folder, case),
+                                      chunks=chunks, blocks=blocks)
+        with open(os.path.join(folder, "manifest.json"), "w") as f:
+            json.dump({"cases": [case]}, f)
+    return dict(nnunet_env, nnUNet_preprocessed=pre)
+
+
+@pytest.fixture(scope="module")
+def distill_data(nnunet_env, tmp_path_factory):
+    env = make_distill_dataset(nnunet_env, str(tmp_path_factory.mktemp("distill_data")))
+    return os.path.join(env["nnUNet_preprocessed"], DATASET), env
+
+
+def _build(base, test_ids=(), fold=0, train=TRAIN, val=VAL):
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+    from tskd_nnunet.data.transfer_set import build_transfer_set
+    main = os.path.join(base, "nnUNetPlans_2d")
+    return build_transfer_set(base, main, "nnUNetPlans", "2d", fold, train, val, set(test_ids),
+                              nnUNetDatasetBlosc2.get_identifiers(main))
+
+
+def test_sources_and_unlabeled_cases_load_without_labels(distill_data):
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+    from tskd_nnunet.data.transfer_set import TransferDataset
+
+    base, _ = distill_data
+    ts = _build(base)
+    assert ts.counts() == {"labeled": 4, "pool": 5, "synthetic": 1, "real-unlabeled": 1}
+    ds = TransferDataset(ts, nnUNetDatasetBlosc2)
+    assert sorted(ds.identifiers) == sorted(TRAIN + POOL + ["syn_000", "unl_000"])
+    data, seg, _, props = ds.load_case(TRAIN[0])
+    assert np.asarray(seg[:]).max() == 1 and len(props["class_locations"][1]) > 0
+    data, seg, _, props = ds.load_case(POOL[0])   # a pool case has a real label on disk, never shown
+    assert np.asarray(seg).max() == 0 and all(len(v) == 0 for v in props["class_locations"].values())
+    data, seg, _, props = ds.load_case("syn_000")
+    assert data.shape[0] == 1 and np.asarray(seg).max() == 0
+
+
+def test_loader_draws_only_transfer_cases_with_requested_fraction(distill_data):
+    from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+    from tskd_nnunet.data.transfer_set import TransferDataset, sampling_probabilities
+
+    base, _ = distill_data
+    ds = TransferDataset(_build(base), nnUNetDatasetBlosc2)
+    assert sampling_probabilities(ds.identifiers, ds.unlabeled, None) is None  # nnU-Net's uniform draw
+    probs = sampling_probabilities(ds.identifiers, ds.unlabeled, 0.25)
+    assert probs.sum() == pytest.approx(1.0)
+    assert sum(p for i, p in zip(ds.identifiers, probs) if i in ds.unlabeled) == pytest.approx(0.25)
+    np.random.seed(0)
+    dl = nnUNetDataLoader(ds, 8, (64, 64), (64, 64), LabelManager({"background": 0, "head": 1}, None),
+                          oversample_foreground_percent=1.0, sampling_probabilities=probs)
+    keys = [str(k) for _ in range(40) for k in next(dl)["keys"]]
+    assert not set(keys) & set(VAL)
+    frac = np.mean([k in ds.unlabeled for k in keys])
+    assert 0.17 < frac < 0.33   # 320 draws at p = 0.25
+
+
+def test_leaks_are_refused_with_the_file_named(distill_data):
+    from tskd_nnunet.data.transfer_set import TransferSetError
+
+    base, _ = distill_data
+    with pytest.raises(TransferSetError, match=r"validation case\(s\).*phantom_tr004.*splits_final.json"):
+        _build(base, train=TRAIN + [VAL[0]])
+    with pytest.raises(TransferSetError, match=r"test \(imagesTs\) case\(s\).*phantom_tr008.*tskd_unlabeled_pool.json"):
+        _build(base, test_ids=["phantom_tr008"])
+    pool_file = os.path.join(base, "tskd_unlabeled_pool.json")
+    original = open(pool_file).read()
+    try:
+        with open(pool_file, "w") as f:
+            json.dump([POOL + [VAL[1]]], f)
+        with pytest.raises(TransferSetError, match=r"phantom_tr005.*from .*tskd_unlabeled_pool.json"):
+            _build(base)
+        with open(pool_file, "w") as f:
+            json.dump([POOL + ["phantom_ts000"]], f)
+        with pytest.raises(TransferSetError, match=r"not in .*nnUNetPlans_2d \(phantom_ts000\)"):
+            _build(base)
+    finally:
+        with open(pool_file, "w") as f:
+            f.write(original)
+
+
+def test_extension_cases_need_a_prefix(distill_data):
+    from tskd_nnunet.data.transfer_set import TransferSetError
+
+    base, _ = distill_data
+    folder = os.path.join(base, "tskd_extension", "nnUNetPlans_2d", "fold_0", "synthetic")
+    bad = [os.path.join(folder, n) for n in ("case.b2nd", "case_seg.b2nd", "case.pkl")]
+    for src, dst in zip(("syn_000.b2nd", "syn_000_seg.b2nd", "syn_000.pkl"), bad):
+        shutil.copy(os.path.join(folder, src), dst)
+    try:
+        with pytest.raises(TransferSetError, match=r"synthetic holds case 'case' without a 'syn_'/'unl_' prefix"):
+            _build(base)
+    finally:
+        for p in bad:
+            os.remove(p)

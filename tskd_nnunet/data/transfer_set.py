@@ -1,0 +1,246 @@
+"""The transfer set for distillation: labeled training cases + unlabeled ones, as one nnU-Net dataset.
+
+Sources (documentation/conventions.md, "Transfer set"):
+
+* ``labeled``: the fold's ``train`` ids in ``splits_final.json``: the only cases with a supervised loss;
+* ``pool``: ``tskd_unlabeled_pool.json[fold]``: real training cases in the same preprocessed folder
+  whose labels are *not* used (their segmentation is replaced by zeros when loaded);
+* extension: ``tskd_extension/<plans>_<configuration>/fold_<k>/<source>/`` folders in nnU-Net's
+  preprocessed format, case ids prefixed ``syn_`` (synthetic) or ``unl_`` (real unlabeled).
+
+``TransferDataset`` is an ``nnUNetBaseDataset`` over all of them, so nnU-Net's own
+``nnUNetDataLoader`` and augmentation run unchanged. Unlabeled cases get all-zero segmentations and
+empty ``class_locations``, so nnU-Net's foreground oversampling falls back to a random crop for them
+(and never peeks at a pool case's real label). ``check_no_leak`` refuses any validation or imagesTs
+case in the transfer set.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple, Type
+
+import numpy as np
+
+from nnunetv2.training.dataloading.nnunet_dataset import file_ending_dataset_mapping, nnUNetBaseDataset
+
+LABELED, POOL, SYNTHETIC, REAL_UNLABELED = "labeled", "pool", "synthetic", "real-unlabeled"
+SOURCES = (LABELED, POOL, SYNTHETIC, REAL_UNLABELED)
+EXTENSION_PREFIXES = {"syn_": SYNTHETIC, "unl_": REAL_UNLABELED}
+POOL_FILE = "tskd_unlabeled_pool.json"
+
+
+class TransferSetError(ValueError):
+    """The transfer set is inconsistent (leak, missing case, bad file). One line naming file and fix."""
+
+
+@dataclass
+class TransferSet:
+    """Which case comes from which folder and source."""
+    main_folder: str                                   # nnU-Net's preprocessed folder of the configuration
+    labeled: List[str]
+    pool: List[str] = field(default_factory=list)
+    extension: Dict[str, Tuple[str, List[str]]] = field(default_factory=dict)  # name -> (folder, ids)
+
+    def source_of(self) -> Dict[str, str]:
+        src = {i: LABELED for i in self.labeled}
+        src.update({i: POOL for i in self.pool})
+        for _, ids in self.extension.values():
+            src.update({i: extension_kind(i) for i in ids})
+        return src
+
+    @property
+    def unlabeled(self) -> List[str]:
+        return self.pool + [i for _, ids in self.extension.values() for i in ids]
+
+    @property
+    def all_ids(self) -> List[str]:
+        return self.labeled + self.unlabeled
+
+    def counts(self) -> Dict[str, int]:
+        out = {s: 0 for s in SOURCES}
+        for s in self.source_of().values():
+            out[s] += 1
+        return out
+
+    def labeled_only(self) -> "TransferSet":
+        return TransferSet(self.main_folder, list(self.labeled))
+
+
+def extension_kind(identifier: str) -> str:
+    for prefix, kind in EXTENSION_PREFIXES.items():
+        if identifier.startswith(prefix):
+            return kind
+    raise TransferSetError(f"extension case {identifier!r} has no 'syn_' or 'unl_' prefix")
+
+
+def dataset_class_for(folder: str) -> Type[nnUNetBaseDataset]:
+    """nnU-Net's dataset class for a folder by its file endings (manifest.json and the like ignored)."""
+    endings = {name.rsplit(".", 1)[-1] for name in os.listdir(folder) if "." in name}
+    found = [e for e in file_ending_dataset_mapping if e in endings]
+    if len(found) != 1:
+        raise TransferSetError(f"{folder} holds {'no' if not found else 'mixed'} nnU-Net preprocessed files "
+                               f"({', '.join(sorted(endings)) or 'empty'}); rewrite it with the extension writer")
+    return file_ending_dataset_mapping[found[0]]
+
+
+def read_unlabeled_pool(preprocessed_base: str, fold) -> List[str]:
+    """Ids of ``tskd_unlabeled_pool.json`` for this fold; [] if there is no such file or fold is 'all'."""
+    path = os.path.join(preprocessed_base, POOL_FILE)
+    if not os.path.isfile(path) or fold == "all":
+        return []
+    try:
+        with open(path) as f:
+            pools = json.load(f)
+    except (OSError, ValueError) as e:
+        raise TransferSetError(f"cannot read {path} ({e}); rewrite it with dataset_conversion/label_budget.py") \
+            from None
+    if not isinstance(pools, list) or not all(isinstance(p, list) for p in pools):
+        raise TransferSetError(f"{path} must be a list with one list of case ids per fold; rewrite it with "
+                               f"dataset_conversion/label_budget.py")
+    if int(fold) >= len(pools):
+        raise TransferSetError(f"{path} has {len(pools)} folds, fold {fold} was requested; rewrite it with "
+                               f"dataset_conversion/label_budget.py for this fold")
+    return [str(i) for i in pools[int(fold)]]
+
+
+def extension_fold_folder(preprocessed_base: str, plans_name: str, configuration: str, fold) -> str:
+    return os.path.join(preprocessed_base, "tskd_extension", f"{plans_name}_{configuration}", f"fold_{fold}")
+
+
+def read_extension(preprocessed_base: str, plans_name: str, configuration: str, fold) -> Dict[str, Tuple[str, List[str]]]:
+    """Every non-empty source folder of the fold's extension: name -> (folder, sorted case ids)."""
+    root = extension_fold_folder(preprocessed_base, plans_name, configuration, fold)
+    if not os.path.isdir(root):
+        return {}
+    out: Dict[str, Tuple[str, List[str]]] = {}
+    for name in sorted(os.listdir(root)):
+        folder = os.path.join(root, name)
+        if not os.path.isdir(folder) or name.startswith("."):
+            continue  # temp folders of an unfinished writer start with '.'
+        if not any(n.endswith((".b2nd", ".npz")) for n in os.listdir(folder)):
+            continue
+        ids = sorted(dataset_class_for(folder).get_identifiers(folder))
+        for i in ids:
+            try:
+                extension_kind(i)
+            except TransferSetError:
+                raise TransferSetError(f"{folder} holds case {i!r} without a 'syn_'/'unl_' prefix: extension cases "
+                                       f"must be written by the extension writer") from None
+        out[name] = (folder, ids)
+    return out
+
+
+def raw_test_ids(raw_dataset_folder: Optional[str], file_ending: str) -> Set[str]:
+    """Case ids in ``imagesTs`` of the raw dataset (channel suffix _XXXX removed); empty if absent."""
+    if not raw_dataset_folder:
+        return set()
+    folder = os.path.join(raw_dataset_folder, "imagesTs")
+    if not os.path.isdir(folder):
+        return set()
+    pattern = re.compile(r"^(.*)_\d{4}" + re.escape(file_ending) + "$")
+    return {m.group(1) for m in (pattern.match(n) for n in os.listdir(folder)) if m}
+
+
+def check_no_leak(ts: TransferSet, val_ids: Iterable[str], test_ids: Iterable[str], splits_file: str,
+                  pool_file: str) -> None:
+    """Raise if a validation or test case could be drawn for training, or a pool case is also labeled."""
+    val, test = set(val_ids), set(test_ids)
+    src = ts.source_of()
+    overlap = sorted(set(ts.labeled) & set(ts.pool))
+    if overlap:
+        raise TransferSetError(f"{pool_file} lists cases that are labeled in {splits_file} ({', '.join(overlap[:5])}); "
+                               f"rewrite both with dataset_conversion/label_budget.py")
+    for bad, what, where in ((val, "validation", splits_file), (test, "test (imagesTs)", "imagesTs")):
+        leaked = sorted(i for i in src if i in bad)
+        if leaked:
+            origin = {POOL: pool_file, LABELED: splits_file}.get(src[leaked[0]], "the tskd_extension folder")
+            raise TransferSetError(f"{len(leaked)} {what} case(s) would be used for distillation ({', '.join(leaked[:5])}"
+                                   f", from {origin}; {what} cases are listed in {where}); remove them from {origin}")
+
+
+def build_transfer_set(preprocessed_base: str, main_folder: str, plans_name: str, configuration: str, fold,
+                       train_ids: Sequence[str], val_ids: Sequence[str], test_ids: Iterable[str],
+                       main_identifiers: Iterable[str]) -> TransferSet:
+    """Collect labeled, pool and extension cases of a fold and check that nothing leaks."""
+    pool = read_unlabeled_pool(preprocessed_base, fold)
+    pool_file = os.path.join(preprocessed_base, POOL_FILE)
+    present = set(main_identifiers)
+    missing = [i for i in pool if i not in present]
+    if missing:
+        raise TransferSetError(f"{pool_file} lists {len(missing)} case(s) not in {main_folder} ({', '.join(missing[:5])});"
+                               f" preprocess them or rewrite the pool file")
+    ts = TransferSet(main_folder, list(train_ids), pool,
+                     read_extension(preprocessed_base, plans_name, configuration, fold))
+    clash = sorted(set(ts.labeled + ts.pool) & {i for _, ids in ts.extension.values() for i in ids})
+    if clash:
+        raise TransferSetError(f"extension case ids clash with preprocessed case ids ({', '.join(clash[:5])}) under "
+                               f"{extension_fold_folder(preprocessed_base, plans_name, configuration, fold)}")
+    check_no_leak(ts, val_ids if fold != "all" else [], test_ids,
+                  os.path.join(preprocessed_base, "splits_final.json"), pool_file)
+    return ts
+
+
+def sampling_probabilities(identifiers: Sequence[str], unlabeled: Set[str],
+                           unlabeled_fraction: Optional[float]) -> Optional[np.ndarray]:
+    """Per-identifier probabilities for nnU-Net's DataLoader.
+
+    ``None`` (nnU-Net's uniform draw) when ``unlabeled_fraction`` is None, i.e. each source is drawn
+    in proportion to its case count. Otherwise a sample is unlabeled with probability
+    ``unlabeled_fraction`` (uniform within each group); with one group empty, that group's share goes
+    to the other.
+    """
+    if unlabeled_fraction is None:
+        return None
+    n_u = sum(1 for i in identifiers if i in unlabeled)
+    n_l = len(identifiers) - n_u
+    if n_u == 0 or n_l == 0:
+        return None
+    p = np.array([unlabeled_fraction / n_u if i in unlabeled else (1 - unlabeled_fraction) / n_l
+                  for i in identifiers], dtype=np.float64)
+    return p / p.sum()
+
+
+class TransferDataset(nnUNetBaseDataset):
+    """One nnU-Net dataset over the transfer set's folders. Unlabeled cases load with zero segs."""
+
+    def __init__(self, ts: TransferSet, dataset_class: Type[nnUNetBaseDataset],
+                 folder_with_segs_from_previous_stage: Optional[str] = None, has_ignore_label: bool = False,
+                 annotated_classes_key: Optional[tuple] = None):
+        main_ids = ts.labeled + ts.pool
+        members: List[Tuple[nnUNetBaseDataset, List[str]]] = []
+        if main_ids:
+            members.append((dataset_class(ts.main_folder, list(main_ids), folder_with_segs_from_previous_stage),
+                            main_ids))
+        for name, (folder, ids) in ts.extension.items():
+            if folder_with_segs_from_previous_stage is not None:
+                raise TransferSetError(f"{folder}: extension cases cannot be used by a cascade stage (no previous-stage "
+                                       f"segmentation for them); remove the folder or train a non-cascaded configuration")
+            members.append((dataset_class_for(folder)(folder, list(ids)), ids))
+        self._owner = {i: ds for ds, ids in members for i in ids}
+        self.identifiers = list(ts.all_ids)   # fixed order: sampling probabilities refer to it
+        self.unlabeled = set(ts.unlabeled)
+        self.source_folder = ts.main_folder
+        self.folder_with_segs_from_previous_stage = folder_with_segs_from_previous_stage
+        self._extra_keys = (annotated_classes_key,) if has_ignore_label and annotated_classes_key else ()
+
+    def load_case(self, identifier):
+        data, seg, seg_prev, properties = self._owner[identifier].load_case(identifier)
+        if identifier in self.unlabeled:
+            # np.zeros is calloc'ed: untouched pages cost no memory even for big volumes; the labels of
+            # pool cases never leave the disk
+            seg = np.zeros(tuple(seg.shape), dtype=np.int16)
+            properties = dict(properties)
+            keys = list((properties.get("class_locations") or {}).keys()) + list(self._extra_keys)
+            properties["class_locations"] = {k: np.zeros((0, len(seg.shape)), dtype=np.int64) for k in keys}
+        return data, seg, seg_prev, properties
+
+    @staticmethod
+    def save_case(data, seg, properties, output_filename_truncated):
+        raise NotImplementedError("TransferDataset is read-only; write cases with nnU-Net's dataset classes")
+
+    @staticmethod
+    def get_identifiers(folder: str) -> List[str]:
+        raise NotImplementedError("TransferDataset is built from a TransferSet, not from one folder")

@@ -1,0 +1,209 @@
+"""Distillation losses, as plain functions and small modules (no nnU-Net state needed).
+
+Reductions, so numbers are comparable between runs and with the literature:
+
+* ``kd_kl_loss``: per pixel, KL(teacher || student) of the temperature-softened class
+  distributions *summed over classes*; then *averaged over pixels and batch*; then multiplied by
+  T² (Hinton et al. 2015: keeps the gradient scale independent of T).
+* Deep supervision: the student's outputs at each scale get nnU-Net's weights (1/2^i, the lowest
+  output 0, normalised to sum 1, as nnU-Net's ``_build_loss``); the teacher's full-resolution
+  logits are average-pooled ("area") to each output's shape.
+* Feature KD: a learned 1x1 convolution maps the student stage to the teacher's channel count,
+  the result is resized to the teacher's token grid, then MSE (mean over all elements) or
+  channel-wise distillation (CWD, Shu et al. 2021: per channel, KL of the spatial softmax with
+  temperature tau, summed over locations, averaged over channels and batch, times tau²).
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Outputs = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+def kd_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0,
+               multilabel: bool = False) -> torch.Tensor:
+    """T² · mean over pixels of KL(softmax(t/T) ‖ softmax(s/T)), classes on dim 1.
+
+    ``multilabel=True`` is for nnU-Net's region training (sigmoid outputs): each channel is a
+    Bernoulli distribution and the per-pixel KL is summed over channels.
+    Computed in float32 whatever the autocast dtype, because KL of near-equal distributions is a
+    difference of small numbers.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ in shape")
+    t = float(temperature)
+    s = student_logits.float() / t
+    te = teacher_logits.float() / t
+    if multilabel:
+        p_t = torch.sigmoid(te)
+        kl = (p_t * (F.logsigmoid(te) - F.logsigmoid(s))
+              + (1 - p_t) * (F.logsigmoid(-te) - F.logsigmoid(-s))).sum(1)
+    else:
+        log_p_t = F.log_softmax(te, dim=1)
+        kl = (log_p_t.exp() * (log_p_t - F.log_softmax(s, dim=1))).sum(1)
+    return kl.mean() * (t * t)
+
+
+def deep_supervision_weights(num_outputs: int) -> np.ndarray:
+    """nnU-Net's weights for deep-supervision outputs: 1/2^i, the lowest resolution 0, sum 1."""
+    if num_outputs == 1:
+        return np.ones(1)
+    w = np.array([1 / (2 ** i) for i in range(num_outputs)])
+    w[-1] = 0
+    return w / w.sum()
+
+
+def resize_logits_to(logits: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Average-pool ("area") logits to a spatial ``shape``; identity when it already matches."""
+    if tuple(logits.shape[2:]) == tuple(shape):
+        return logits
+    return F.interpolate(logits.float(), size=tuple(shape), mode="area")
+
+
+class DeepSupervisionKD(nn.Module):
+    """Pixel KD on every deep-supervision output of the student, with nnU-Net's weights."""
+
+    def __init__(self, temperature: float = 2.0, multilabel: bool = False):
+        super().__init__()
+        self.temperature = temperature
+        self.multilabel = multilabel
+
+    def forward(self, student_outputs: Outputs, teacher_logits: torch.Tensor) -> torch.Tensor:
+        outputs = list(student_outputs) if isinstance(student_outputs, (list, tuple)) else [student_outputs]
+        weights = deep_supervision_weights(len(outputs))
+        total = outputs[0].new_zeros((), dtype=torch.float32)
+        for w, out in zip(weights, outputs):
+            if w == 0:
+                continue
+            target = resize_logits_to(teacher_logits, out.shape[2:])
+            total = total + float(w) * kd_kl_loss(out, target, self.temperature, self.multilabel)
+        return total
+
+
+def masked_supervised_loss(loss: Callable[[Outputs, Outputs], torch.Tensor], outputs: Outputs,
+                           targets: Outputs, labeled: torch.Tensor) -> torch.Tensor:
+    """nnU-Net's supervised loss on the labeled samples of a batch only; 0 when none is labeled.
+
+    ``outputs``/``targets`` are tensors or deep-supervision lists with the batch on dim 0;
+    ``labeled`` is a bool vector over the batch. Unlabeled samples are removed before the loss, so
+    their (all-zero or ignored) segmentations can never contribute, not even through batch Dice.
+    """
+    labeled = labeled.to(torch.bool)
+    first = outputs[0] if isinstance(outputs, (list, tuple)) else outputs
+    if not bool(labeled.any()):
+        return first.sum() * 0.0  # keeps the graph, contributes nothing
+    if bool(labeled.all()):
+        return loss(outputs, targets)
+    idx = labeled.nonzero(as_tuple=True)[0].to(first.device)
+
+    def pick(x: Outputs) -> Outputs:
+        if isinstance(x, (list, tuple)):
+            return [i.index_select(0, idx.to(i.device)) for i in x]
+        return x.index_select(0, idx.to(x.device))
+
+    return loss(pick(outputs), pick(targets))
+
+
+def tokens_to_grid(features: Union[torch.Tensor, Sequence[torch.Tensor]], channels_last: Optional[bool] = None
+                   ) -> torch.Tensor:
+    """Bring a feature map to (B, C, *grid).
+
+    Accepts (B, C, *grid) maps, timm/SAM style (B, H, W, C) maps (``channels_last=True``), and ViT
+    token sequences (B, N, C), where leading class/register tokens are dropped so that the rest is
+    a square grid. A list or tuple (e.g. all encoder stages) gives its last element.
+    """
+    if isinstance(features, (list, tuple)):
+        features = features[-1]
+    if features.ndim == 3:
+        b, n, c = features.shape
+        side = int(np.floor(np.sqrt(n)))
+        prefix = n - side * side
+        return features[:, prefix:].transpose(1, 2).reshape(b, c, side, side)
+    if channels_last:
+        return features.movedim(-1, 1)
+    return features
+
+
+def channel_wise_distillation(student: torch.Tensor, teacher: torch.Tensor, tau: float = 4.0) -> torch.Tensor:
+    """CWD: per channel, KL(softmax_spatial(t/tau) ‖ softmax_spatial(s/tau)) · tau², mean over B·C."""
+    b, c = teacher.shape[:2]
+    s = student.float().reshape(b, c, -1) / tau
+    t = teacher.float().reshape(b, c, -1) / tau
+    log_p_t = F.log_softmax(t, dim=-1)
+    kl = (log_p_t.exp() * (log_p_t - F.log_softmax(s, dim=-1))).sum(-1)
+    return kl.mean() * (tau * tau)
+
+
+class FeatureKD(nn.Module):
+    """Student stage → teacher features: learned 1x1 projection, resize to the teacher grid, MSE or CWD.
+
+    The projection is training-only: the trainer keeps it outside the student network, so the
+    student checkpoint and inference never see it.
+    """
+
+    def __init__(self, student_channels: int, teacher_channels: int, spatial_dims: int = 2, mode: str = "mse",
+                 cwd_tau: float = 4.0):
+        super().__init__()
+        if mode not in ("mse", "cwd"):
+            raise ValueError(f"feature KD mode must be 'mse' or 'cwd', got {mode!r}")
+        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+        self.proj = conv(student_channels, teacher_channels, kernel_size=1)
+        self.mode = mode
+        self.cwd_tau = cwd_tau
+
+    def forward(self, student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
+        projected = self.proj(student_features)
+        if projected.shape[2:] != teacher_features.shape[2:]:
+            mode = "bilinear" if projected.ndim == 4 else "trilinear"
+            projected = F.interpolate(projected, size=tuple(teacher_features.shape[2:]), mode=mode,
+                                      align_corners=False)
+        if self.mode == "cwd":
+            return channel_wise_distillation(projected, teacher_features, self.cwd_tau)
+        return F.mse_loss(projected.float(), teacher_features.float())
+
+
+class FeatureTap:
+    """Keeps the output of one submodule from the last forward pass (a forward hook), so feature
+    KD needs no second forward and no change to the network's own ``forward``."""
+
+    def __init__(self, network: nn.Module, module_name: str):
+        try:
+            module = network.get_submodule(module_name)
+        except AttributeError:
+            raise ValueError(f"{type(network).__name__} has no submodule {module_name!r} to take features from") \
+                from None
+        self.module_name = module_name
+        self.output: Optional[torch.Tensor] = None
+        self._handle = module.register_forward_hook(self._keep)
+
+    def _keep(self, _module: nn.Module, _inputs, output) -> None:
+        self.output = output
+
+    def pop(self) -> torch.Tensor:
+        if self.output is None:
+            raise RuntimeError(f"no features captured from {self.module_name!r}: run a forward pass first")
+        out, self.output = self.output, None
+        return out
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def default_feature_module(network: nn.Module) -> str:
+    """Where to take features: the deepest encoder stage of nnU-Net's U-Nets (``encoder.stages``);
+    a ViT network's ``feature_module_name`` attribute if it declares one."""
+    name = getattr(network, "feature_module_name", None)
+    if isinstance(name, str):
+        return name
+    encoder = getattr(network, "encoder", None)
+    stages = getattr(encoder, "stages", None)
+    if stages is not None and len(stages) > 0:
+        return f"encoder.stages.{len(stages) - 1}"
+    raise ValueError(f"cannot tell which module of {type(network).__name__} gives features for feature KD: "
+                     f"give the network a `feature_module_name` attribute")

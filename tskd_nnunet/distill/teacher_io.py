@@ -1,0 +1,202 @@
+"""Find, validate and load a trained teacher for distillation.
+
+A teacher is any trained nnU-Net model folder
+``$nnUNet_results/DatasetXXX/<TeacherTrainer>__<plans>__<configuration>/fold_<k>/<checkpoint>``
+with ``plans.json`` and ``dataset.json`` beside the fold folders. It is rebuilt exactly as
+``nnUNetv2_predict`` rebuilds a model (nnunetv2/inference/predict_from_raw_data.py): the trainer
+class named in the checkpoint builds the network from the folder's own plans with deep
+supervision off, then the checkpoint's ``network_weights`` are loaded. So a plain nnU-Net teacher
+and the ViT LoRA teacher (whose spec lives in its plans.json) load the same way.
+
+Only ``checkpoint_final.pth`` is used by default: silently falling back to ``checkpoint_latest``
+would distil a half-trained teacher. ``TSKD_TEACHER_CHECKPOINT`` picks another file on purpose.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+
+class TeacherError(RuntimeError):
+    """The teacher is missing or does not match the student. One line: what, where, and the fix."""
+
+
+@dataclass(frozen=True)
+class TeacherLocation:
+    model_dir: str          # <results>/DatasetXXX/<trainer>__<plans>__<configuration>
+    checkpoint: str         # model_dir/fold_<k>/<checkpoint name>
+    trainer_name: str
+    plans_name: str
+    configuration: str
+    fold: Union[int, str]
+
+    def train_command(self, dataset_name: str) -> str:
+        dataset_id = dataset_name.split("_")[0].replace("Dataset", "").lstrip("0") or "0"
+        plans = "" if self.plans_name == "nnUNetPlans" else f" -p {self.plans_name}"
+        return f"nnUNetv2_train {dataset_id} {self.configuration} {self.fold} -tr {self.trainer_name}{plans}"
+
+
+def locate_teacher(results_root: str, dataset_name: str, trainer_name: str, plans_name: str, configuration: str,
+                   fold: Union[int, str], checkpoint_name: str = "checkpoint_final.pth") -> TeacherLocation:
+    """Path of the teacher checkpoint by nnU-Net's folder convention; raises TeacherError if absent."""
+    model_dir = os.path.join(results_root, dataset_name, f"{trainer_name}__{plans_name}__{configuration}")
+    loc = TeacherLocation(model_dir, os.path.join(model_dir, f"fold_{fold}", checkpoint_name), trainer_name,
+                          plans_name, configuration, fold)
+    fix = (f"train it first: {loc.train_command(dataset_name)} "
+           f"(or set TSKD_TEACHER_TRAINER / TSKD_TEACHER_PLANS to the teacher you trained)")
+    if not os.path.isdir(model_dir):
+        raise TeacherError(f"Teacher not found: {model_dir} does not exist; {fix}")
+    for name in ("plans.json", "dataset.json"):
+        if not os.path.isfile(os.path.join(model_dir, name)):
+            raise TeacherError(f"Teacher folder {model_dir} has no {name} (incomplete training?); {fix}")
+    if not os.path.isfile(loc.checkpoint):
+        fold_dir = os.path.dirname(loc.checkpoint)
+        others = sorted(f for f in os.listdir(fold_dir) if f.endswith(".pth")) if os.path.isdir(fold_dir) else []
+        if others:
+            raise TeacherError(
+                f"Teacher checkpoint {loc.checkpoint} is missing (found {', '.join(others)}: training not finished?); "
+                f"finish it with `{loc.train_command(dataset_name)} --c` or export "
+                f"TSKD_TEACHER_CHECKPOINT={others[0]} to use that file")
+        raise TeacherError(f"Teacher checkpoint {loc.checkpoint} is missing (no fold_{fold} of this teacher); {fix}")
+    return loc
+
+
+def _load_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise TeacherError(f"Cannot read {path}: {e}; retrain the teacher or restore the file") from None
+
+
+def _norm(value: Any) -> Any:
+    """JSON-comparable form (tuples → lists, numbers as floats) so plans compare by value."""
+    if isinstance(value, (list, tuple)):
+        return [_norm(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _norm(v) for k, v in value.items()}
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        return round(float(value), 6)
+    return value
+
+
+# what must agree for the teacher to see the same input as the student; the architecture entry is
+# deliberately not compared (the ViT teacher replaces it)
+CONFIGURATION_KEYS = ("spacing", "patch_size", "normalization_schemes", "use_mask_for_norm")
+PLANS_KEYS = ("transpose_forward", "transpose_backward")
+
+
+def check_teacher_matches(loc: TeacherLocation, student_plans: dict, student_configuration: str,
+                          student_dataset_json: dict, student_fold: Union[int, str],
+                          checkpoint: Optional[dict] = None) -> None:
+    """Raise TeacherError when the teacher was trained on other labels, channels, plans or fold."""
+    t_dataset = _load_json(os.path.join(loc.model_dir, "dataset.json"))
+    t_plans = _load_json(os.path.join(loc.model_dir, "plans.json"))
+    ds_file = os.path.join(loc.model_dir, "dataset.json")
+    for key, what in (("labels", "labels"), ("channel_names", "channels")):
+        mine, theirs = _norm(student_dataset_json.get(key)), _norm(t_dataset.get(key))
+        if mine != theirs:
+            raise TeacherError(f"Teacher was trained on other {what}: {ds_file} has {key}={t_dataset.get(key)} but the "
+                               f"student's dataset.json has {student_dataset_json.get(key)}; retrain the teacher on "
+                               f"this dataset")
+
+    plans_file = os.path.join(loc.model_dir, "plans.json")
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    if t_plans.get("dataset_name") != student_plans.get("dataset_name"):
+        raise TeacherError(f"Teacher plans {plans_file} are for {t_plans.get('dataset_name')}, the student trains on "
+                           f"{student_plans.get('dataset_name')}; train a teacher on this dataset")
+    try:
+        t_conf = PlansManager(t_plans).get_configuration(student_configuration)
+    except Exception:
+        raise TeacherError(f"Teacher plans {plans_file} have no configuration {student_configuration!r}; train the "
+                           f"teacher with configuration {student_configuration}") from None
+    s_conf = PlansManager(student_plans).get_configuration(student_configuration)
+    keys = list(CONFIGURATION_KEYS)
+    if t_plans.get("plans_name") == student_plans.get("plans_name"):
+        keys.append("data_identifier")  # same plans name ⇒ same preprocessed folder
+    for key in keys:
+        mine, theirs = getattr(s_conf, key), getattr(t_conf, key)
+        if _norm(mine) != _norm(theirs):
+            raise TeacherError(f"Teacher was trained on other plans: {plans_file} has {student_configuration}.{key}="
+                               f"{theirs}, the student's plans have {mine}; retrain the teacher with the student's plans "
+                               f"(-p {student_plans.get('plans_name')})")
+    for key in PLANS_KEYS:
+        if _norm(t_plans.get(key)) != _norm(student_plans.get(key)):
+            raise TeacherError(f"Teacher was trained on other plans: {plans_file} has {key}={t_plans.get(key)}, the "
+                               f"student's plans have {student_plans.get(key)}; retrain the teacher with the student's "
+                               f"plans")
+
+    ckpt = checkpoint if checkpoint is not None else read_checkpoint(loc.checkpoint)
+    init_args = ckpt.get("init_args") or {}
+    if str(init_args.get("fold")) != str(student_fold):
+        raise TeacherError(f"Teacher checkpoint {loc.checkpoint} was trained on fold {init_args.get('fold')}, the "
+                           f"student trains fold {student_fold}; distil each fold from its own teacher "
+                           f"(nnUNetv2_train ... {student_fold} -tr {loc.trainer_name})")
+    if init_args.get("configuration") not in (None, student_configuration):
+        raise TeacherError(f"Teacher checkpoint {loc.checkpoint} was trained with configuration "
+                           f"{init_args.get('configuration')}, the student uses {student_configuration}")
+
+
+def read_checkpoint(path: str) -> dict:
+    try:
+        ckpt = torch.load(path, map_location=torch.device("cpu"), weights_only=False)
+    except Exception as e:  # truncated file, not a torch file, ...
+        raise TeacherError(f"Cannot read teacher checkpoint {path} ({type(e).__name__}); retrain the teacher") from None
+    for key in ("network_weights", "trainer_name", "init_args"):
+        if key not in ckpt:
+            raise TeacherError(f"Teacher checkpoint {path} has no {key!r}: not an nnU-Net checkpoint")
+    return ckpt
+
+
+def build_teacher_network(loc: TeacherLocation, checkpoint: dict) -> nn.Module:
+    """Rebuild the network as nnUNetv2_predict does, load weights, freeze, eval mode (on CPU)."""
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    plans_manager = PlansManager(_load_json(os.path.join(loc.model_dir, "plans.json")))
+    dataset_json = _load_json(os.path.join(loc.model_dir, "dataset.json"))
+    configuration_manager = plans_manager.get_configuration(checkpoint["init_args"]["configuration"])
+    try:
+        trainer_class = recursive_find_trainer_class_by_name(checkpoint["trainer_name"])
+    except RuntimeError:
+        raise TeacherError(f"Teacher checkpoint {loc.checkpoint} was written by trainer {checkpoint['trainer_name']!r}, "
+                           f"which nnU-Net cannot find; install the package that defines it") from None
+    in_ch = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
+    out_ch = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
+    build = trainer_class.build_network_architecture
+    if "plans_manager" in inspect.signature(build).parameters:
+        network = build(plans_manager, configuration_manager, in_ch, out_ch, enable_deep_supervision=False)
+    else:  # nnU-Net's older signature
+        network = build(configuration_manager.network_arch_class_name, configuration_manager.network_arch_init_kwargs,
+                        configuration_manager.network_arch_init_kwargs_req_import, in_ch, out_ch,
+                        enable_deep_supervision=False)
+    try:
+        network.load_state_dict(checkpoint["network_weights"])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise TeacherError(f"Teacher weights in {loc.checkpoint} do not fit the network its plans describe "
+                           f"({first}); retrain the teacher") from None
+    network.eval()
+    network.requires_grad_(False)
+    return network
+
+
+def load_teacher(results_root: str, student_plans: dict, configuration: str, dataset_json: dict,
+                 fold: Union[int, str], trainer_name: str, plans_name: Optional[str] = None,
+                 checkpoint_name: str = "checkpoint_final.pth") -> tuple:
+    """Locate, validate and rebuild the teacher. Returns (network, TeacherLocation)."""
+    loc = locate_teacher(results_root, student_plans["dataset_name"], trainer_name,
+                         plans_name or student_plans["plans_name"], configuration, fold, checkpoint_name)
+    checkpoint = read_checkpoint(loc.checkpoint)
+    check_teacher_matches(loc, student_plans, configuration, dataset_json, fold, checkpoint)
+    return build_teacher_network(loc, checkpoint), loc
+

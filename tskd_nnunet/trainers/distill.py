@@ -1,0 +1,306 @@
+"""DistillTrainer: distil a trained teacher into a small nnU-Net student.
+
+``nnUNetv2_train DATASET 2d FOLD -tr DistillTrainer`` trains the student nnU-Net planned for the
+configuration (or a slimmer preset) on the transfer set (tskd_nnunet.data.transfer_set): nnU-Net's
+Dice+CE on the labeled cases of each batch, pixel KD (tskd_nnunet.distill.losses) on every case,
+optionally feature KD. The teacher (tskd_nnunet.distill.teacher_io) runs frozen on the same
+augmented batch. ``build_network_architecture`` builds only the student, so ``nnUNetv2_predict
+-tr DistillTrainer`` never needs the teacher, and checkpoints hold student weights only (the
+feature-KD projection lives in ``self.kd_heads``, saved under its own checkpoint key for ``--c``).
+nnU-Net owns the loop; this class only overrides hooks.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from typing import Dict, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
+from torch import autocast, nn
+from torch._dynamo import OptimizedModule
+
+from nnunetv2.paths import nnUNet_raw, nnUNet_results
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+from nnunetv2.utilities.helpers import dummy_context
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+
+from tskd_nnunet.config import (teacher_checkpoint_from_env, teacher_plans_from_env, teacher_trainer_from_env,
+                                unlabeled_fraction_from_env)
+from tskd_nnunet.data.transfer_set import (SOURCES, TransferDataset, TransferSet, build_transfer_set,
+                                           raw_test_ids, sampling_probabilities)
+from tskd_nnunet.distill.losses import (DeepSupervisionKD, FeatureKD, FeatureTap, default_feature_module,
+                                        masked_supervised_loss, tokens_to_grid)
+from tskd_nnunet.distill.teacher_io import load_teacher
+from tskd_nnunet.models.students import build_plans_student, count_parameters
+from tskd_nnunet.trainers.base import ScheduledTrainer
+
+HEADS_KEY = "tskd_kd_heads"  # checkpoint key of the training-only feature-KD projection
+
+
+def _unwrap(network: nn.Module) -> nn.Module:
+    mod = network.module if hasattr(network, "module") and not isinstance(network, OptimizedModule) else network
+    return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
+
+
+class DistillTrainer(ScheduledTrainer):
+    """Teacher → student distillation. Class attributes are the knobs; variants override them."""
+
+    teacher_trainer_name: str = "ViTLoRATeacherTrainer"   # TSKD_TEACHER_TRAINER overrides
+    kd_weight: float = 1.0            # alpha: weight of pixel KD (supervised loss has weight 1)
+    kd_temperature: float = 2.0       # T of the softened distributions; the loss is scaled by T²
+    feature_kd: Optional[str] = None  # None (off), "mse" or "cwd"
+    feature_kd_weight: float = 1.0
+    student_width: float = 1.0        # features_per_stage factor of the planned U-Net
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.teacher: Optional[nn.Module] = None
+        self.kd_heads: Optional[nn.ModuleDict] = None
+        self.pixel_kd: Optional[DeepSupervisionKD] = None
+        self.transfer_set: Optional[TransferSet] = None
+        self._labeled_ids: set = set()
+        self._source_of: Dict[str, str] = {}
+        self._drawn: Counter = Counter()
+        self._taps: Dict[str, FeatureTap] = {}
+
+    # ---- network: the student only -------------------------------------------------------------
+    @classmethod
+    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        return build_plans_student(configuration_manager, num_input_channels, num_output_channels,
+                                   enable_deep_supervision, cls.student_width)
+
+    def initialize(self):
+        if not self.was_initialized and self.feature_kd:
+            self.load_teacher()  # the projection's size depends on the teacher
+        super().initialize()
+        self.pixel_kd = DeepSupervisionKD(self.kd_temperature, multilabel=self.label_manager.has_regions)
+        self.print_to_log_file(f"Student {type(_unwrap(self.network)).__name__} (width {self.student_width}): "
+                               f"{count_parameters(self.network):,} parameters")
+
+    def load_teacher(self) -> nn.Module:
+        """Find the teacher by convention, check it matches, move it to the device, frozen."""
+        if self.teacher is None:
+            trainer = teacher_trainer_from_env(self.teacher_trainer_name)
+            network, loc = load_teacher(os.fspath(nnUNet_results), self.plans_manager.plans, self.configuration_name,
+                                        self.dataset_json, self.fold, trainer,
+                                        teacher_plans_from_env(self.plans_manager.plans_name),
+                                        teacher_checkpoint_from_env())
+            self.teacher = network.to(self.device)
+            self.print_to_log_file(f"Teacher {trainer} from {loc.checkpoint}: {count_parameters(network):,} parameters "
+                                   f"(frozen, eval mode)")
+        return self.teacher
+
+    def configure_optimizers(self):
+        optimizer, lr_scheduler = super().configure_optimizers()
+        if self.feature_kd:
+            self.kd_heads = self._build_feature_heads().to(self.device)
+            # same hyper-parameters and LR schedule as the student (PolyLR sets every group)
+            optimizer.add_param_group({"params": list(self.kd_heads.parameters())})
+        return optimizer, lr_scheduler
+
+    # ---- feature KD ----------------------------------------------------------------------------
+    def feature_source(self) -> nn.Module:
+        """The network whose features the student mimics (the fine-tuned teacher here)."""
+        return self.load_teacher()
+
+    def _build_feature_heads(self) -> nn.ModuleDict:
+        student, source = _unwrap(self.network), self.feature_source()
+        self._taps = {"student": FeatureTap(student, default_feature_module(student)),
+                      "teacher": FeatureTap(source, default_feature_module(source))}
+        # one dummy forward at patch size tells both feature shapes
+        x = torch.zeros((1, self.num_input_channels, *self.configuration_manager.patch_size), device=self.device)
+        was_training = student.training
+        student.eval()
+        with torch.no_grad():
+            student(x)
+            source(x)
+        student.train(was_training)
+        s_feat, t_feat = self._taps["student"].pop(), tokens_to_grid(self._taps["teacher"].pop())
+        self.print_to_log_file(f"Feature KD ({self.feature_kd}): student {self._taps['student'].module_name} "
+                               f"{tuple(s_feat.shape[1:])} -> teacher {self._taps['teacher'].module_name} "
+                               f"{tuple(t_feat.shape[1:])}")
+        return nn.ModuleDict({"feature": FeatureKD(s_feat.shape[1], t_feat.shape[1], s_feat.ndim - 2,
+                                                    self.feature_kd)})
+
+    # ---- data: the transfer set ----------------------------------------------------------------
+    def build_transfer_set(self, tr_keys: List[str], val_keys: List[str]) -> TransferSet:
+        raw = os.path.join(os.fspath(nnUNet_raw), self.plans_manager.dataset_name) if nnUNet_raw.is_set() else None
+        return build_transfer_set(self.preprocessed_dataset_folder_base, self.preprocessed_dataset_folder,
+                                  self.plans_manager.plans_name, self.configuration_name, self.fold, tr_keys, val_keys,
+                                  raw_test_ids(raw, self.dataset_json["file_ending"]),
+                                  self.dataset_class.get_identifiers(self.preprocessed_dataset_folder))
+
+    def select_training_cases(self, ts: TransferSet) -> TransferSet:
+        """Hook for variants that train on a part of the transfer set (TaskAgnostic's phase 2)."""
+        return ts
+
+    def get_dataloaders(self):
+        """nnU-Net's loaders and transforms, with the training loader drawing from the transfer set."""
+        if self.dataset_class is None:
+            self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
+        patch_size = self.configuration_manager.patch_size
+        ds_scales = self._get_deep_supervision_scales()
+        rotation, dummy_2d, initial_patch_size, mirror_axes = \
+            self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        regions = self.label_manager.foreground_regions if self.label_manager.has_regions else None
+        tr_transforms = self.get_training_transforms(
+            patch_size, rotation, ds_scales, mirror_axes, dummy_2d,
+            use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=self.is_cascaded,
+            foreground_labels=self.label_manager.foreground_labels, regions=regions,
+            ignore_label=self.label_manager.ignore_label)
+        val_transforms = self.get_validation_transforms(ds_scales, is_cascaded=self.is_cascaded,
+                                                        foreground_labels=self.label_manager.foreground_labels,
+                                                        regions=regions, ignore_label=self.label_manager.ignore_label)
+        tr_keys, val_keys = self.do_split()
+        self.transfer_set = self.select_training_cases(self.build_transfer_set(tr_keys, val_keys))
+        self._labeled_ids = set(self.transfer_set.labeled)
+        self._source_of = self.transfer_set.source_of()
+        counts = self.transfer_set.counts()
+        self.print_to_log_file("Transfer set: " + ", ".join(f"{counts[s]} {s}" for s in SOURCES) +
+                               f"; validation: {len(val_keys)} cases (never drawn for training)")
+        dataset_tr = TransferDataset(self.transfer_set, self.dataset_class, self.folder_with_segs_from_previous_stage,
+                                     self.label_manager.has_ignore_label, tuple([-1] + self.label_manager.all_labels))
+        dataset_val = self.dataset_class(self.preprocessed_dataset_folder, val_keys,
+                                         folder_with_segs_from_previous_stage=self.folder_with_segs_from_previous_stage)
+        probs = sampling_probabilities(dataset_tr.identifiers, dataset_tr.unlabeled, unlabeled_fraction_from_env())
+        common = dict(label_manager=self.label_manager, oversample_foreground_percent=self.oversample_foreground_percent,
+                      pad_sides=None, probabilistic_oversampling=self.probabilistic_oversampling)
+        dl_tr = nnUNetDataLoader(dataset_tr, self.batch_size, initial_patch_size, patch_size,
+                                 sampling_probabilities=probs, transforms=tr_transforms, **common)
+        dl_val = nnUNetDataLoader(dataset_val, self.batch_size, patch_size, patch_size, sampling_probabilities=None,
+                                  transforms=val_transforms, **common)
+        n_proc = get_allowed_n_proc_DA()
+        if n_proc == 0:
+            gen_tr, gen_val = SingleThreadedAugmenter(dl_tr, None), SingleThreadedAugmenter(dl_val, None)
+        else:
+            pin = self.device.type == "cuda"
+            gen_tr = NonDetMultiThreadedAugmenter(dl_tr, None, n_proc, max(6, n_proc // 2), None, pin_memory=pin,
+                                                  wait_time=0.002)
+            gen_val = NonDetMultiThreadedAugmenter(dl_val, None, max(1, n_proc // 2), max(3, n_proc // 4), None,
+                                                   pin_memory=pin, wait_time=0.002)
+        next(gen_tr), next(gen_val)  # start the workers now, as nnU-Net does
+        return gen_tr, gen_val
+
+    # ---- training step -------------------------------------------------------------------------
+    def on_train_start(self):
+        if self.uses_teacher_logits():
+            self.load_teacher()
+        super().on_train_start()
+
+    def uses_teacher_logits(self) -> bool:
+        return self.kd_weight > 0
+
+    def on_train_epoch_start(self):
+        self._drawn = Counter()
+        super().on_train_epoch_start()
+
+    def loss_terms(self, output, target, labeled: torch.Tensor, teacher_logits: Optional[torch.Tensor]
+                   ) -> Dict[str, torch.Tensor]:
+        """Named loss terms of one batch; their sum is optimised."""
+        terms = {"sup": masked_supervised_loss(self.loss, output, target, labeled)}
+        if teacher_logits is not None:
+            terms["kd"] = self.kd_weight * self.pixel_kd(output, teacher_logits)
+        if self.kd_heads is not None:
+            t_feat = tokens_to_grid(self._taps["teacher"].pop())
+            terms["feat"] = self.feature_kd_weight * self.kd_heads["feature"](self._taps["student"].pop(), t_feat)
+        return terms
+
+    def _teacher_forward(self, data: torch.Tensor) -> Optional[torch.Tensor]:
+        if not self.uses_teacher_logits() and self.kd_heads is None:
+            return None
+        with torch.no_grad():
+            out = self.feature_source()(data) if self.kd_heads is not None else self.teacher(data)
+        if isinstance(out, (list, tuple)):
+            out = out[0]
+        return out if self.uses_teacher_logits() else None
+
+    def train_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = [i.to(self.device, non_blocking=True) for i in target] if isinstance(target, list) \
+            else target.to(self.device, non_blocking=True)
+        keys = [str(k) for k in batch["keys"]]
+        self._drawn.update(self._source_of.get(k, "?") for k in keys)
+        labeled = torch.tensor([k in self._labeled_ids for k in keys], dtype=torch.bool)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        # same AMP policy as nnU-Net's train_step: autocast on CUDA only
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            teacher_logits = self._teacher_forward(data)
+            output = self.network(data)
+            terms = self.loss_terms(output, target, labeled, teacher_logits)
+            loss = sum(terms.values())
+
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(params, 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 12)
+            self.optimizer.step()
+        out = {"loss": loss.detach().cpu().numpy()}
+        out.update({f"{k}_loss": float(v.detach().cpu()) for k, v in terms.items()})
+        return out
+
+    def on_train_epoch_end(self, train_outputs: List[dict]):
+        super().on_train_epoch_end(train_outputs)
+        parts = {k: np.mean([o[k] for o in train_outputs]) for k in train_outputs[0] if k.endswith("_loss")}
+        self.print_to_log_file("loss terms: " + ", ".join(f"{k[:-5]} {v:.4f}" for k, v in parts.items()))
+        self.print_to_log_file("cases drawn this epoch: " + ", ".join(f"{s} {self._drawn.get(s, 0)}" for s in SOURCES))
+
+    # ---- checkpoints: student weights in network_weights, KD heads under their own key ----------
+    def save_checkpoint(self, filename: str) -> None:
+        super().save_checkpoint(filename)
+        if self.kd_heads is not None and self.local_rank == 0 and not self.disable_checkpointing:
+            checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
+            checkpoint[HEADS_KEY] = self.kd_heads.state_dict()
+            tmp = f"{filename}.tmp"
+            torch.save(checkpoint, tmp)
+            os.replace(tmp, filename)
+
+    def load_checkpoint(self, filename_or_checkpoint: Union[dict, str]) -> None:
+        super().load_checkpoint(filename_or_checkpoint)
+        if self.kd_heads is not None:
+            checkpoint = filename_or_checkpoint if isinstance(filename_or_checkpoint, dict) else \
+                torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False)
+            if HEADS_KEY in checkpoint:
+                self.kd_heads.load_state_dict(checkpoint[HEADS_KEY])
+            else:
+                self.print_to_log_file(f"WARNING: checkpoint has no {HEADS_KEY!r}; feature-KD projection starts fresh")
+
+
+class DistillTrainer_T4(DistillTrainer):
+    kd_temperature = 4.0
+
+
+class DistillTrainer_feat(DistillTrainer):
+    feature_kd = "mse"
+
+
+class DistillTrainer_cwd(DistillTrainer):
+    feature_kd = "cwd"
+
+
+class DistillTrainer_small(DistillTrainer):
+    student_width = 0.5
+
+
+class DistillTrainer_tiny(DistillTrainer):
+    student_width = 0.25
+
+
+class DistillTrainer_test(DistillTrainer):
+    schedule = (1, 2, 1)
+    teacher_trainer_name = "ViTLoRATeacherTrainer_test"
