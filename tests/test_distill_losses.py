@@ -119,3 +119,6 @@ def test_tokens_to_grid_and_feature_tap():
         tap.pop()
     with pytest.raises(ValueError, match="no submodule 'nope'"):
         FeatureTap(net, "nope")
+    pre = FeatureTap(net, "1", take="input")
+    net(torch.ones(1, 1, 3, 3))
+    assert torch.equal(pre.pop(), net[0](torch.ones(1, 1, 3, 3)))

@@ -84,9 +84,8 @@ def extension_folder(dataset_name_or_id: Union[int, str], plans: str, configurat
     return os.path.join(extension_root(dataset_name_or_id, plans, configuration), _fold_name(fold), source)
 
 
-def _data_file_endings(folder: str) -> Dict[str, List[str]]:
-    """Data-file ending -> the other files a complete case needs, for nnU-Net's two formats."""
-    return {".b2nd": ["_seg.b2nd", ".pkl"], ".npz": [".pkl"]}
+# data-file ending -> the other files a complete case needs, for nnU-Net's two formats
+_CASE_FILES: Dict[str, List[str]] = {".b2nd": ["_seg.b2nd", ".pkl"], ".npz": [".pkl"]}
 
 
 def list_extension_cases(folder: str) -> List[str]:
@@ -99,7 +98,7 @@ def list_extension_cases(folder: str) -> List[str]:
     names = set(os.listdir(folder))
     cases = []
     for name in names:
-        for ending, others in _data_file_endings(folder).items():
+        for ending, others in _CASE_FILES.items():
             if name.endswith(ending) and not name.endswith("_seg" + ending):
                 ident = name[: -len(ending)]
                 if all(ident + o in names for o in others):
@@ -228,7 +227,13 @@ class ExtensionWriter:
         props["bbox_used_for_cropping"] = [[0, s] for s in shape]
         if spacing is not None:
             props["spacing"] = tuple(spacing)
-        props["class_locations"] = {k: np.zeros((0, len(shape) + 1), dtype=np.int64)
+        return self.complete_properties(props)
+
+    def complete_properties(self, props: dict) -> dict:
+        """Add what nnU-Net's loader needs for an unlabeled case: ``class_locations`` empty for every
+        label/region key of the dataset (foreground oversampling then falls back to a random crop)."""
+        ndim = len(props["shape_after_cropping_and_before_resampling"])
+        props["class_locations"] = {k: np.zeros((0, ndim + 1), dtype=np.int64)
                                     for k in self._template.get("class_locations", {})}
         props["tskd_source"] = self.source
         return props

@@ -169,10 +169,11 @@ class FeatureKD(nn.Module):
 
 
 class FeatureTap:
-    """Keeps the output of one submodule from the last forward pass (a forward hook), so feature
-    KD needs no second forward and no change to the network's own ``forward``."""
+    """Keeps what one submodule produced (``take="output"``) or received as its ``input_index``-th
+    positional argument (``take="input"``) in the last forward pass (a hook), so feature KD needs no
+    second forward and no change to the network's own ``forward``."""
 
-    def __init__(self, network: nn.Module, module_name: str):
+    def __init__(self, network: nn.Module, module_name: str, take: str = "output", input_index: int = 0):
         try:
             module = network.get_submodule(module_name)
         except AttributeError:
@@ -180,10 +181,13 @@ class FeatureTap:
                 from None
         self.module_name = module_name
         self.output: Optional[torch.Tensor] = None
-        self._handle = module.register_forward_hook(self._keep)
+        if take == "output":
+            self._handle = module.register_forward_hook(lambda _m, _i, out: self._keep(out))
+        else:
+            self._handle = module.register_forward_pre_hook(lambda _m, args: self._keep(args[input_index]))
 
-    def _keep(self, _module: nn.Module, _inputs, output) -> None:
-        self.output = output
+    def _keep(self, value) -> None:
+        self.output = value
 
     def pop(self) -> torch.Tensor:
         if self.output is None:
@@ -195,15 +199,18 @@ class FeatureTap:
         self._handle.remove()
 
 
-def default_feature_module(network: nn.Module) -> str:
-    """Where to take features: the deepest encoder stage of nnU-Net's U-Nets (``encoder.stages``);
-    a ViT network's ``feature_module_name`` attribute if it declares one."""
-    name = getattr(network, "feature_module_name", None)
-    if isinstance(name, str):
-        return name
+def feature_tap_for(network: nn.Module) -> FeatureTap:
+    """Where to take features from a network:
+
+    * nnU-Net's U-Nets (``encoder.stages``): the deepest encoder stage's output;
+    * the ViT teacher (tskd_nnunet.models.teacher_net.ViTSegNet: ``encode`` + ``decoder``): the token
+      maps its decoder receives (2nd argument, a list; the deepest map is used), i.e. the backbone's
+      features at no extra cost.
+    """
     encoder = getattr(network, "encoder", None)
     stages = getattr(encoder, "stages", None)
     if stages is not None and len(stages) > 0:
-        return f"encoder.stages.{len(stages) - 1}"
-    raise ValueError(f"cannot tell which module of {type(network).__name__} gives features for feature KD: "
-                     f"give the network a `feature_module_name` attribute")
+        return FeatureTap(network, f"encoder.stages.{len(stages) - 1}")
+    if callable(getattr(network, "encode", None)) and isinstance(getattr(network, "decoder", None), nn.Module):
+        return FeatureTap(network, "decoder", take="input", input_index=1)
+    raise ValueError(f"cannot tell which module of {type(network).__name__} gives features for feature KD")

@@ -268,6 +268,17 @@ def build_teacher_network(spec: TeacherSpec, num_input_channels: int, num_output
     return net
 
 
+def adamw_param_groups(network: nn.Module, weight_decay: float) -> List[dict]:
+    """Trainable parameters only; no weight decay on biases, norms and position tables."""
+    decay, no_decay = [], []
+    for name, p in network.named_parameters():
+        if not p.requires_grad:
+            continue
+        flat = p.ndim < 2 or name.endswith(("pos_embed", "cls_token")) or ".rel_pos_" in name
+        (no_decay if flat else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 class FoundationEncoder(nn.Module):
     """The un-tuned, frozen backbone behind the default (untrained) input adapter: ``encode(x)`` gives
     the foundation model's token maps for an nnU-Net batch (task-agnostic KD)."""

@@ -6,7 +6,10 @@ trainer must be listed here to be found by ``nnUNetv2_train -tr`` and ``nnUNetv2
 """
 from tskd_nnunet.trainers.base import TSKDPlainTrainer, TSKDPlainTrainer_demo, TSKDPlainTrainer_test  # noqa: F401
 from tskd_nnunet.trainers.distill import (DistillTrainer, DistillTrainer_cwd, DistillTrainer_feat, DistillTrainer_small,  # noqa: F401
-                                         DistillTrainer_T4, DistillTrainer_test, DistillTrainer_tiny)
+                                         DistillTrainer_T4, DistillTrainer_test, DistillTrainer_tiny,
+                                         TaskAgnosticDistillTrainer, TaskAgnosticDistillTrainer_test)
 from tskd_nnunet.trainers.teacher import (ViTFullFTTeacherTrainer, ViTFullFTTeacherTrainer_test,  # noqa: F401
                                           ViTLoRATeacherTrainer, ViTLoRATeacherTrainer_demo, ViTLoRATeacherTrainer_r4,
                                           ViTLoRATeacherTrainer_r16, ViTLoRATeacherTrainer_test)
+from tskd_nnunet.trainers.distill_synthetic import (DistillTrainer_nosyn, DistillTrainer_syn, DistillTrainer_syn_test,  # noqa: F401
+                                                   DistillTrainer_unl)

@@ -17,8 +17,9 @@ Resize/channel policy (documentation/pretraining.md):
   resize bilinearly to ``resolution`` x ``resolution``; every dataset lands on the same grid.
 - ``mode='crop'`` (CNN student): a random crop of ``resolution`` at nnU-Net's own spacing (padded with 0
   when the slice is smaller), as nnU-Net's patches are.
-- channels: C == in_chans as is; C < in_chans: channels repeated cyclically (1 -> x3, as the teacher's
-  input adapter does for grayscale); C > in_chans: the first ``in_chans``.
+- channels: C == in_chans as is; otherwise every channel is the mean of the C channels (1 -> repeated
+  x3): exactly the initial map of the teacher's ViTInputAdapter, so the foundation sees at pretraining
+  what the teacher feeds it at the start of fine-tuning.
 - 3D configurations: a random slice along the first spatial axis (nnU-Net puts the out-of-plane
   axis first, so this is the axial slice for axial CT/MR).
 Intensities are already normalised by nnU-Net (z-score or CT clipping + z-score).
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tskd_nnunet.data.extension import (SOURCES, ExtensionError, dataset_name, extension_folder, extension_root,
+from tskd_nnunet.data.extension import (SOURCES, ExtensionError, extension_folder, extension_root,
                                         list_extension_cases, preprocessed_config_folder)
 
 POOL_FILE = "tskd_unlabeled_pool.json"
@@ -59,6 +60,26 @@ def _env_root(name: str) -> str:
     if not value:
         raise PretrainCorpusError(f"{name} is not set. Fix: export {name}=/path/to/{name}")
     return value
+
+
+def resolve_dataset_name(dataset: Union[int, str], preprocessed_root: str, raw_root: Optional[str] = None) -> str:
+    """``501`` / ``"501"`` / ``"Dataset501_HC18"`` -> ``"Dataset501_HC18"``, looked up in the given roots
+    (not in nnunetv2.paths, which is frozen at import time)."""
+    text = str(dataset)
+    if text.startswith("Dataset"):
+        return text
+    try:
+        prefix = f"Dataset{int(text):03d}_"
+    except ValueError:
+        raise PretrainCorpusError(f"dataset {text!r} is neither an id nor a DatasetXXX_Name. Fix: e.g. -d 501") from None
+    for root in (preprocessed_root, raw_root):
+        if root and os.path.isdir(root):
+            found = sorted(n for n in os.listdir(root) if n.startswith(prefix))
+            if len(found) == 1:
+                return found[0]
+            if len(found) > 1:
+                raise PretrainCorpusError(f"dataset id {text} is ambiguous in {root}: {found}. Fix: pass the full name")
+    raise PretrainCorpusError(f"dataset {text} not found in {preprocessed_root}. Fix: nnUNetv2_plan_and_preprocess -d {text}")
 
 
 def raw_test_ids(raw_dataset_folder: str, file_ending: str) -> List[str]:
@@ -153,13 +174,14 @@ class PretrainCorpus(torch.utils.data.IterableDataset):
                                       f"Fix: run nnUNetv2_plan_and_preprocess -c {configuration} for them")
         self._datasets = sorted({s.dataset for s in self.sources})
         self._loaders: Dict[int, object] = {}
+        self._handles: Dict[Tuple[int, str], object] = {}
 
     # ------------------------------------------------------------------ listing
     def _collect(self, dataset: Union[int, str], include_pool: bool, extensions: Sequence[str]) -> List[CorpusSource]:
         old = os.environ.get("nnUNet_preprocessed")
         os.environ["nnUNet_preprocessed"] = self.preprocessed_root  # the extension helpers read it
         try:
-            name = dataset_name(dataset)
+            name = resolve_dataset_name(dataset, self.preprocessed_root, self.raw_root)
             folder = preprocessed_config_folder(name, self.plans, self.configuration)
             ext_root = extension_root(name, self.plans, self.configuration)
             ext_folders = []
@@ -224,7 +246,14 @@ class PretrainCorpus(torch.utils.data.IterableDataset):
         if loader is None:
             src = self.sources[si]
             loader = self._loaders[si] = _dataset_class(src.folder)(src.folder, identifiers=list(src.identifiers))
-        data = loader.load_case(identifier)[0]
+        key = (si, identifier)
+        data = self._handles.get(key)
+        if data is None:
+            data = loader.load_case(identifier)[0]
+            # blosc2 handles and memory-maps read lazily: keep them (reopening costs more than a slice);
+            # arrays fully loaded from .npz are not kept, so memory stays bounded on big datasets
+            if not isinstance(data, np.ndarray) or isinstance(data, np.memmap):
+                self._handles[key] = data
         return data
 
     def _pick(self, rng: np.random.Generator) -> Tuple[int, str]:
@@ -267,10 +296,8 @@ class PretrainCorpus(torch.utils.data.IterableDataset):
 
 
 def map_channels(img: torch.Tensor, in_chans: int) -> torch.Tensor:
-    """Channel policy: C == in_chans kept; fewer repeated cyclically (1 -> x3); more: the first in_chans."""
-    c = img.shape[0]
-    if c == in_chans:
+    """Channel policy, the same map the teacher's ViTInputAdapter starts from: C == in_chans kept as is;
+    otherwise every output channel is the mean of the C input channels (1 channel -> repeated x3)."""
+    if img.shape[0] == in_chans:
         return img
-    if c > in_chans:
-        return img[:in_chans]
-    return img[[i % c for i in range(in_chans)]]
+    return img.mean(dim=0, keepdim=True).expand(in_chans, -1, -1).contiguous()

@@ -6,7 +6,7 @@ makes it cheap; the decoder is thrown away, and the encoder's state_dict is writ
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -15,11 +15,12 @@ from tskd_nnunet.pretrain.augment import random_resized_crop
 from tskd_nnunet.pretrain.vit import sincos_2d, vit_export
 
 
-def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
-    """``(B, C, H, W)`` -> ``(B, N, p*p*C)`` in patch_embed's row-major token order."""
+def patchify(imgs: torch.Tensor, p: Union[int, Tuple[int, int]]) -> torch.Tensor:
+    """``(B, C, H, W)`` -> ``(B, N, ph*pw*C)`` in patch_embed's row-major token order."""
+    ph, pw = (p, p) if isinstance(p, int) else p
     b, c, h, w = imgs.shape
-    x = imgs.reshape(b, c, h // p, p, w // p, p)
-    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p * c)
+    x = imgs.reshape(b, c, h // ph, ph, w // pw, pw)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // ph) * (w // pw), ph * pw * c)
 
 
 def random_masking(n: int, batch: int, ratio: float, device: torch.device,
@@ -90,7 +91,6 @@ class MAE(nn.Module):
         self.overrides = dict(overrides or {})
         self.mask_ratio, self.norm_pix, self.crop_scale = mask_ratio, norm_pix, crop_scale
         self.patch = encoder.patch_embed.patch_size[0]
-        self.num_prefix = 0 if encoder.no_embed_class else encoder.num_prefix_tokens
         self.decoder = MAEDecoder(encoder.embed_dim, encoder.patch_embed.grid_size, self.patch ** 2 * in_chans,
                                   encoder.num_prefix_tokens, decoder_dim, decoder_depth, decoder_heads)
 

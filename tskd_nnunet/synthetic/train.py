@@ -167,7 +167,9 @@ def train_diffusion(dataset_name_or_id: Union[int, str], configuration: str, fol
     slices = [imap.to_model(t) for t in fold_cases.to_slices(volumes, scale)]
     sampler = fold_cases.SliceSampler(slices, sample_shape)
 
-    unet = build_unet(volumes[0].shape[0], sample_shape, s.block_out_channels, s.layers_per_block, s.attention)
+    with torch.random.fork_rng(devices=[]):  # seeded initial weights, caller's RNG untouched
+        torch.manual_seed(s.seed)
+        unet = build_unet(volumes[0].shape[0], sample_shape, s.block_out_channels, s.layers_per_block, s.attention)
     noise_scheduler = build_train_scheduler()
     optimizer = torch.optim.AdamW(unet.parameters(), lr=s.learning_rate, weight_decay=1e-2)
     np_rng = np.random.default_rng(s.seed)

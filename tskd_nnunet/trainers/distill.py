@@ -33,7 +33,7 @@ from tskd_nnunet.config import (teacher_checkpoint_from_env, teacher_plans_from_
                                 unlabeled_fraction_from_env)
 from tskd_nnunet.data.transfer_set import (SOURCES, TransferDataset, TransferSet, build_transfer_set,
                                            raw_test_ids, sampling_probabilities)
-from tskd_nnunet.distill.losses import (DeepSupervisionKD, FeatureKD, FeatureTap, default_feature_module,
+from tskd_nnunet.distill.losses import (DeepSupervisionKD, FeatureKD, FeatureTap, feature_tap_for,
                                         masked_supervised_loss, tokens_to_grid)
 from tskd_nnunet.distill.teacher_io import load_teacher
 from tskd_nnunet.models.students import build_plans_student, count_parameters
@@ -56,6 +56,7 @@ class DistillTrainer(ScheduledTrainer):
     feature_kd: Optional[str] = None  # None (off), "mse" or "cwd"
     feature_kd_weight: float = 1.0
     student_width: float = 1.0        # features_per_stage factor of the planned U-Net
+    feature_source_is_teacher = True  # TaskAgnostic distils features of the un-tuned backbone instead
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -78,7 +79,7 @@ class DistillTrainer(ScheduledTrainer):
                                    enable_deep_supervision, cls.student_width)
 
     def initialize(self):
-        if not self.was_initialized and self.feature_kd:
+        if not self.was_initialized and self.feature_kd and self.feature_source_is_teacher:
             self.load_teacher()  # the projection's size depends on the teacher
         super().initialize()
         self.pixel_kd = DeepSupervisionKD(self.kd_temperature, multilabel=self.label_manager.has_regions)
@@ -107,26 +108,32 @@ class DistillTrainer(ScheduledTrainer):
         return optimizer, lr_scheduler
 
     # ---- feature KD ----------------------------------------------------------------------------
-    def feature_source(self) -> nn.Module:
-        """The network whose features the student mimics (the fine-tuned teacher here)."""
-        return self.load_teacher()
+    def teacher_outputs(self, data: torch.Tensor) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(teacher logits at full resolution or None, teacher features (B, C, *grid) or None), no grad."""
+        if not self.uses_teacher_logits() and not self.feature_kd:
+            return None, None
+        with torch.no_grad():
+            out = self.load_teacher()(data)
+        logits = (out[0] if isinstance(out, (list, tuple)) else out) if self.uses_teacher_logits() else None
+        feats = tokens_to_grid(self._taps["teacher"].pop()) if self.feature_kd else None
+        return logits, feats
 
     def _build_feature_heads(self) -> nn.ModuleDict:
-        student, source = _unwrap(self.network), self.feature_source()
-        self._taps = {"student": FeatureTap(student, default_feature_module(student)),
-                      "teacher": FeatureTap(source, default_feature_module(source))}
+        student = _unwrap(self.network)
+        self._taps = {"student": feature_tap_for(student)}
+        if self.feature_source_is_teacher:
+            self._taps["teacher"] = feature_tap_for(self.load_teacher())
         # one dummy forward at patch size tells both feature shapes
         x = torch.zeros((1, self.num_input_channels, *self.configuration_manager.patch_size), device=self.device)
         was_training = student.training
         student.eval()
         with torch.no_grad():
             student(x)
-            source(x)
         student.train(was_training)
-        s_feat, t_feat = self._taps["student"].pop(), tokens_to_grid(self._taps["teacher"].pop())
+        s_feat = self._taps["student"].pop()
+        _, t_feat = self.teacher_outputs(x)
         self.print_to_log_file(f"Feature KD ({self.feature_kd}): student {self._taps['student'].module_name} "
-                               f"{tuple(s_feat.shape[1:])} -> teacher {self._taps['teacher'].module_name} "
-                               f"{tuple(t_feat.shape[1:])}")
+                               f"{tuple(s_feat.shape[1:])} -> features {tuple(t_feat.shape[1:])}")
         return nn.ModuleDict({"feature": FeatureKD(s_feat.shape[1], t_feat.shape[1], s_feat.ndim - 2,
                                                     self.feature_kd)})
 
@@ -202,25 +209,16 @@ class DistillTrainer(ScheduledTrainer):
         self._drawn = Counter()
         super().on_train_epoch_start()
 
-    def loss_terms(self, output, target, labeled: torch.Tensor, teacher_logits: Optional[torch.Tensor]
-                   ) -> Dict[str, torch.Tensor]:
+    def loss_terms(self, output, target, labeled: torch.Tensor, teacher_logits: Optional[torch.Tensor],
+                   teacher_features: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Named loss terms of one batch; their sum is optimised."""
         terms = {"sup": masked_supervised_loss(self.loss, output, target, labeled)}
         if teacher_logits is not None:
             terms["kd"] = self.kd_weight * self.pixel_kd(output, teacher_logits)
-        if self.kd_heads is not None:
-            t_feat = tokens_to_grid(self._taps["teacher"].pop())
-            terms["feat"] = self.feature_kd_weight * self.kd_heads["feature"](self._taps["student"].pop(), t_feat)
+        if teacher_features is not None and self.kd_heads is not None:
+            terms["feat"] = self.feature_kd_weight * self.kd_heads["feature"](self._taps["student"].pop(),
+                                                                             teacher_features)
         return terms
-
-    def _teacher_forward(self, data: torch.Tensor) -> Optional[torch.Tensor]:
-        if not self.uses_teacher_logits() and self.kd_heads is None:
-            return None
-        with torch.no_grad():
-            out = self.feature_source()(data) if self.kd_heads is not None else self.teacher(data)
-        if isinstance(out, (list, tuple)):
-            out = out[0]
-        return out if self.uses_teacher_logits() else None
 
     def train_step(self, batch: dict) -> dict:
         data = batch["data"].to(self.device, non_blocking=True)
@@ -234,9 +232,9 @@ class DistillTrainer(ScheduledTrainer):
         self.optimizer.zero_grad(set_to_none=True)
         # same AMP policy as nnU-Net's train_step: autocast on CUDA only
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            teacher_logits = self._teacher_forward(data)
+            teacher_logits, teacher_features = self.teacher_outputs(data)
             output = self.network(data)
-            terms = self.loss_terms(output, target, labeled, teacher_logits)
+            terms = self.loss_terms(output, target, labeled, teacher_logits, teacher_features)
             loss = sum(terms.values())
 
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -304,3 +302,71 @@ class DistillTrainer_tiny(DistillTrainer):
 class DistillTrainer_test(DistillTrainer):
     schedule = (1, 2, 1)
     teacher_trainer_name = "ViTLoRATeacherTrainer_test"
+
+
+class TaskAgnosticDistillTrainer(DistillTrainer):
+    """The paper's baseline: task-agnostic KD, then supervised fine-tuning, on the same student.
+
+    Phase 1 (the first ``phase1_fraction`` of the epochs): the student's deepest encoder stage mimics
+    the *un-tuned* foundation backbone's token maps (feature KD, MSE through a learned 1x1
+    projection) on the whole transfer set, labels unused. Phase 2: nnU-Net's supervised loss on the
+    labeled cases only (the loader is rebuilt over them). The phase follows ``current_epoch``, so
+    ``--c`` resumes in the right one. The backbone comes from the same TSKD_TEACHER_* settings as
+    the ViT teacher (backbone, weights), so baseline and teacher start from the same model.
+    """
+
+    kd_weight = 0.0
+    feature_kd = "mse"
+    feature_source_is_teacher = False
+    phase1_fraction = 0.5
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.foundation: Optional[nn.Module] = None
+        self._loader_phase: Optional[int] = None
+
+    @property
+    def phase1_epochs(self) -> int:
+        return int(round(self.num_epochs * self.phase1_fraction))
+
+    def phase(self) -> int:
+        return 1 if self.current_epoch < self.phase1_epochs else 2
+
+    def load_foundation(self) -> nn.Module:
+        if self.foundation is None:
+            from tskd_nnunet.models.teacher_net import build_foundation_encoder
+            from tskd_nnunet.trainers.teacher import ViTLoRATeacherTrainer
+            spec = ViTLoRATeacherTrainer.spec_from_env(self.configuration_manager.patch_size)
+            self.foundation = build_foundation_encoder(spec, self.num_input_channels).to(self.device)
+            self.print_to_log_file(f"Foundation model {spec.backbone} from {spec.checkpoint or 'RANDOM INIT'}: "
+                                   f"{count_parameters(self.foundation):,} parameters (frozen); phase 1 = epochs "
+                                   f"0..{self.phase1_epochs - 1} feature KD, then supervised fine-tuning")
+        return self.foundation
+
+    def teacher_outputs(self, data: torch.Tensor) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        if self.phase() == 2 and self.kd_heads is not None:  # (while building the heads: always features)
+            return None, None
+        return None, tokens_to_grid(self.load_foundation().encode(data))
+
+    def loss_terms(self, output, target, labeled, teacher_logits, teacher_features) -> Dict[str, torch.Tensor]:
+        if self.phase() == 1:
+            return {"feat": self.feature_kd_weight * self.kd_heads["feature"](self._taps["student"].pop(),
+                                                                             teacher_features)}
+        return {"sup": masked_supervised_loss(self.loss, output, target, labeled)}
+
+    def select_training_cases(self, ts: TransferSet) -> TransferSet:
+        self._loader_phase = self.phase()
+        return ts if self._loader_phase == 1 else ts.labeled_only()
+
+    def on_train_epoch_start(self):
+        if self._loader_phase == 1 and self.phase() == 2:  # phase boundary: labeled cases only from now on
+            for loader in (self.dataloader_train, self.dataloader_val):
+                if isinstance(loader, NonDetMultiThreadedAugmenter):
+                    loader._finish()
+            self.dataloader_train, self.dataloader_val = self.get_dataloaders()
+        super().on_train_epoch_start()
+
+
+class TaskAgnosticDistillTrainer_test(TaskAgnosticDistillTrainer):
+    schedule = (2, 2, 1)

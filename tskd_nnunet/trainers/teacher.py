@@ -27,7 +27,7 @@ from torch.optim.lr_scheduler import _LRScheduler
 
 from tskd_nnunet import config
 from tskd_nnunet.models.lora import LoraSettings, trainable_fraction
-from tskd_nnunet.models.teacher_net import (TeacherSpec, build_teacher_network, check_channels,
+from tskd_nnunet.models.teacher_net import (TeacherSpec, adamw_param_groups, build_teacher_network, check_channels,
                                             deep_supervision_scales, resolve_teacher_spec)
 from tskd_nnunet.models.vit_backbones import TeacherCheckpointError
 from tskd_nnunet.trainers.base import ScheduledTrainer
@@ -65,17 +65,6 @@ class WarmupPolyLRScheduler(_LRScheduler):
 
     def get_last_lr(self) -> List[float]:
         return self._last_lr
-
-
-def adamw_param_groups(network: nn.Module, weight_decay: float) -> List[dict]:
-    """Trainable parameters only; no weight decay on biases, norms and position tables."""
-    decay, no_decay = [], []
-    for name, p in network.named_parameters():
-        if not p.requires_grad:
-            continue
-        flat = p.ndim < 2 or name.endswith(("pos_embed", "cls_token")) or ".rel_pos_" in name
-        (no_decay if flat else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 class ViTLoRATeacherTrainer(ScheduledTrainer):

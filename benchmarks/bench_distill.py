@@ -1,0 +1,164 @@
+"""Distillation cost, measured in one run on the phantom dataset (CPU by default).
+
+Rows: plain nnUNetTrainer, DistillTrainer with a plain nnU-Net teacher, DistillTrainer (and its
+slimmer presets) with a ViT-Tiny LoRA teacher. Columns: time per training iteration (train_step on
+prefetched batches, data loading excluded) and its ratio to the plain iteration (goal <= 1.5x),
+student / teacher parameters, network latency per 2D case (one 64x64 patch, no mirroring), and
+peak RSS of the measuring process. Every row runs in its own subprocess so peak RSS is its own.
+
+    .venv/bin/python benchmarks/bench_distill.py [--root DIR] [--iters 10] [--device cpu]
+
+The teachers are trained for one tiny epoch (weights do not change the cost); the ViT teacher is
+vit_tiny with random weights (TSKD_ALLOW_RANDOM_TEACHER=1), i.e. the paper's small-teacher setting.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+DATASET_ID, DATASET = 990, "Dataset990_Phantom"
+VIT_ENV = {"TSKD_TEACHER_BACKBONE": "vit_tiny", "TSKD_ALLOW_RANDOM_TEACHER": "1"}
+ROWS = [  # label, trainer, teacher trainer
+    ("nnUNetTrainer (plain)", "nnUNetTrainer", None),
+    ("DistillTrainer, plain nnU-Net teacher", "DistillTrainer", "TSKDPlainTrainer_test"),
+    ("DistillTrainer, ViT-Tiny LoRA teacher", "DistillTrainer", "ViTLoRATeacherTrainer_test"),
+    ("DistillTrainer_feat, ViT-Tiny teacher", "DistillTrainer_feat", "ViTLoRATeacherTrainer_test"),
+    ("DistillTrainer_small, ViT-Tiny teacher", "DistillTrainer_small", "ViTLoRATeacherTrainer_test"),
+    ("DistillTrainer_tiny, ViT-Tiny teacher", "DistillTrainer_tiny", "ViTLoRATeacherTrainer_test"),
+]
+
+
+def _env(root: str, extra: Dict[str, str] | None = None) -> Dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env.update({k: os.path.join(root, k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")})
+    env.update(nnUNet_def_n_proc="1", nnUNet_n_proc_DA="0", nnUNet_compile="0")
+    env.pop("TSKD_SCHEDULE", None)
+    env.update(extra or {})
+    return env
+
+
+def _run(args: List[str], env: Dict[str, str]) -> str:
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def prepare(root: str) -> None:
+    """Phantom dataset (planned, preprocessed) and the two teachers, unless already there."""
+    from tskd_nnunet.demo.phantom import write_phantom_dataset
+    if not os.path.isdir(os.path.join(root, "nnUNet_preprocessed", DATASET)):
+        for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+            os.makedirs(os.path.join(root, k), exist_ok=True)
+        write_phantom_dataset(os.path.join(root, "nnUNet_raw"), DATASET_ID, num_train=12, num_test=3, size=64, seed=0)
+        env = _env(root)
+        env.pop("nnUNet_n_proc_DA")
+        print("planning and preprocessing the phantom dataset ...", flush=True)
+        _run([os.path.join(BIN, "nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", "2d", "-np", "1"], env)
+    for teacher, extra in (("TSKDPlainTrainer_test", {}), ("ViTLoRATeacherTrainer_test", VIT_ENV)):
+        if not os.path.isfile(os.path.join(root, "nnUNet_results", DATASET, f"{teacher}__nnUNetPlans__2d", "fold_0",
+                                           "checkpoint_final.pth")):
+            print(f"training teacher {teacher} (1 tiny epoch) ...", flush=True)
+            _run([os.path.join(BIN, "nnUNetv2_train"), str(DATASET_ID), "2d", "0", "-tr", teacher, "-device", "cpu"],
+                 _env(root, extra))
+
+
+def _latency_ms(network, device, runs: int = 20) -> float:
+    import torch
+    network.eval()
+    x = torch.randn(1, 1, 64, 64, device=device)
+    with torch.no_grad():
+        for _ in range(3):
+            network(x)
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            network(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    return 1000 * sorted(times)[len(times) // 2]
+
+
+def measure(trainer_name: str, iters: int, device_name: str) -> dict:
+    """In this process: one trainer, its real dataloader, timed train_step calls."""
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    from tskd_nnunet.models.students import count_parameters
+
+    base = os.path.join(os.fspath(nnUNet_preprocessed), DATASET)
+    plans = load_json(os.path.join(base, "nnUNetPlans.json"))
+    plans["continue_training"] = False
+    device = torch.device(device_name)
+    trainer = recursive_find_trainer_class_by_name(trainer_name)(plans, "2d", 0, load_json(
+        os.path.join(base, "dataset.json")), device)
+    trainer.on_train_start()
+    trainer.on_train_epoch_start()
+    warm = 2
+    batches = [next(trainer.dataloader_train) for _ in range(warm + iters)]
+    for b in batches[:warm]:
+        trainer.train_step(b)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for b in batches[warm:]:
+        trainer.train_step(b)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    iter_s = (time.perf_counter() - t0) / iters
+    trainer.set_deep_supervision_enabled(False)
+    teacher = getattr(trainer, "teacher", None)
+    out = {"iter_s": iter_s, "student_params": count_parameters(trainer.network),
+           "student_ms": _latency_ms(trainer.network, device),
+           "teacher_params": count_parameters(teacher) if teacher is not None else None,
+           "teacher_ms": _latency_ms(teacher, device) if teacher is not None else None,
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    trainer.on_train_end = lambda: None  # nothing to save
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--root", help="work folder (kept; default: a new temporary folder)")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--measure", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.measure:
+        print("RESULT " + json.dumps(measure(args.measure, args.iters, args.device)))
+        return
+    root = args.root or tempfile.mkdtemp(prefix="bench_distill_")
+    prepare(root)
+    results = []
+    for label, trainer, teacher in ROWS:
+        print(f"measuring {label} ...", flush=True)
+        extra = {"TSKD_TEACHER_TRAINER": teacher} if teacher else {}
+        out = _run([sys.executable, os.path.abspath(__file__), "--measure", trainer, "--iters", str(args.iters),
+                    "--device", args.device], _env(root, extra))
+        results.append((label, json.loads(out.split("RESULT ", 1)[1].splitlines()[0])))
+    plain = results[0][1]["iter_s"]
+    print(f"\nDevice {args.device}, {args.iters} iterations after 2 warm-up, batch size from the plans, patch 64x64\n")
+    print("| setting | s/iter | ratio vs plain | student params | teacher params | student ms/case | "
+          "teacher ms/case | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for label, r in results:
+        tp = f"{r['teacher_params']:,}" if r["teacher_params"] else "-"
+        tm = f"{r['teacher_ms']:.1f}" if r["teacher_ms"] else "-"
+        print(f"| {label} | {r['iter_s']:.3f} | {r['iter_s'] / plain:.2f}x | {r['student_params']:,} | {tp} | "
+              f"{r['student_ms']:.1f} | {tm} | {r['peak_rss_mb']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""DistillTrainer through nnU-Net's real console commands, and the teacher checks.
+
+One tiny plain nnU-Net teacher (TSKDPlainTrainer_test) is trained once for the module; the
+generic teacher loader treats it exactly as it treats the ViT teacher.
+"""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from conftest import BIN, PHANTOM_ID, run_cmd, train_env
+from test_distill_transfer_set import DATASET, make_distill_dataset
+
+TEACHER = "TSKDPlainTrainer_test"
+
+
+@pytest.fixture(scope="module")
+def teacher_env(nnunet_env, tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("distill"))
+    env = make_distill_dataset(nnunet_env, root)
+    results = os.path.join(root, "nnUNet_results")
+    os.makedirs(results)
+    env = train_env(env, results)
+    run_cmd([os.path.join(BIN, "nnUNetv2_train"), str(PHANTOM_ID), "2d", "0", "-tr", TEACHER, "-device", "cpu"], env)
+    return env
+
+
+def _train(env, trainer, *extra, expect_ok=True):
+    return run_cmd([os.path.join(BIN, "nnUNetv2_train"), str(PHANTOM_ID), "2d", "0", "-tr", trainer, "-device", "cpu",
+                    *extra], env, expect_ok=expect_ok)
+
+
+def _fold(env, trainer):
+    return os.path.join(env["nnUNet_results"], DATASET, f"{trainer}__nnUNetPlans__2d", "fold_0")
+
+
+def _student_keys(trainer_cls, env):
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    pm = PlansManager(os.path.join(env["nnUNet_preprocessed"], DATASET, "nnUNetPlans.json"))
+    net = trainer_cls.build_network_architecture(pm, pm.get_configuration("2d"), 1, 2, enable_deep_supervision=True)
+    return set(net.state_dict().keys())
+
+
+def test_distill_trains_validates_and_predicts_with_plain_nnunet(teacher_env, tmp_path):
+    from tskd_nnunet.trainers.distill import HEADS_KEY, DistillTrainer_test
+
+    env = dict(teacher_env, TSKD_TEACHER_TRAINER=TEACHER)
+    proc = _train(env, "DistillTrainer_test")
+    out = proc.stdout
+    assert "Transfer set: 4 labeled, 5 pool, 1 synthetic, 1 real-unlabeled" in out
+    assert f"Teacher {TEACHER} from" in out and "Student PlainConvUNet (width 1.0)" in out
+    assert "loss terms: sup" in out and "kd " in out
+    drawn = [l for l in out.splitlines() if "cases drawn this epoch" in l]
+    assert drawn and sum(int(x.split()[-1]) for x in drawn[0].split(":")[-1].split(",")) == 2 * 2  # 2 iters x bs 2
+
+    fold = _fold(env, "DistillTrainer_test")
+    ckpt = torch.load(os.path.join(fold, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
+    assert set(ckpt["network_weights"]) == _student_keys(DistillTrainer_test, env)  # no teacher keys
+    assert HEADS_KEY not in ckpt and ckpt["trainer_name"] == "DistillTrainer_test"
+    assert os.path.isfile(os.path.join(fold, "validation", "summary.json"))
+
+    # inference never needs the teacher: hide it, then predict
+    teacher_dir = os.path.dirname(_fold(env, TEACHER))
+    shutil.move(teacher_dir, teacher_dir + ".hidden")
+    try:
+        pred = str(tmp_path / "pred")
+        images = os.path.join(env["nnUNet_raw"], DATASET, "imagesTs")
+        run_cmd([os.path.join(BIN, "nnUNetv2_predict"), "-i", images, "-o", pred, "-d", str(PHANTOM_ID), "-c", "2d",
+                 "-tr", "DistillTrainer_test", "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1"], env)
+        assert len([f for f in os.listdir(pred) if f.endswith(".png")]) == len(os.listdir(images))
+    finally:
+        shutil.move(teacher_dir + ".hidden", teacher_dir)
+
+
+def test_feature_kd_resume_keeps_projection_out_of_student_weights(teacher_env):
+    from tskd_nnunet.trainers.distill import HEADS_KEY, DistillTrainer_feat
+
+    env = dict(teacher_env, TSKD_TEACHER_TRAINER=TEACHER, TSKD_SCHEDULE="1,2,1", TSKD_UNLABELED_FRACTION="0.5")
+    out = _train(env, "DistillTrainer_feat").stdout
+    assert "Feature KD (mse): student encoder.stages.4" in out and "feat " in out
+    final = os.path.join(_fold(env, "DistillTrainer_feat"), "checkpoint_final.pth")
+    first = torch.load(final, map_location="cpu", weights_only=False)
+    assert set(first["network_weights"]) == _student_keys(DistillTrainer_feat, env)
+    assert set(first[HEADS_KEY]) == {"feature.proj.weight", "feature.proj.bias"}
+
+    out = _train(env, "DistillTrainer_feat", "--c").stdout  # loads network, optimizer (2 groups) and heads
+    assert "starts fresh" not in out
+    second = torch.load(final, map_location="cpu", weights_only=False)
+    for k, v in first[HEADS_KEY].items():  # nothing left to train: restored heads are saved unchanged
+        assert torch.equal(v, second[HEADS_KEY][k])
+
+    _train(env, "DistillTrainer_feat", "--val")
+    assert os.path.isfile(os.path.join(_fold(env, "DistillTrainer_feat"), "validation", "summary.json"))
+
+
+def test_missing_teacher_is_a_one_line_error_through_nnunet(teacher_env):
+    proc = _train(teacher_env, "DistillTrainer_test", expect_ok=False)  # default: ViTLoRATeacherTrainer_test
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("tskd_nnunet.distill.teacher_io.TeacherError: Teacher not found:")
+    assert "ViTLoRATeacherTrainer_test__nnUNetPlans__2d does not exist" in last
+    assert "nnUNetv2_train 990 2d 0 -tr ViTLoRATeacherTrainer_test" in last
+
+
+# ---- teacher checks in-process (fast): each mismatch names the file and the fix ----------------
+
+@pytest.fixture
+def teacher_copy(teacher_env, tmp_path):
+    """A copy of the trained teacher's results folder that a test may break."""
+    results = str(tmp_path / "results")
+    src = os.path.dirname(_fold(teacher_env, TEACHER))
+    shutil.copytree(src, os.path.join(results, DATASET, os.path.basename(src)))
+    with open(os.path.join(teacher_env["nnUNet_preprocessed"], DATASET, "nnUNetPlans.json")) as f:
+        plans = json.load(f)
+    with open(os.path.join(src, "dataset.json")) as f:
+        dataset_json = json.load(f)
+    return results, os.path.join(results, DATASET, os.path.basename(src)), plans, dataset_json
+
+
+def _edit_json(path, fn):
+    with open(path) as f:
+        d = json.load(f)
+    fn(d)
+    with open(path, "w") as f:
+        json.dump(d, f)
+
+
+def test_teacher_loads_frozen_and_matches(teacher_copy):
+    from tskd_nnunet.distill.teacher_io import load_teacher
+
+    results, _, plans, dataset_json = teacher_copy
+    net, loc = load_teacher(results, plans, "2d", dataset_json, 0, TEACHER)
+    assert not net.training and not any(p.requires_grad for p in net.parameters())
+    assert loc.checkpoint.endswith(os.path.join("fold_0", "checkpoint_final.pth"))
+    assert net(torch.zeros(1, 1, 64, 64)).shape == (1, 2, 64, 64)  # deep supervision off
+
+
+@pytest.mark.parametrize("case, pattern", [
+    ("labels", r"other labels: .*dataset.json has labels="),
+    ("channels", r"other channels: .*dataset.json has channel_names="),
+    ("plans", r"other plans: .*plans.json has 2d.patch_size=\[32, 32\].*retrain the teacher"),
+    ("fold", r"trained on fold 0, the student trains fold 1"),
+    ("unfinished", r"checkpoint_final.pth is missing \(found .*checkpoint_latest.pth.*TSKD_TEACHER_CHECKPOINT"),
+    ("trainer", r"Teacher not found: .*NoSuchTeacher__nnUNetPlans__2d does not exist; train it first: "
+                r"nnUNetv2_train 990 2d 0 -tr NoSuchTeacher"),
+])
+def test_teacher_mismatch_errors(teacher_copy, case, pattern):
+    from tskd_nnunet.distill.teacher_io import TeacherError, load_teacher
+
+    results, model_dir, plans, dataset_json = teacher_copy
+    fold, trainer = 0, TEACHER
+    if case == "labels":
+        _edit_json(os.path.join(model_dir, "dataset.json"), lambda d: d["labels"].update(extra=2))
+    elif case == "channels":
+        _edit_json(os.path.join(model_dir, "dataset.json"), lambda d: d["channel_names"].update({"0": "CT"}))
+    elif case == "plans":
+        _edit_json(os.path.join(model_dir, "plans.json"),
+                   lambda d: d["configurations"]["2d"].update(patch_size=[32, 32]))
+    elif case == "fold":
+        shutil.copytree(os.path.join(model_dir, "fold_0"), os.path.join(model_dir, "fold_1"))
+        fold = 1
+    elif case == "unfinished":
+        os.replace(os.path.join(model_dir, "fold_0", "checkpoint_final.pth"),
+                   os.path.join(model_dir, "fold_0", "checkpoint_latest.pth"))
+    elif case == "trainer":
+        trainer = "NoSuchTeacher"
+    with pytest.raises(TeacherError, match=pattern) as info:
+        load_teacher(results, plans, "2d", dataset_json, fold, trainer)
+    assert "\n" not in str(info.value)
