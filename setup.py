@@ -65,6 +65,11 @@ setup(
             "tskd_convert_kidneyus = dataset_conversion.Dataset505_KidneyUS:main",
             "tskd_convert_folder = dataset_conversion.convert_folder:main",
             "tskd_label_budget = dataset_conversion.label_budget:main",
+            "tskd_pretrain_mae = tskd_nnunet.pretrain.cli:mae_main",
+            "tskd_pretrain_moco = tskd_nnunet.pretrain.cli:moco_main",
+            "tskd_pretrain_cnn_mim = tskd_nnunet.pretrain.cli:cnn_mim_main",
+            "tskd_pretrain_cnn_moco = tskd_nnunet.pretrain.cli:cnn_moco_main",
+            "tskd_benchmark = tskd_nnunet.benchmark.runner:main",
         ],
     },
 )
