@@ -47,6 +47,8 @@ def _writer(fold=1):
 
 def test_crash_inside_save_leaves_nothing_and_orphans_are_cleaned(in_ext, monkeypatch):
     from tskd_nnunet.data.extension import list_extension_cases
+    import nnunetv2.utilities.dataset_name_id_conversion as c
+    print("DEBUG", {k: os.environ.get(k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}, c.find_candidate_datasets(990), c.nnUNet_preprocessed, type(c.nnUNet_preprocessed))
     w = _writer(1)
     real_save = w.dataset_class.save_case
 

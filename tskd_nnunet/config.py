@@ -82,15 +82,6 @@ def unlabeled_fraction_from_env() -> Optional[float]:
     return value
 
 
-def student_weights_from_env() -> Optional[str]:
-    """``TSKD_STUDENT_WEIGHTS``: optional pretrained backbone checkpoint for the ViT-Tiny student."""
-    value = env_str("TSKD_STUDENT_WEIGHTS")
-    if value is not None and not os.path.isfile(value):
-        raise TSKDConfigError(f"TSKD_STUDENT_WEIGHTS={value!r} is not a file. Fix: point it at a timm-format "
-                              f"ViT-Tiny checkpoint or unset it for random initialisation")
-    return value
-
-
 # --- teacher (ViTLoRATeacherTrainer; documentation/teacher.md) -----------------------------------
 TEACHER_ENV_VARS = ("TSKD_TEACHER_BACKBONE", "TSKD_TEACHER_WEIGHTS", "TSKD_ALLOW_RANDOM_TEACHER",
                     "TSKD_TEACHER_ARCH_OVERRIDES", "TSKD_TEACHER_IMG_SIZE")

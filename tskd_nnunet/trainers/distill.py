@@ -304,6 +304,11 @@ class DistillTrainer_test(DistillTrainer):
     teacher_trainer_name = "ViTLoRATeacherTrainer_test"
 
 
+class DistillTrainer_demo(DistillTrainer):
+    schedule = (4, 25, 5)
+    teacher_trainer_name = "ViTLoRATeacherTrainer_demo"
+
+
 class TaskAgnosticDistillTrainer(DistillTrainer):
     """The paper's baseline: task-agnostic KD, then supervised fine-tuning, on the same student.
 
