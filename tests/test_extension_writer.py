@@ -47,18 +47,16 @@ def _writer(fold=1):
 
 def test_crash_inside_save_leaves_nothing_and_orphans_are_cleaned(in_ext, monkeypatch):
     from tskd_nnunet.data.extension import list_extension_cases
-    import nnunetv2.utilities.dataset_name_id_conversion as c
-    print("DEBUG", {k: os.environ.get(k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}, c.find_candidate_datasets(990), c.nnUNet_preprocessed, type(c.nnUNet_preprocessed))
     w = _writer(1)
     real_save = w.dataset_class.save_case
 
     def save_then_die(data, seg, props, truncated, **kw):
         real_save(data, seg, props, truncated, **kw)
         raise OSError("disk full (simulated)")
-    monkeypatch.setattr(w.dataset_class, "save_case", staticmethod(save_then_die))
-    with pytest.raises(OSError, match="simulated"):
-        w.write_case("syn_crash", np.ones((1, 1, 64, 64), np.float32))
-    monkeypatch.undo()
+    with monkeypatch.context() as mp:
+        mp.setattr(w.dataset_class, "save_case", staticmethod(save_then_die))
+        with pytest.raises(OSError, match="simulated"):
+            w.write_case("syn_crash", np.ones((1, 1, 64, 64), np.float32))
     assert not [n for n in os.listdir(w.folder) if n.startswith("syn_crash")]
     assert not [n for n in os.listdir(os.path.dirname(w.folder)) if n.startswith(".tmp")]
 
