@@ -140,3 +140,42 @@ def teacher_img_size() -> Optional[Tuple[int, int]]:
         raise TSKDConfigError(f"TSKD_TEACHER_IMG_SIZE={value!r} is malformed. Fix: export TSKD_TEACHER_IMG_SIZE=256 "
                               f"or TSKD_TEACHER_IMG_SIZE=256,224")
     return (parts[0], parts[-1])
+
+
+# --- ViT student (DistillTrainer_vittiny; documentation/distillation.md) -------------------------
+STUDENT_ENV_VARS = ("TSKD_STUDENT_WEIGHTS", "TSKD_STUDENT_ARCH_OVERRIDES")
+
+
+def student_env_is_set() -> bool:
+    """Whether the user set any ViT-student variable (else a recorded student spec is reused as is)."""
+    return any(env_str(name) is not None for name in STUDENT_ENV_VARS)
+
+
+def student_weights() -> Optional[str]:
+    """``TSKD_STUDENT_WEIGHTS``: timm-format ViT state dict (e.g. from our MAE / MoCo pretraining) that
+    initialises the ViT student's backbone; unset = random initialisation."""
+    value = env_str("TSKD_STUDENT_WEIGHTS")
+    if value is None:
+        return None
+    path = os.path.abspath(os.path.expanduser(value))
+    if not os.path.isfile(path):
+        raise TSKDConfigError(f"TSKD_STUDENT_WEIGHTS={value!r}: file {path} does not exist. Fix: point it at the "
+                              f"timm-format ViT-Tiny state dict from pretraining, or unset it for random init.")
+    return path
+
+
+def student_arch_overrides() -> dict:
+    """``TSKD_STUDENT_ARCH_OVERRIDES``: JSON object changing the ViT student's backbone architecture
+    (same keys as TSKD_TEACHER_ARCH_OVERRIDES), e.g. '{"depth": 2, "embed_dim": 64, "num_heads": 2}'."""
+    import json
+    value = env_str("TSKD_STUDENT_ARCH_OVERRIDES")
+    if value is None:
+        return {}
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise TSKDConfigError(f"TSKD_STUDENT_ARCH_OVERRIDES={value!r} is not a JSON object. Fix: export "
+                              f"TSKD_STUDENT_ARCH_OVERRIDES='{{\"depth\": 2, \"embed_dim\": 64, \"num_heads\": 2}}'")
+    return parsed

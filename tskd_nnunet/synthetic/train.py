@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from tskd_nnunet.data.extension import ExtensionError, dataset_name, preprocessed_config_folder
+from tskd_nnunet.data.extension import ExtensionError, dataset_name
 from tskd_nnunet.synthetic import cases as fold_cases
 from tskd_nnunet.synthetic.model import (DEFAULT_BLOCK_OUT_CHANNELS, DiffusionCheckpointError, IntensityMap,
                                          NormalisedImagePipeline, build_sampling_scheduler, build_train_scheduler,
