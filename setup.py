@@ -70,6 +70,10 @@ setup(
             "tskd_pretrain_cnn_mim = tskd_nnunet.pretrain.cli:cnn_mim_main",
             "tskd_pretrain_cnn_moco = tskd_nnunet.pretrain.cli:cnn_moco_main",
             "tskd_benchmark = tskd_nnunet.benchmark.runner:main",
+            "tskd_train_diffusion = tskd_nnunet.synthetic.train:main",
+            "tskd_sample_diffusion = tskd_nnunet.synthetic.sample:main",
+            "tskd_synthetic_quality = tskd_nnunet.synthetic.quality:main",
+            "tskd_preprocess_unlabeled = tskd_nnunet.data.unlabeled:main",
         ],
     },
 )

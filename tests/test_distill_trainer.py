@@ -169,3 +169,33 @@ def test_teacher_mismatch_errors(teacher_copy, case, pattern):
     with pytest.raises(TeacherError, match=pattern) as info:
         load_teacher(results, plans, "2d", dataset_json, fold, trainer)
     assert "\n" not in str(info.value)
+
+
+def test_vit_student_weights_env_and_builder(tmp_path, monkeypatch):
+    """TSKD_STUDENT_WEIGHTS: missing file is a one-line config error; a timm-format file is copied into
+    the backbone; the network built from the spec (as at inference) stores every weight."""
+    import timm
+    from test_backbones import TINY_VIT_OVERRIDES
+    from tskd_nnunet import config
+    from tskd_nnunet.models.students import build_vit_student, load_vit_student_weights, resolve_vit_student_spec
+
+    monkeypatch.setenv("TSKD_STUDENT_WEIGHTS", str(tmp_path / "nope.pth"))
+    with pytest.raises(config.TSKDConfigError, match=r"TSKD_STUDENT_WEIGHTS=.*nope\.pth.*does not exist\. Fix:"):
+        config.student_weights()
+
+    src = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, in_chans=1, num_classes=0,
+                            depth=2, embed_dim=64, num_heads=2)
+    path = str(tmp_path / "mae_vit_tiny.pth")
+    torch.save({"model": src.state_dict()}, path)
+    monkeypatch.setenv("TSKD_STUDENT_WEIGHTS", path)
+    spec = resolve_vit_student_spec("vit_tiny", config.student_weights(), TINY_VIT_OVERRIDES, (64, 64), 16)
+    assert spec.in_chans == 1 and spec.lora is None and spec.stores_base
+    net = build_vit_student(spec, 1, 2, [[1.0, 1.0], [0.5, 0.5]], enable_deep_supervision=True)
+    ref = src.patch_embed.proj.weight
+    assert not torch.equal(net.backbone.model.patch_embed.proj.weight, ref)  # built at random: no file read
+    assert load_vit_student_weights(net, spec)
+    assert torch.equal(net.backbone.model.patch_embed.proj.weight, ref)
+    assert all(p.requires_grad for p in net.parameters())
+    assert set(net.state_dict()) == set(dict(net.named_parameters())) | set(dict(net.named_buffers()))
+    outs = net(torch.zeros(2, 1, 64, 64))
+    assert [tuple(o.shape) for o in outs] == [(2, 2, 64, 64), (2, 2, 32, 32)]

@@ -48,3 +48,39 @@ def test_task_agnostic_baseline_switches_phase(vit_env):
     sets = [l for l in out.splitlines() if "Transfer set:" in l]
     assert "4 labeled, 5 pool, 1 synthetic, 1 real-unlabeled" in sets[0]
     assert "4 labeled, 0 pool, 0 synthetic, 0 real-unlabeled" in sets[-1]
+
+
+def test_vit_tiny_student_trains_and_predicts_from_plans_alone(vit_env, tmp_path):
+    """The paper's ViT student: spec recorded in plans.json, whole network in the checkpoint,
+    nnUNetv2_predict rebuilds it without any TSKD variable (and without the teacher)."""
+    import shutil
+
+    import torch
+    from test_distill_transfer_set import DATASET
+    from tskd_nnunet.trainers.distill import STUDENT_PLANS_KEY
+
+    env = {k: v for k, v in vit_env.items() if k not in VIT_ENV}
+    out = _train(dict(env, TSKD_STUDENT_ARCH_OVERRIDES=json.dumps(TINY_VIT_OVERRIDES)), "DistillTrainer_vittiny_test")
+    assert "ViT student: vit_tiny (overrides {'depth': 2, 'embed_dim': 64, 'num_heads': 2}) from RANDOM INIT" in out
+    assert "Student ViTSegNet (width 1.0):" in out and "Teacher ViTLoRATeacherTrainer_test from" in out
+    assert "loss terms: sup" in out and "kd " in out
+
+    model_dir = os.path.join(vit_env["nnUNet_results"], DATASET, "DistillTrainer_vittiny_test__nnUNetPlans__2d")
+    with open(os.path.join(model_dir, "plans.json")) as f:
+        spec = json.load(f)[STUDENT_PLANS_KEY]
+    assert spec["backbone"] == "vit_tiny" and spec["lora"] is None and spec["arch_overrides"]["depth"] == 2
+    ckpt = torch.load(os.path.join(model_dir, "fold_0", "checkpoint_final.pth"), map_location="cpu", weights_only=False)
+    keys = set(ckpt["network_weights"])
+    assert "backbone.model.patch_embed.proj.weight" in keys and "backbone.model.blocks.1.attn.qkv.weight" in keys
+    assert not any("lora" in k for k in keys) and not any(k.startswith("teacher") for k in keys)
+
+    teacher_dir = os.path.join(vit_env["nnUNet_results"], DATASET, "ViTLoRATeacherTrainer_test__nnUNetPlans__2d")
+    shutil.move(teacher_dir, teacher_dir + ".hidden")
+    try:
+        pred = str(tmp_path / "pred")
+        images = os.path.join(env["nnUNet_raw"], DATASET, "imagesTs")
+        run_cmd([os.path.join(BIN, "nnUNetv2_predict"), "-i", images, "-o", pred, "-d", str(PHANTOM_ID), "-c", "2d",
+                 "-tr", "DistillTrainer_vittiny_test", "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1"], env)
+        assert len([f for f in os.listdir(pred) if f.endswith(".png")]) == len(os.listdir(images))
+    finally:
+        shutil.move(teacher_dir + ".hidden", teacher_dir)

@@ -8,6 +8,7 @@ from tskd_nnunet.trainers.base import TSKDPlainTrainer, TSKDPlainTrainer_demo, T
 from tskd_nnunet.trainers.distill import (DistillTrainer, DistillTrainer_cwd, DistillTrainer_feat, DistillTrainer_small,  # noqa: F401
                                          DistillTrainer_T4, DistillTrainer_test, DistillTrainer_demo, DistillTrainer_tiny,
                                          TaskAgnosticDistillTrainer, TaskAgnosticDistillTrainer_test)
+from tskd_nnunet.trainers.distill import DistillTrainer_vittiny, DistillTrainer_vittiny_test  # noqa: F401
 from tskd_nnunet.trainers.teacher import (ViTFullFTTeacherTrainer, ViTFullFTTeacherTrainer_test,  # noqa: F401
                                           ViTLoRATeacherTrainer, ViTLoRATeacherTrainer_demo, ViTLoRATeacherTrainer_r4,
                                           ViTLoRATeacherTrainer_r16, ViTLoRATeacherTrainer_test)

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
+from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
 from torch import autocast, nn
 from torch._dynamo import OptimizedModule
 
@@ -29,6 +30,7 @@ from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
+from tskd_nnunet import config
 from tskd_nnunet.config import (teacher_checkpoint_from_env, teacher_plans_from_env, teacher_trainer_from_env,
                                 unlabeled_fraction_from_env)
 from tskd_nnunet.data.transfer_set import (SOURCES, TransferDataset, TransferSet, build_transfer_set,
@@ -36,8 +38,11 @@ from tskd_nnunet.data.transfer_set import (SOURCES, TransferDataset, TransferSet
 from tskd_nnunet.distill.losses import (DeepSupervisionKD, FeatureKD, FeatureTap, feature_tap_for,
                                         masked_supervised_loss, tokens_to_grid)
 from tskd_nnunet.distill.teacher_io import load_teacher
-from tskd_nnunet.models.students import build_plans_student, count_parameters
+from tskd_nnunet.models.students import (build_plans_student, build_vit_student, count_parameters,
+                                         load_vit_student_weights, resolve_vit_student_spec)
+from tskd_nnunet.models.teacher_net import TeacherSpec, adamw_param_groups, deep_supervision_scales
 from tskd_nnunet.trainers.base import ScheduledTrainer
+from tskd_nnunet.trainers.teacher import TeacherSpecConflictError, WarmupPolyLRScheduler
 
 HEADS_KEY = "tskd_kd_heads"  # checkpoint key of the training-only feature-KD projection
 
@@ -99,8 +104,12 @@ class DistillTrainer(ScheduledTrainer):
                                    f"(frozen, eval mode)")
         return self.teacher
 
+    def student_optimizer(self):
+        """Optimizer and LR scheduler of the student (nnU-Net's SGD + poly); variants may change it."""
+        return super().configure_optimizers()
+
     def configure_optimizers(self):
-        optimizer, lr_scheduler = super().configure_optimizers()
+        optimizer, lr_scheduler = self.student_optimizer()
         if self.feature_kd:
             self.kd_heads = self._build_feature_heads().to(self.device)
             # same hyper-parameters and LR schedule as the student (PolyLR sets every group)
@@ -307,6 +316,92 @@ class DistillTrainer_test(DistillTrainer):
 class DistillTrainer_demo(DistillTrainer):
     schedule = (4, 25, 5)
     teacher_trainer_name = "ViTLoRATeacherTrainer_demo"
+
+
+STUDENT_PLANS_KEY = "tskd_student"  # plans entry with the ViT student's spec (like teacher.py's tskd_teacher)
+
+
+class DistillTrainer_vittiny(DistillTrainer):
+    """The paper's student: ViT-Tiny with the teacher's input adapter and UNETR decoder, every weight
+    trained (no LoRA), from random init or TSKD_STUDENT_WEIGHTS (timm-format, e.g. MAE/MoCo pretraining).
+
+    The spec is recorded in the plans under ``tskd_student`` exactly as the teacher records
+    ``tskd_teacher`` (nnU-Net writes the plans to the output folder's plans.json), so
+    ``nnUNetv2_predict -tr DistillTrainer_vittiny`` rebuilds the student from plans.json alone.
+    Deep supervision, optimizer (AdamW, warm-up + poly) and checkpoints (whole network) follow the
+    full-fine-tuning teacher.
+    """
+
+    student_backbone: str = "vit_tiny"
+    student_decoder_channels: int = 32
+    base_lr: float = 5e-4
+    adamw_weight_decay: float = 5e-2
+    warmup_fraction: float = 0.05
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr, self.weight_decay = self.base_lr, self.adamw_weight_decay
+        self.student_spec = self._resolve_student_spec()
+        self.plans_manager.plans[STUDENT_PLANS_KEY] = self.student_spec.to_dict()
+
+    @classmethod
+    def student_spec_from_env(cls, patch_size: Sequence[int]) -> TeacherSpec:
+        return resolve_vit_student_spec(cls.student_backbone, config.student_weights(), config.student_arch_overrides(),
+                                        patch_size, cls.student_decoder_channels)
+
+    def _recorded_student_spec(self) -> Tuple[Optional[TeacherSpec], Optional[str]]:
+        path = join(self.output_folder_base, "plans.json") if self.output_folder_base else None
+        d = load_json(path).get(STUDENT_PLANS_KEY) if path and isfile(path) else None
+        return (TeacherSpec.from_dict(d) if d else None), path
+
+    def _resolve_student_spec(self) -> TeacherSpec:
+        """As the teacher: the spec recorded in this output folder (--c, --val, other folds) wins unless
+        TSKD_STUDENT_* is set; then both must agree."""
+        recorded, path = self._recorded_student_spec()
+        if recorded is not None and not config.student_env_is_set():
+            return recorded
+        requested = self.student_spec_from_env(self.configuration_manager.patch_size)
+        if recorded is not None and recorded.identity() != requested.identity():
+            raise TeacherSpecConflictError(
+                f"{path} records a ViT student ({recorded.backbone}, {recorded.checkpoint}, overrides "
+                f"{recorded.arch_overrides}) that differs from the TSKD_STUDENT_* settings ({requested.backbone}, "
+                f"{requested.checkpoint}, overrides {requested.arch_overrides}). Fix: unset TSKD_STUDENT_* to continue "
+                f"with the recorded student, or train the new one into another nnUNet_results folder.")
+        return requested
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        """Also nnU-Net's inference entry: reads the spec from the plans (the model folder's plans.json)."""
+        d = plans_manager.plans.get(STUDENT_PLANS_KEY)
+        spec = TeacherSpec.from_dict(d) if d else cls.student_spec_from_env(configuration_manager.patch_size)
+        return build_vit_student(spec, num_input_channels, num_output_channels,
+                                 deep_supervision_scales(configuration_manager.pool_op_kernel_sizes),
+                                 enable_deep_supervision)
+
+    def initialize(self):
+        was_initialized = self.was_initialized
+        super().initialize()
+        if not was_initialized:  # a --c / --val checkpoint is loaded after this and overrides these weights
+            s = self.student_spec
+            loaded = load_vit_student_weights(_unwrap(self.network), s)
+            self.print_to_log_file(f"ViT student: {s.backbone} (overrides {s.arch_overrides}) from "
+                                   f"{s.checkpoint if loaded else 'RANDOM INIT'} at {s.img_size[0]}x{s.img_size[1]}, "
+                                   f"decoder channels {s.decoder_channels}, all weights trained",
+                                   also_print_to_console=True)
+
+    def student_optimizer(self):
+        optimizer = torch.optim.AdamW(adamw_param_groups(self.network, self.weight_decay), lr=self.initial_lr,
+                                      betas=(0.9, 0.999))
+        warmup = max(1, round(self.warmup_fraction * self.num_epochs))
+        return optimizer, WarmupPolyLRScheduler(optimizer, self.initial_lr, self.num_epochs, warmup)
+
+
+class DistillTrainer_vittiny_test(DistillTrainer_vittiny):
+    schedule = (1, 2, 1)
+    teacher_trainer_name = "ViTLoRATeacherTrainer_test"
 
 
 class TaskAgnosticDistillTrainer(DistillTrainer):
