@@ -54,7 +54,7 @@ METHODS: Dict[str, Dict[str, Any]] = {
     "tskd": {"trainer": "DistillTrainer", "data": "labeled", "needs": ["teacher_lora"],
              "env": {"TSKD_TEACHER_TRAINER": "ViTLoRATeacherTrainer"},
              "description": "TS-KD student, transfer set = the labeled cases only"},
-    "tskd_syn": {"trainer": "DistillTrainer", "data": "synthetic", "needs": ["teacher_lora"],
+    "tskd_syn": {"trainer": "DistillTrainer_syn", "data": "synthetic", "needs": ["teacher_lora"],
                  "stages": ["synthetic"], "env": {"TSKD_TEACHER_TRAINER": "ViTLoRATeacherTrainer"},
                  "description": "TS-KD student, transfer set = labeled + diffusion-synthetic cases"},
     "task_agnostic": {"trainer": "TaskAgnosticDistillTrainer", "data": "labeled", "stages": ["foundation"],
@@ -75,7 +75,7 @@ STAGES: Dict[str, Dict[str, Any]] = {
         "{bin}/tskd_pretrain_{foundation[kind]}", "-d", "{dataset_id}", "-c", "{configuration}",
         "--arch", "{foundation[arch]}", "--resolution", "{foundation[resolution]}",
         "--steps", "{foundation[steps]}", "--batch-size", "{foundation[batch_size]}", "--fold", "{fold}",
-        "-o", "{output}"]]},
+        "-o", "{output}", "-device", "{device}"]]},
     "diffusion": {"output": "{results}/{dataset_name}/tskd_diffusion__{plans}__{configuration}/fold_{fold}/"
                             "checkpoint_final.pth", "commands": [[
         "{bin}/tskd_train_diffusion", "{dataset_id}", "{configuration}", "{fold}", "-p", "{plans}",
@@ -88,11 +88,11 @@ STAGES: Dict[str, Dict[str, Any]] = {
                       "{bin}/tskd_sample_diffusion", "{dataset_id}", "{configuration}", "{fold}", "-p", "{plans}",
                       "-n", "{params[num_synthetic]}", "--checkpoint", "{stages[diffusion]}", "-device", "{device}"]]},
     "cnn_mim": {"output": "{stage_dir}/cnn_mim.pth", "commands": [[
-        "{bin}/tskd_pretrain_cnn_mim", "-d", "{dataset_id}", "-c", "{configuration}", "-p", "{plans}",
-        "--steps", "{params[pretrain_steps]}", "--fold", "{fold}", "-o", "{output}"]]},
+        "{bin}/tskd_pretrain_cnn_mim", "{dataset_id}", "{configuration}", "-p", "{plans}", "-tr", "TSKDPlainTrainer",
+        "--steps", "{params[pretrain_steps]}", "--fold", "{fold}", "-o", "{output}", "-device", "{device}"]]},
     "cnn_moco": {"output": "{stage_dir}/cnn_moco.pth", "commands": [[
-        "{bin}/tskd_pretrain_cnn_moco", "-d", "{dataset_id}", "-c", "{configuration}", "-p", "{plans}",
-        "--steps", "{params[pretrain_steps]}", "--fold", "{fold}", "-o", "{output}"]]},
+        "{bin}/tskd_pretrain_cnn_moco", "{dataset_id}", "{configuration}", "-p", "{plans}", "-tr", "TSKDPlainTrainer",
+        "--steps", "{params[pretrain_steps]}", "--fold", "{fold}", "-o", "{output}", "-device", "{device}"]]},
 }
 
 PROFILES: Dict[str, Dict[str, Any]] = {

@@ -103,7 +103,8 @@ def run_demo(workdir: str, fast: bool = False, keep: bool = False, device: str =
     _step("4/7 in-house foundation model: MAE pretraining of a ViT-Tiny on the training images")
     mae = os.path.join(workdir, "mae_vit_tiny.pth")
     _run([os.path.join(bin_dir, "tskd_pretrain_mae"), "-d", str(DATASET_ID), "-c", "2d", "--arch", "vit_tiny",
-          "--resolution", "64", "--steps", "20" if fast else "300", "--batch-size", "16", "--fold", "0", "-o", mae],
+          "--resolution", "64", "--steps", "20" if fast else "300", "--batch-size", "16", "--fold", "0", "-o", mae,
+          "-device", device],
          env, logs, "pretrain_mae")
 
     teacher = f"ViTLoRATeacherTrainer_{suffix}"
