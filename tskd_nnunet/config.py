@@ -109,11 +109,10 @@ def teacher_allow_random() -> bool:
     return env_flag("TSKD_ALLOW_RANDOM_TEACHER")
 
 
-def teacher_arch_overrides() -> dict:
-    """``TSKD_TEACHER_ARCH_OVERRIDES``: JSON object changing the backbone architecture, e.g.
-    '{"depth": 2, "embed_dim": 64, "num_heads": 2}'."""
+def env_json_object(name: str) -> dict:
+    """A ``TSKD_*`` variable holding a JSON object ({} when unset)."""
     import json
-    value = env_str("TSKD_TEACHER_ARCH_OVERRIDES")
+    value = env_str(name)
     if value is None:
         return {}
     try:
@@ -121,9 +120,15 @@ def teacher_arch_overrides() -> dict:
     except json.JSONDecodeError:
         parsed = None
     if not isinstance(parsed, dict):
-        raise TSKDConfigError(f"TSKD_TEACHER_ARCH_OVERRIDES={value!r} is not a JSON object. Fix: export "
-                              f"TSKD_TEACHER_ARCH_OVERRIDES='{{\"depth\": 2, \"embed_dim\": 64, \"num_heads\": 2}}'")
+        raise TSKDConfigError(f"{name}={value!r} is not a JSON object. Fix: export "
+                              f"{name}='{{\"depth\": 2, \"embed_dim\": 64, \"num_heads\": 2}}'")
     return parsed
+
+
+def teacher_arch_overrides() -> dict:
+    """``TSKD_TEACHER_ARCH_OVERRIDES``: JSON object changing the backbone architecture, e.g.
+    '{"depth": 2, "embed_dim": 64, "num_heads": 2}'."""
+    return env_json_object("TSKD_TEACHER_ARCH_OVERRIDES")
 
 
 def teacher_img_size() -> Optional[Tuple[int, int]]:
@@ -167,15 +172,4 @@ def student_weights() -> Optional[str]:
 def student_arch_overrides() -> dict:
     """``TSKD_STUDENT_ARCH_OVERRIDES``: JSON object changing the ViT student's backbone architecture
     (same keys as TSKD_TEACHER_ARCH_OVERRIDES), e.g. '{"depth": 2, "embed_dim": 64, "num_heads": 2}'."""
-    import json
-    value = env_str("TSKD_STUDENT_ARCH_OVERRIDES")
-    if value is None:
-        return {}
-    try:
-        parsed = json.loads(value)
-    except json.JSONDecodeError:
-        parsed = None
-    if not isinstance(parsed, dict):
-        raise TSKDConfigError(f"TSKD_STUDENT_ARCH_OVERRIDES={value!r} is not a JSON object. Fix: export "
-                              f"TSKD_STUDENT_ARCH_OVERRIDES='{{\"depth\": 2, \"embed_dim\": 64, \"num_heads\": 2}}'")
-    return parsed
+    return env_json_object("TSKD_STUDENT_ARCH_OVERRIDES")

@@ -17,7 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
-from tskd_nnunet.evaluation._io import atomic_path
+from tskd_nnunet.atomic_io import atomic_path
 
 PathLike = Union[str, os.PathLike]
 ArrayOrPath = Union[np.ndarray, str, os.PathLike]

@@ -24,7 +24,7 @@ import pandas as pd
 
 from tskd_nnunet.benchmark.plots import (OverlayItem, plot_boxplots, plot_label_efficiency, plot_overlay_grid,
                                          select_worst_median_best, sorted_budgets)
-from tskd_nnunet.evaluation._io import atomic_write_csv, atomic_write_text
+from tskd_nnunet.atomic_io import atomic_write_csv, atomic_write_text
 from tskd_nnunet.evaluation.stats import bootstrap_ci, holm_adjust, mean_sd, paired_wilcoxon
 
 PathLike = Union[str, os.PathLike]

@@ -585,7 +585,7 @@ class BenchmarkRunner:
         os.replace(tmp, out)
 
     def _evaluate(self, rdir: str) -> None:
-        from tskd_nnunet.evaluation._io import atomic_write_csv
+        from tskd_nnunet.atomic_io import atomic_write_csv
         from tskd_nnunet.evaluation.evaluate import evaluate_folders_with_dataset_json
 
         pred = os.path.join(rdir, "predictions")

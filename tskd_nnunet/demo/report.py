@@ -8,7 +8,7 @@ from typing import Dict, Optional
 import pandas as pd
 
 from tskd_nnunet.benchmark.plots import OverlayItem, plot_overlay_grid, select_worst_median_best
-from tskd_nnunet.evaluation._io import atomic_write_text
+from tskd_nnunet.atomic_io import atomic_write_text
 from tskd_nnunet.evaluation.evaluate import evaluate_folders_with_dataset_json
 
 

@@ -5,7 +5,7 @@ import argparse
 import json
 from typing import List, Optional
 
-from tskd_nnunet.evaluation._io import atomic_write_csv
+from tskd_nnunet.atomic_io import atomic_write_csv
 
 
 def build_parser() -> argparse.ArgumentParser:

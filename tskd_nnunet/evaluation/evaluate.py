@@ -14,7 +14,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import pandas as pd
 
-from tskd_nnunet.evaluation._io import atomic_write_csv
+from tskd_nnunet.atomic_io import atomic_write_csv
 from tskd_nnunet.evaluation.metrics import LabelOrRegion, evaluate_segmentation, labels_from_dataset_json
 
 PathLike = Union[str, os.PathLike]

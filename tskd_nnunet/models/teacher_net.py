@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +80,34 @@ class TeacherSpec:
         d = self.to_dict()
         d.pop("checkpoint", None)  # the same file may be reached by another path
         return d
+
+
+class TeacherSpecConflictError(TeacherCheckpointError):
+    """This output folder already holds a ViT network of another spec."""
+
+
+def resolve_recorded_spec(output_folder_base: Optional[str], plans_key: str, env_is_set: bool,
+                          spec_from_env: "Callable[[], TeacherSpec]", role: str, env_prefix: str) -> TeacherSpec:
+    """The spec recorded in an output folder's plans.json (a --c / --val / other-fold run) wins unless the
+    user set ``<env_prefix>*`` variables; then both must agree, else a one-line error."""
+    recorded_file = os.path.join(output_folder_base, "plans.json") if output_folder_base else None
+    recorded = None
+    if recorded_file and os.path.isfile(recorded_file):
+        import json
+        with open(recorded_file) as f:
+            d = json.load(f).get(plans_key)
+        recorded = TeacherSpec.from_dict(d) if d else None
+    if recorded is not None and not env_is_set:
+        return recorded
+    requested = spec_from_env()
+    if recorded is not None and recorded.identity() != requested.identity():
+        def show(spec: TeacherSpec) -> str:
+            return f"{spec.backbone}, {spec.checkpoint}, img {list(spec.img_size)}, overrides {spec.arch_overrides}"
+        raise TeacherSpecConflictError(
+            f"{recorded_file} records a {role} ({show(recorded)}) that differs from the {env_prefix}* settings "
+            f"({show(requested)}). Fix: unset {env_prefix}* to continue with the recorded {role}, or train the new "
+            f"one into another nnUNet_results folder.")
+    return requested
 
 
 def default_img_size(patch_size: Sequence[int], vit_patch: int) -> Tuple[int, int]:

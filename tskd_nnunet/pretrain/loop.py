@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import math
 import os
-import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -25,6 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from tskd_nnunet.pretrain.corpus import PretrainCorpus
+from tskd_nnunet.atomic_io import atomic_path, atomic_torch_save as save_atomic  # noqa: E402
 
 
 class PretrainError(ValueError):
@@ -44,21 +44,6 @@ class LoopConfig:
     overwrite: bool = False
     progress: bool = True
     signature: Dict[str, Any] = field(default_factory=dict)  # what must match to resume (objective, arch, ...)
-
-
-def save_atomic(obj: Any, path: str) -> None:
-    """torch.save to a temp file in the same folder, then os.replace: never a half-written file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pth", dir=folder)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def companion_paths(output: str) -> Dict[str, str]:
@@ -87,13 +72,10 @@ def param_groups(module: nn.Module, weight_decay: float) -> List[Dict[str, Any]]
 
 def write_curve(history: List[Dict[str, float]], paths: Dict[str, str], title: str) -> None:
     """Loss curve as CSV and PNG beside the output (both replaced atomically)."""
-    folder = os.path.dirname(os.path.abspath(paths["csv"]))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".csv", dir=folder)
-    with os.fdopen(fd, "w", newline="") as f:
+    with atomic_path(paths["csv"]) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["step", "loss", "lr"])
         w.writeheader()
         w.writerows(history)
-    os.replace(tmp, paths["csv"])
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -110,11 +92,9 @@ def write_curve(history: List[Dict[str, float]], paths: Dict[str, str], title: s
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".png", dir=folder)
-    os.close(fd)
-    fig.savefig(tmp, dpi=100, format="png")
+    with atomic_path(paths["png"]) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, paths["png"])
 
 
 def run_pretraining(objective: nn.Module, corpus: PretrainCorpus, output: str, cfg: LoopConfig,

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from typing import Dict, List, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
+from tskd_nnunet.atomic_io import atomic_torch_save as save_atomic  # noqa: E402
 
 DEFAULT_BLOCK_OUT_CHANNELS: Tuple[int, ...] = (32, 64, 64)
 SAMPLERS = ("ddim", "dpm")
@@ -132,21 +132,6 @@ class NormalisedImagePipeline(DiffusionPipeline):
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def save_atomic(obj: dict, path: str) -> None:
-    """torch.save to a temp file beside ``path``, then os.replace (a kill never leaves half a file)."""
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pth", dir=folder)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def load_checkpoint(path: str) -> dict:
     if not os.path.isfile(path):
         raise DiffusionCheckpointError(f"diffusion checkpoint {path} not found. Fix: run tskd_train_diffusion for "

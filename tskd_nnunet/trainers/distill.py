@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
-from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
+from batchgenerators.utilities.file_and_folder_operations import join
 from torch import autocast, nn
 from torch._dynamo import OptimizedModule
 
@@ -40,9 +40,10 @@ from tskd_nnunet.distill.losses import (DeepSupervisionKD, FeatureKD, FeatureTap
 from tskd_nnunet.distill.teacher_io import load_teacher
 from tskd_nnunet.models.students import (build_plans_student, build_vit_student, count_parameters,
                                          load_vit_student_weights, resolve_vit_student_spec)
-from tskd_nnunet.models.teacher_net import TeacherSpec, adamw_param_groups, deep_supervision_scales
+from tskd_nnunet.models.teacher_net import (TeacherSpec, adamw_param_groups, deep_supervision_scales,
+                                            resolve_recorded_spec)
 from tskd_nnunet.trainers.base import ScheduledTrainer
-from tskd_nnunet.trainers.teacher import TeacherSpecConflictError, WarmupPolyLRScheduler
+from tskd_nnunet.trainers.teacher import WarmupPolyLRScheduler
 
 HEADS_KEY = "tskd_kd_heads"  # checkpoint key of the training-only feature-KD projection
 
@@ -350,25 +351,11 @@ class DistillTrainer_vittiny(DistillTrainer):
         return resolve_vit_student_spec(cls.student_backbone, config.student_weights(), config.student_arch_overrides(),
                                         patch_size, cls.student_decoder_channels)
 
-    def _recorded_student_spec(self) -> Tuple[Optional[TeacherSpec], Optional[str]]:
-        path = join(self.output_folder_base, "plans.json") if self.output_folder_base else None
-        d = load_json(path).get(STUDENT_PLANS_KEY) if path and isfile(path) else None
-        return (TeacherSpec.from_dict(d) if d else None), path
-
     def _resolve_student_spec(self) -> TeacherSpec:
-        """As the teacher: the spec recorded in this output folder (--c, --val, other folds) wins unless
-        TSKD_STUDENT_* is set; then both must agree."""
-        recorded, path = self._recorded_student_spec()
-        if recorded is not None and not config.student_env_is_set():
-            return recorded
-        requested = self.student_spec_from_env(self.configuration_manager.patch_size)
-        if recorded is not None and recorded.identity() != requested.identity():
-            raise TeacherSpecConflictError(
-                f"{path} records a ViT student ({recorded.backbone}, {recorded.checkpoint}, overrides "
-                f"{recorded.arch_overrides}) that differs from the TSKD_STUDENT_* settings ({requested.backbone}, "
-                f"{requested.checkpoint}, overrides {requested.arch_overrides}). Fix: unset TSKD_STUDENT_* to continue "
-                f"with the recorded student, or train the new one into another nnUNet_results folder.")
-        return requested
+        """As the teacher: the spec recorded in this output folder wins unless TSKD_STUDENT_* is set."""
+        return resolve_recorded_spec(self.output_folder_base, STUDENT_PLANS_KEY, config.student_env_is_set(),
+                                     lambda: self.student_spec_from_env(self.configuration_manager.patch_size),
+                                     "ViT student", "TSKD_STUDENT_")
 
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,

@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
+from batchgenerators.utilities.file_and_folder_operations import join
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
@@ -27,16 +27,13 @@ from torch.optim.lr_scheduler import _LRScheduler
 
 from tskd_nnunet import config
 from tskd_nnunet.models.lora import LoraSettings, trainable_fraction
-from tskd_nnunet.models.teacher_net import (TeacherSpec, adamw_param_groups, build_teacher_network, check_channels,
-                                            deep_supervision_scales, resolve_teacher_spec)
+from tskd_nnunet.models.teacher_net import (TeacherSpec, TeacherSpecConflictError, adamw_param_groups,  # noqa: F401
+                                            build_teacher_network, check_channels, deep_supervision_scales,
+                                            resolve_recorded_spec, resolve_teacher_spec)
 from tskd_nnunet.models.vit_backbones import TeacherCheckpointError
 from tskd_nnunet.trainers.base import ScheduledTrainer
 
 PLANS_KEY = "tskd_teacher"
-
-
-class TeacherSpecConflictError(TeacherCheckpointError):
-    """This output folder already holds a teacher of another spec."""
 
 
 class WarmupPolyLRScheduler(_LRScheduler):
@@ -111,23 +108,9 @@ class ViTLoRATeacherTrainer(ScheduledTrainer):
                                     cls.lora_settings(), cls.decoder_channels)
 
     def _resolve_spec(self) -> TeacherSpec:
-        """The spec recorded in this output folder (a --c / --val / other-fold run) wins unless the user
-        set TSKD_TEACHER_* variables; then both must agree."""
-        recorded_file = join(self.output_folder_base, "plans.json") if self.output_folder_base else None
-        recorded = None
-        if recorded_file and isfile(recorded_file):
-            d = load_json(recorded_file).get(PLANS_KEY)
-            recorded = TeacherSpec.from_dict(d) if d else None
-        if recorded is not None and not config.teacher_env_is_set():
-            return recorded
-        requested = self.spec_from_env(self.configuration_manager.patch_size)
-        if recorded is not None and recorded.identity() != requested.identity():
-            raise TeacherSpecConflictError(
-                f"{recorded_file} records a teacher ({recorded.backbone}, {recorded.checkpoint}, img {list(recorded.img_size)}) "
-                f"that differs from the TSKD_TEACHER_* settings ({requested.backbone}, {requested.checkpoint}, img "
-                f"{list(requested.img_size)}). Fix: unset TSKD_TEACHER_* to continue with the recorded teacher, or "
-                f"train the new one into another nnUNet_results folder.")
-        return requested
+        return resolve_recorded_spec(self.output_folder_base, PLANS_KEY, config.teacher_env_is_set(),
+                                     lambda: self.spec_from_env(self.configuration_manager.patch_size),
+                                     "teacher", "TSKD_TEACHER_")
 
     # ------------------------------------------------------------------------------ nnU-Net hooks
     @classmethod

@@ -1,4 +1,4 @@
-"""Atomic file writes shared by evaluation and the benchmark report.
+"""Atomic file writes (CSV, Markdown, PNG, torch checkpoints) shared by the whole package.
 
 A reader (the resumable benchmark runner, a person tailing results) must never see a half-written
 CSV, Markdown or PNG: everything is written to a temporary file in the same folder and then moved
@@ -10,9 +10,8 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Any, Iterator, Union
 
-import pandas as pd
 
 PathLike = Union[str, os.PathLike]
 
@@ -40,7 +39,16 @@ def atomic_write_text(path: PathLike, text: str) -> Path:
     return Path(path)
 
 
-def atomic_write_csv(df: pd.DataFrame, path: PathLike) -> Path:
+def atomic_write_csv(df: "pd.DataFrame", path: PathLike) -> Path:
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False)
+    return Path(path)
+
+
+def atomic_torch_save(obj: Any, path: PathLike) -> Path:
+    """torch.save through a temporary file beside ``path``: a kill never leaves half a checkpoint."""
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
     return Path(path)
