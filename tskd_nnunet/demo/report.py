@@ -21,7 +21,10 @@ def checkpoint_info(results_root: str, trainer: str) -> Dict[str, float]:
     if not files:
         return {"checkpoint_mb": float("nan"), "stored_params_m": float("nan")}
     ckpt = torch.load(files[0], map_location="cpu", weights_only=False)
-    n = sum(v.numel() for v in ckpt["network_weights"].values() if hasattr(v, "numel"))
+    # nnU-Net's UNets hold the encoder twice (decoder.encoder is the encoder): count each storage once
+    unique = {v.untyped_storage().data_ptr(): v.numel() for v in ckpt["network_weights"].values()
+              if isinstance(v, torch.Tensor)}
+    n = sum(unique.values())
     return {"checkpoint_mb": os.path.getsize(files[0]) / 2 ** 20, "stored_params_m": n / 1e6}
 
 

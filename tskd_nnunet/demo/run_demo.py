@@ -37,7 +37,7 @@ def _run(cmd: List[str], env: Dict[str, str], log_dir: str, name: str) -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
             log.write(line)
-            if _interesting(line):
+            if _interesting(line) and "it/s]" not in line:
                 print("   " + line.rstrip(), flush=True)
         rc = proc.wait()
     if rc != 0:
@@ -47,7 +47,7 @@ def _run(cmd: List[str], env: Dict[str, str], log_dir: str, name: str) -> None:
 def _interesting(line: str) -> bool:
     """nnU-Net is verbose; show the progress lines a user wants to see."""
     keys = ("Epoch ", "train_loss", "val_loss", "Pseudo dice", "Epoch time", "Mean Validation Dice",
-            "trainable", "parameters", "Error", "error", "step", "loss", "%|", "wrote", "Wrote", "labeled")
+            "trainable", "parameters", "Error", "error", "wrote", "Wrote", "labeled")
     return any(k in line for k in keys)
 
 
