@@ -75,3 +75,22 @@ def use_nnunet_env(nnunet_env, monkeypatch):
     for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         monkeypatch.setenv(k, nnunet_env[k])
     return nnunet_env
+
+
+@pytest.fixture
+def empty_nnunet_env(tmp_path, monkeypatch):
+    """Empty nnU-Net folders under tmp_path, set in this process's environment (converter tests)."""
+    for v in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (tmp_path / v).mkdir()
+        monkeypatch.setenv(v, str(tmp_path / v))
+    return tmp_path
+
+
+def assert_integrity(folder, capfd) -> None:
+    """nnU-Net's own verify_dataset_integrity passes and prints no error or warning."""
+    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+    capfd.readouterr()
+    verify_dataset_integrity(str(folder), num_processes=1)
+    out = capfd.readouterr()
+    text = out.out + out.err
+    assert "Error" not in text and "WARNING" not in text and "Warning" not in text, text

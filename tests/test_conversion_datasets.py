@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from conftest import assert_integrity  # noqa: E402
 from dataset_conversion import (Dataset501_HC18, Dataset502_CHAOS_MR_T2SPIR_slices, Dataset503_CHAOS_MR,
                                 Dataset504_CHAOS_CT, Dataset505_KidneyUS)
 
@@ -14,20 +15,10 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
 
 @pytest.fixture
-def env(tmp_path, monkeypatch):
-    for v in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        (tmp_path / v).mkdir()
-        monkeypatch.setenv(v, str(tmp_path / v))
-    return tmp_path
+def env(empty_nnunet_env):
+    return empty_nnunet_env
 
 
-def assert_integrity(folder: Path, capfd) -> None:
-    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
-    capfd.readouterr()
-    verify_dataset_integrity(str(folder), num_processes=1)
-    out = capfd.readouterr()
-    text = out.out + out.err
-    assert "Error" not in text and "WARNING" not in text and "Warning" not in text, text
 
 
 def png(arr: np.ndarray, path: Path) -> None:

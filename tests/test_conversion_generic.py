@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from conftest import assert_integrity  # noqa: E402
 from dataset_conversion import convert_folder
 from dataset_conversion.common import ConversionError, patient_level_test_split
 
@@ -15,20 +16,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def nnunet_env(tmp_path, monkeypatch):
-    for v in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        (tmp_path / v).mkdir()
-        monkeypatch.setenv(v, str(tmp_path / v))
-    return tmp_path
+def nnunet_env(empty_nnunet_env):
+    return empty_nnunet_env
 
 
-def assert_integrity(folder: Path, capfd) -> None:
-    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
-    capfd.readouterr()
-    verify_dataset_integrity(str(folder), num_processes=1)
-    out = capfd.readouterr()
-    text = out.out + out.err
-    assert "Error" not in text and "WARNING" not in text and "Warning" not in text, text
 
 
 def make_pairs(root: Path, n: int, ext: str = ".png", rgb: bool = False, values=(0, 255), size=(32, 40),

@@ -15,11 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def env(tmp_path, monkeypatch):
-    for v in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        (tmp_path / v).mkdir()
-        monkeypatch.setenv(v, str(tmp_path / v))
-    return tmp_path
+def env(empty_nnunet_env):
+    return empty_nnunet_env
 
 
 def fake_raw(env: Path, slices_per_patient, dataset="Dataset540_Budget", with_map=True, test_cases=("t_0",)):
