@@ -32,7 +32,7 @@ from tskd_nnunet.benchmark.config import (BASELINE_LABEL, DATA_SCOPES, Benchmark
 
 BIN = os.path.dirname(sys.executable)
 STATE = "state.json"
-POOL_FILE = "tskd_unlabeled_pool.json"
+from tskd_nnunet.data.preprocessed_files import POOL_FILE  # noqa: E402
 SPLITS_FILE = "splits_final.json"
 EXTENSION_DIR = "tskd_extension"
 # files of a budget root that are the budget's own; everything else links to the shared preprocessed data

@@ -16,7 +16,6 @@ case in the transfer set.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -24,12 +23,12 @@ from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple, Type
 
 import numpy as np
 
-from nnunetv2.training.dataloading.nnunet_dataset import file_ending_dataset_mapping, nnUNetBaseDataset
+from nnunetv2.training.dataloading.nnunet_dataset import nnUNetBaseDataset
+from tskd_nnunet.data.preprocessed_files import POOL_FILE, dataset_class_for, read_unlabeled_pool  # noqa: F401
 
 LABELED, POOL, SYNTHETIC, REAL_UNLABELED = "labeled", "pool", "synthetic", "real-unlabeled"
 SOURCES = (LABELED, POOL, SYNTHETIC, REAL_UNLABELED)
 EXTENSION_PREFIXES = {"syn_": SYNTHETIC, "unl_": REAL_UNLABELED}
-POOL_FILE = "tskd_unlabeled_pool.json"
 
 
 class TransferSetError(ValueError):
@@ -76,36 +75,6 @@ def extension_kind(identifier: str) -> str:
     raise TransferSetError(f"extension case {identifier!r} has no 'syn_' or 'unl_' prefix")
 
 
-def dataset_class_for(folder: str) -> Type[nnUNetBaseDataset]:
-    """nnU-Net's dataset class for a folder by its file endings (manifest.json and the like ignored)."""
-    endings = {name.rsplit(".", 1)[-1] for name in os.listdir(folder) if "." in name}
-    found = [e for e in file_ending_dataset_mapping if e in endings]
-    if len(found) != 1:
-        raise TransferSetError(f"{folder} holds {'no' if not found else 'mixed'} nnU-Net preprocessed files "
-                               f"({', '.join(sorted(endings)) or 'empty'}); rewrite it with the extension writer")
-    return file_ending_dataset_mapping[found[0]]
-
-
-def read_unlabeled_pool(preprocessed_base: str, fold) -> List[str]:
-    """Ids of ``tskd_unlabeled_pool.json`` for this fold; [] if there is no such file or fold is 'all'."""
-    path = os.path.join(preprocessed_base, POOL_FILE)
-    if not os.path.isfile(path) or fold == "all":
-        return []
-    try:
-        with open(path) as f:
-            pools = json.load(f)
-    except (OSError, ValueError) as e:
-        raise TransferSetError(f"cannot read {path} ({e}); rewrite it with dataset_conversion/label_budget.py") \
-            from None
-    if not isinstance(pools, list) or not all(isinstance(p, list) for p in pools):
-        raise TransferSetError(f"{path} must be a list with one list of case ids per fold; rewrite it with "
-                               f"dataset_conversion/label_budget.py")
-    if int(fold) >= len(pools):
-        raise TransferSetError(f"{path} has {len(pools)} folds, fold {fold} was requested; rewrite it with "
-                               f"dataset_conversion/label_budget.py for this fold")
-    return [str(i) for i in pools[int(fold)]]
-
-
 def extension_fold_folder(preprocessed_base: str, plans_name: str, configuration: str, fold) -> str:
     return os.path.join(preprocessed_base, "tskd_extension", f"{plans_name}_{configuration}", f"fold_{fold}")
 
@@ -122,7 +91,7 @@ def read_extension(preprocessed_base: str, plans_name: str, configuration: str, 
             continue  # temp folders of an unfinished writer start with '.'
         if not any(n.endswith((".b2nd", ".npz")) for n in os.listdir(folder)):
             continue
-        ids = sorted(dataset_class_for(folder).get_identifiers(folder))
+        ids = sorted(dataset_class_for(folder, "rewrite it with the extension writer").get_identifiers(folder))
         for i in ids:
             try:
                 extension_kind(i)
@@ -218,7 +187,7 @@ class TransferDataset(nnUNetBaseDataset):
             if folder_with_segs_from_previous_stage is not None:
                 raise TransferSetError(f"{folder}: extension cases cannot be used by a cascade stage (no previous-stage "
                                        f"segmentation for them); remove the folder or train a non-cascaded configuration")
-            members.append((dataset_class_for(folder)(folder, list(ids)), ids))
+            members.append((dataset_class_for(folder, "rewrite it with the extension writer")(folder, list(ids)), ids))
         self._owner = {i: ds for ds, ids in members for i in ids}
         self.identifiers = list(ts.all_ids)   # fixed order: sampling probabilities refer to it
         self.unlabeled = set(ts.unlabeled)

@@ -36,10 +36,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tskd_nnunet.data.preprocessed_files import dataset_class_for, read_unlabeled_pool
 from tskd_nnunet.data.extension import (SOURCES, ExtensionError, extension_folder, extension_root,
                                         list_extension_cases, preprocessed_config_folder)
 
-POOL_FILE = "tskd_unlabeled_pool.json"
 
 
 class PretrainCorpusError(ValueError):
@@ -113,33 +113,6 @@ def fold_validation_ids(preprocessed_base: str, all_ids: Sequence[str], fold: in
     return [str(i) for i in splits[fold]["val"]]
 
 
-def pool_ids(preprocessed_base: str, fold: Optional[int]) -> List[str]:
-    """Unlabeled-pool ids of ``fold`` (of every fold when None); [] without tskd_unlabeled_pool.json."""
-    path = os.path.join(preprocessed_base, POOL_FILE)
-    if not os.path.isfile(path):
-        return []
-    pools = _load_json(path, "rewrite it with dataset_conversion/label_budget.py")
-    if not isinstance(pools, list) or not all(isinstance(p, list) for p in pools):
-        raise PretrainCorpusError(f"{path} must be a list with one list of case ids per fold. "
-                                  f"Fix: rewrite it with dataset_conversion/label_budget.py")
-    if fold is None:
-        return sorted({str(i) for p in pools for i in p})
-    if fold >= len(pools):
-        raise PretrainCorpusError(f"{path} has {len(pools)} folds, fold {fold} was requested. "
-                                  f"Fix: rewrite it with dataset_conversion/label_budget.py for this fold")
-    return [str(i) for i in pools[fold]]
-
-
-def _dataset_class(folder: str):
-    from nnunetv2.training.dataloading.nnunet_dataset import file_ending_dataset_mapping
-    endings = {n.rsplit(".", 1)[-1] for n in os.listdir(folder) if "." in n}
-    found = [e for e in file_ending_dataset_mapping if e in endings]
-    if len(found) != 1:
-        raise PretrainCorpusError(f"{folder} holds {'no' if not found else 'mixed'} nnU-Net preprocessed files. "
-                                  f"Fix: rerun nnUNetv2_plan_and_preprocess for it")
-    return file_ending_dataset_mapping[found[0]]
-
-
 class PretrainCorpus(torch.utils.data.IterableDataset):
     """An endless stream of ``(in_chans, H, W)`` float32 slices drawn uniformly over all cases
     (``balance='case'``) or first uniformly over datasets (``balance='dataset'``)."""
@@ -200,12 +173,12 @@ class PretrainCorpus(torch.utils.data.IterableDataset):
         if not os.path.isdir(folder):
             raise PretrainCorpusError(f"{folder} does not exist. Fix: nnUNetv2_plan_and_preprocess -d {dataset} "
                                       f"-c {self.configuration}")
-        ids = sorted(_dataset_class(folder).get_identifiers(folder))
+        ids = sorted(dataset_class_for(folder, "rerun nnUNetv2_plan_and_preprocess for it").get_identifiers(folder))
         excluded = set()
         if self.fold is not None:
             excluded |= set(fold_validation_ids(base, ids, self.fold))
         if not include_pool:
-            excluded |= set(pool_ids(base, self.fold))
+            excluded |= set(read_unlabeled_pool(base, self.fold))
         sources = [CorpusSource(name, folder, "preprocessed", [i for i in ids if i not in excluded])]
         for source, f in ext_folders:
             ext_ids = list_extension_cases(f)
@@ -245,7 +218,7 @@ class PretrainCorpus(torch.utils.data.IterableDataset):
         loader = self._loaders.get(si)
         if loader is None:
             src = self.sources[si]
-            loader = self._loaders[si] = _dataset_class(src.folder)(src.folder, identifiers=list(src.identifiers))
+            loader = self._loaders[si] = dataset_class_for(src.folder, "rerun nnUNetv2_plan_and_preprocess for it")(src.folder, identifiers=list(src.identifiers))
         key = (si, identifier)
         data = self._handles.get(key)
         if data is None:

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tskd_nnunet.data.preprocessed_files import POOL_FILE, read_unlabeled_pool
 from tskd_nnunet.data.extension import ExtensionError, dataset_name, extension_dataset_class, preprocessed_config_folder
 
-UNLABELED_POOL_FILE = "tskd_unlabeled_pool.json"
 
 
 def _load_json(path: str, fix: str):
@@ -53,12 +53,8 @@ def fold_case_ids(dataset_name_or_id: Union[int, str], plans: str, configuration
         raise ExtensionError(f"fold {fold} does not exist in {splits_file} ({len(splits)} folds). "
                              f"Fix: pass a fold in 0..{len(splits) - 1}")
     train, val = list(splits[fold]["train"]), list(splits[fold]["val"])
-    pool: List[str] = []
-    pool_file = os.path.join(base, UNLABELED_POOL_FILE)
-    if include_unlabeled_pool and os.path.isfile(pool_file):
-        pools = _load_json(pool_file, "re-run the label budget script that writes it")
-        if fold < len(pools):
-            pool = list(pools[fold])
+    pool: List[str] = read_unlabeled_pool(base, fold) if include_unlabeled_pool else []
+    pool_file = os.path.join(base, POOL_FILE)
     leaked = sorted(set(train + pool) & set(val))
     if leaked:
         raise ExtensionError(f"cases {leaked[:5]} are in both the training ids and the validation ids of fold {fold} "
