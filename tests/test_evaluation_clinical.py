@@ -4,8 +4,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tskd_nnunet.evaluation.clinical import (default_hc18_filename, fit_ellipse_moments, head_circumference_mm,
-                                             ramanujan_perimeter, read_hc18_csv, volume_ml)
+from tskd_nnunet.evaluation.clinical import (default_hc18_filename, fit_ellipse_moments, hc18_case_to_filename,
+                                             head_circumference_mm, ramanujan_perimeter, read_hc18_csv, volume_ml)
 
 HC18 = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hc18_fetal_head_us"
 
@@ -62,6 +62,29 @@ def test_volume_of_known_cube():
 def test_hc18_filename_mapping():
     assert default_hc18_filename("HC18_007") == "007_HC.png"
     assert default_hc18_filename("007_HC") == "007_HC.png"
+
+
+@pytest.mark.parametrize("case, name", [
+    ("hc18_007", "007_HC.png"), ("hc18_010_2", "010_2HC.png"), ("hc18_123_3", "123_3HC.png"),
+    ("HC18_007", "007_HC.png"), ("007_HC", "007_HC.png"), ("010_2HC", "010_2HC.png")])
+def test_hc18_repeat_exams_map_to_their_own_row(case, name):
+    # issue #13: hc18_010_2 (Dataset501_HC18's name for 010_2HC.png) used to map to 002_HC.png
+    assert hc18_case_to_filename(case) == name
+    assert default_hc18_filename(case) == name
+
+
+def test_benchmark_runner_uses_the_same_hc18_mapper():
+    from tskd_nnunet.benchmark import runner
+
+    assert runner.hc18_case_to_filename is hc18_case_to_filename
+    import inspect
+    from tskd_nnunet.evaluation.clinical import evaluate_hc18_folder
+    assert inspect.signature(evaluate_hc18_folder).parameters["case_to_filename"].default is hc18_case_to_filename
+
+
+def test_hc18_mapper_refuses_unknown_ids():
+    with pytest.raises(ValueError, match="hc18_007"):
+        hc18_case_to_filename("case_x")
 
 
 @pytest.mark.skipif(not HC18.is_dir(), reason=f"HC18 data not found at {HC18}")

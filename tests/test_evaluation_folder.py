@@ -102,3 +102,26 @@ def test_cli(folders3d, tmp_path, capsys):
     df = pd.read_csv(out)
     assert len(df) == 4 and set(df["class"]) == {"organ", "lesion"}
     assert "wrote" in capsys.readouterr().out
+
+
+def test_cli_hc18_repeat_exam_uses_its_own_reference(tmp_path, capsys):
+    # issue #13: tskd_evaluate --hc18-csv scored hc18_010_2 against 002_HC.png's expert HC
+    ref_dir, pred_dir = tmp_path / "ref", tmp_path / "pred"
+    ref_dir.mkdir(), pred_dir.mkdir()
+    r, c = np.indices((300, 300))
+    mask = (((r - 150) / 100.0) ** 2 + ((c - 150) / 70.0) ** 2 <= 1).astype(np.uint8)
+    for d in (ref_dir, pred_dir):
+        write_nii(mask[None], d / "hc18_010_2.nii.gz", (1.0, 0.15, 0.15))
+    dj = tmp_path / "dataset.json"
+    dj.write_text(json.dumps({"labels": {"background": 0, "head": 1}, "file_ending": ".nii.gz"}))
+    px = 0.15
+    hc = ramanujan_perimeter(100 * px, 70 * px)
+    csv = tmp_path / "hc.csv"
+    csv.write_text("filename,pixel size(mm),head circumference (mm)\n"
+                   f"002_HC.png,0.3,{hc + 50}\n010_2HC.png,{px},{hc}\n")
+    out = tmp_path / "o.csv"
+    assert cli_main(["-ref", str(ref_dir), "-pred", str(pred_dir), "-djfile", str(dj), "-o", str(out),
+                     "--hc18-csv", str(csv)]) == 0
+    df = pd.read_csv(out)
+    assert df.loc[0, "hc_ref_mm"] == pytest.approx(hc)
+    assert df.loc[0, "hc_abs_diff_mm"] < 1.0

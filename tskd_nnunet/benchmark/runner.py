@@ -33,6 +33,8 @@ from tskd_nnunet.benchmark.config import (BASELINE_LABEL, DATA_SCOPES, Benchmark
 BIN = os.path.dirname(sys.executable)
 STATE = "state.json"
 from tskd_nnunet.data.preprocessed_files import POOL_FILE  # noqa: E402
+# the one HC18 case-id -> CSV-name mapper, shared with tskd_evaluate --hc18-csv
+from tskd_nnunet.evaluation.clinical import hc18_case_to_filename  # noqa: E402,F401
 SPLITS_FILE = "splits_final.json"
 EXTENSION_DIR = "tskd_extension"
 # files of a budget root that are the budget's own; everything else links to the shared preprocessed data
@@ -144,14 +146,6 @@ def _link(src: str, dst: str) -> None:
     elif os.path.exists(dst):
         raise BenchmarkError(f"{dst} exists and is not a link; delete it so the benchmark can link {src}")
     os.symlink(src, dst)
-
-
-def hc18_case_to_filename(case_id: str) -> str:
-    """Dataset501_HC18 case ids -> HC18 CSV names: ``hc18_007`` -> ``007_HC.png``, ``hc18_007_2`` -> ``007_2HC.png``."""
-    m = re.search(r"(\d{3})(?:_(\d+))?$", case_id)
-    if not m:
-        raise ValueError(f"cannot map case id {case_id!r} to an HC18 file name")
-    return f"{m.group(1)}_{m.group(2)}HC.png" if m.group(2) else f"{m.group(1)}_HC.png"
 
 
 # ---------------------------------------------------------------------------------------------- runner

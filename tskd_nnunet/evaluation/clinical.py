@@ -106,22 +106,35 @@ def read_hc18_csv(csv_path: PathLike) -> Dict[str, Tuple[float, float]]:
     return out
 
 
-def default_hc18_filename(case_id: str) -> str:
-    """Map an nnU-Net case id to the HC18 CSV filename: the last run of digits -> 'NNN_HC.png'.
+_HC18_CASE_RE = re.compile(r"(?:.*_)?(\d{3})(?:_(\d+))?", re.IGNORECASE)  # hc18_007, hc18_007_2, HC18_007
+_HC18_NAME_RE = re.compile(r"(\d{3})_(\d*)HC(?:\.png)?", re.IGNORECASE)  # 007_HC, 007_2HC(.png)
 
-    E.g. 'HC18_007' -> '007_HC.png', '007_HC' -> '007_HC.png'. Pass your own mapper if a converter
-    names cases differently.
+
+def hc18_case_to_filename(case_id: str) -> str:
+    """The one map from an nnU-Net case id to its row in the HC18 CSV (``NNN_HC.png`` / ``NNN_kHC.png``).
+
+    The exam number is the three-digit group; a repeat scan of the same exam carries its repeat
+    number after it, as Dataset501_HC18 names them: ``hc18_007`` -> ``007_HC.png``,
+    ``hc18_010_2`` -> ``010_2HC.png``, ``HC18_007`` -> ``007_HC.png``. The challenge's own stems are
+    accepted too: ``007_HC`` -> ``007_HC.png``, ``010_2HC`` -> ``010_2HC.png``. Used by
+    ``tskd_evaluate --hc18-csv`` and the benchmark runner alike; pass your own mapper to
+    :func:`evaluate_hc18_folder` if a converter names cases differently.
     """
-    digits = re.findall(r"\d+", case_id)
-    if not digits:
-        raise ValueError(f"cannot map case id {case_id!r} to an HC18 filename")
-    # '007_HC' carries one number; 'HC18_007' carries 18 then 007: the case number is the last
-    return f"{int(digits[-1]):03d}_HC.png"
+    m = _HC18_NAME_RE.fullmatch(case_id) or _HC18_CASE_RE.fullmatch(case_id)
+    if not m:
+        raise ValueError(f"cannot map case id {case_id!r} to an HC18 file name (expected e.g. hc18_007 or "
+                         f"hc18_007_2)")
+    exam, repeat = m.group(1), m.group(2)
+    return f"{exam}_{repeat}HC.png" if repeat else f"{exam}_HC.png"
+
+
+# old name, kept for callers that imported it
+default_hc18_filename = hc18_case_to_filename
 
 
 def evaluate_hc18_folder(pred_folder: PathLike, hc18_csv: PathLike, file_ending: str,
                          head_label: Optional[int] = None,
-                         case_to_filename: Callable[[str], str] = default_hc18_filename,
+                         case_to_filename: Callable[[str], str] = hc18_case_to_filename,
                          use_file_spacing: bool = False):
     """Head circumference of each predicted mask vs the expert HC in the HC18 CSV.
 
