@@ -52,7 +52,8 @@ setup(
         "tabulate",
         "Pillow",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    # monai: NSD/HD95 cross-check (tests/test_evaluation_crosscheck.py); exact pin in constraints.txt
+    extras_require={"test": ["pytest>=7", "monai>=1.4"]},
     entry_points={
         "console_scripts": [
             "tskd_trainer_dir = tskd_nnunet.discovery:print_trainer_dir",
