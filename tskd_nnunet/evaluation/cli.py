@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import json
+import os
+import sys
 from typing import List, Optional
 
 from tskd_nnunet.atomic_io import atomic_write_csv
@@ -27,20 +28,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Exit codes: 0 scored; 1 a bad input (one line on stderr naming it and the fix); 2 bad usage."""
     args = build_parser().parse_args(argv)
-    from tskd_nnunet.evaluation.evaluate import evaluate_folders_with_dataset_json, summarize
+    from tskd_nnunet.evaluation.evaluate import EvaluationInputError
 
+    try:
+        return _run(args)
+    except EvaluationInputError as e:
+        print(f"tskd_evaluate: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    from tskd_nnunet.evaluation.evaluate import (EvaluationInputError, evaluate_folders_with_dataset_json,
+                                                 load_dataset_json, summarize)
+
+    dj = load_dataset_json(args.djfile)  # refuse a bad -djfile before reading any image
+    if os.path.isdir(args.output):
+        raise EvaluationInputError(f"output (-o) is a folder: {args.output}; pass a CSV file name")
     df = evaluate_folders_with_dataset_json(args.ref, args.pred, args.djfile, args.tolerance_mm,
                                             None, args.missing, args.num_processes)
     if args.hc18_csv:
         from tskd_nnunet.evaluation.clinical import evaluate_hc18_folder
 
-        with open(args.djfile) as f:
-            file_ending = json.load(f)["file_ending"]
-        hc = evaluate_hc18_folder(args.pred, args.hc18_csv, file_ending)
+        hc = evaluate_hc18_folder(args.pred, args.hc18_csv, dj["file_ending"])
         df = df.merge(hc, on="case", how="left")
         print(f"HC18 mean absolute difference: {hc['hc_abs_diff_mm'].mean():.2f} mm over {len(hc)} cases")
-    atomic_write_csv(df, args.output)
+    try:
+        atomic_write_csv(df, args.output)
+    except OSError as e:
+        raise EvaluationInputError(f"cannot write output (-o) {args.output}: {e.strerror or e}") from None
     for name, m in summarize(df).items():
         print(f"{name}: Dice {m['dice']:.4f}  NSD@{args.tolerance_mm:g}mm {m['nsd']:.4f}  HD95 {m['hd95']:.2f} mm")
     print(f"wrote {args.output} ({len(df)} rows)")

@@ -20,6 +20,9 @@ from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 import numpy as np
 from scipy import ndimage
 
+from tskd_nnunet.evaluation.evaluate import (EvaluationInputError, MissingInputError, _one_line, _read_checked,
+                                             list_cases, reader_for)
+
 PathLike = Union[str, os.PathLike]
 
 
@@ -132,6 +135,10 @@ def hc18_case_to_filename(case_id: str) -> str:
 default_hc18_filename = hc18_case_to_filename
 
 
+class HC18CaseError(EvaluationInputError, KeyError):
+    """A case whose HC18 file name has no row in the CSV (also a KeyError, as before)."""
+
+
 def evaluate_hc18_folder(pred_folder: PathLike, hc18_csv: PathLike, file_ending: str,
                          head_label: Optional[int] = None,
                          case_to_filename: Callable[[str], str] = hc18_case_to_filename,
@@ -144,19 +151,29 @@ def evaluate_hc18_folder(pred_folder: PathLike, hc18_csv: PathLike, file_ending:
     """
     import pandas as pd
 
-    from tskd_nnunet.evaluation.evaluate import list_cases, read_seg_2d_or_3d, reader_for
 
-    ref = read_hc18_csv(hc18_csv)
+    if not Path(hc18_csv).is_file():
+        raise MissingInputError(f"HC18 CSV not found: {hc18_csv} (--hc18-csv must be the challenge's "
+                                f"pixel_size_and_HC.csv)")
+    try:
+        ref = read_hc18_csv(hc18_csv)
+    except (ValueError, IndexError, StopIteration, UnicodeDecodeError) as e:
+        raise EvaluationInputError(f"{hc18_csv}: not an HC18 CSV ({_one_line(e)}); expected rows "
+                                   f"'NNN_HC.png,<pixel size mm>,<HC mm>' after a header") from None
     rw = reader_for(file_ending)
     rows = []
     for case in list_cases(pred_folder, file_ending):
-        fname = case_to_filename(case)
+        try:
+            fname = case_to_filename(case)
+        except ValueError as e:
+            raise EvaluationInputError(f"{Path(pred_folder) / (case + file_ending)}: {e}") from None
         if fname not in ref:
-            raise KeyError(f"case {case!r} -> {fname!r} not in {hc18_csv}")
+            raise HC18CaseError(f"case {case!r} -> {fname!r} not in {hc18_csv}; is this the CSV of this "
+                                f"dataset's images?")
         px, hc_ref = ref[fname]
-        seg, spacing = read_seg_2d_or_3d(rw, Path(pred_folder) / f"{case}{file_ending}")
+        seg, spacing = _read_checked(rw, Path(pred_folder) / f"{case}{file_ending}", "prediction", file_ending, None)
         if seg.ndim != 2:
-            raise ValueError(f"{case}: HC18 predictions must be 2D, got shape {seg.shape}")
+            raise EvaluationInputError(f"{case}: HC18 predictions must be 2D, got shape {seg.shape}")
         mask = seg > 0 if head_label is None else seg == head_label
         sp = tuple(spacing) if use_file_spacing else (px, px)
         hc = head_circumference_mm(mask, sp)
