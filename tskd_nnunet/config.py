@@ -49,6 +49,22 @@ def schedule_from_env() -> Optional[Tuple[int, int, int]]:
     return parts  # type: ignore[return-value]
 
 
+
+def save_every_from_env() -> int:
+    """``TSKD_SAVE_EVERY=N``: write ``checkpoint_latest.pth`` every N epochs (default 1: every epoch, so a
+    killed run resumed with ``--c`` loses at most one epoch)."""
+    value = env_str("TSKD_SAVE_EVERY")
+    if value is None:
+        return 1
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise TSKDConfigError(f"TSKD_SAVE_EVERY={value!r} must be a positive integer (epochs between "
+                              f"checkpoint_latest.pth writes). Fix: export TSKD_SAVE_EVERY=1")
+    return n
+
 # --- distillation (tskd_nnunet/trainers/distill.py) ---
 
 def teacher_trainer_from_env(default: str) -> str:
@@ -92,10 +108,11 @@ def teacher_env_is_set() -> bool:
     return any(env_str(name) is not None for name in TEACHER_ENV_VARS)
 
 
-def teacher_backbone() -> str:
-    """``TSKD_TEACHER_BACKBONE``: registry name (sam_vit_b, sam_vit_l, sam_vit_h, medsam_vit_b, vit_tiny,
-    vit_small, vit_base); default sam_vit_b."""
-    return env_str("TSKD_TEACHER_BACKBONE", "sam_vit_b")  # type: ignore[return-value]
+def teacher_backbone(default: str = "sam_vit_b") -> str:
+    """``TSKD_TEACHER_BACKBONE``: registry name (litemedsam, sam_vit_b, sam_vit_l, sam_vit_h, medsam_vit_b,
+    vit_tiny, vit_small, vit_base); default: the trainer's (litemedsam for LiteMedSAMTeacherTrainer*,
+    sam_vit_b for ViTLoRATeacherTrainer*)."""
+    return env_str("TSKD_TEACHER_BACKBONE", default)  # type: ignore[return-value]
 
 
 def teacher_weights() -> Optional[str]:

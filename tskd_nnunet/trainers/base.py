@@ -1,21 +1,57 @@
-"""Shared behaviour of all our trainers: the training schedule.
+"""Shared behaviour of all our trainers: the training schedule and crash-safe checkpoints.
 
 nnU-Net's default is 1000 epochs x 250 iterations (about a day on 2 CPU cores). A trainer class
 may set ``schedule = (epochs, train_iters, val_iters)``; ``TSKD_SCHEDULE`` overrides it for every
 trainer at once, which is how the benchmark runner's CPU profile shortens all methods alike.
+
+Checkpoints (documentation/reliability.md):
+
+- ``checkpoint_latest.pth`` is written at the end of every epoch (``TSKD_SAVE_EVERY=N``: every N
+  epochs), so a killed run resumed with ``--c`` loses at most one epoch (nnU-Net's default of 50
+  meant that short runs never wrote one).
+- Every checkpoint (latest, best, final) is written to a temporary file in the same folder and moved
+  into place with ``os.replace``: a kill during the write never leaves half a file.
+- ``--c`` with an unreadable checkpoint names the file and falls back to the previous good one
+  (final -> latest -> best -> start over), saying so in the training log.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import os
+import sys
+from typing import List, Optional, Tuple, Union
 
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from tskd_nnunet.config import schedule_from_env
+from tskd_nnunet.config import save_every_from_env, schedule_from_env
+
+# the order in which nnU-Net's --c looks for a checkpoint (nnunetv2/run/run_training.py)
+RESUME_CHAIN = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
+REQUIRED_KEYS = ("network_weights", "optimizer_state", "current_epoch", "logging", "init_args")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used; the message names the file and the fix."""
+
+
+def check_checkpoint(path: str) -> Optional[str]:
+    """None if ``path`` is a readable nnU-Net checkpoint, else a short reason why not."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated zip, pickle garbage, empty file, ...: torch raises many types
+        text = " ".join(str(e).split()) or type(e).__name__
+        return f"{type(e).__name__}: {text[:160]}"
+    if not isinstance(ckpt, dict):
+        return f"holds a {type(ckpt).__name__}, not an nnU-Net checkpoint dict"
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        return f"is not an nnU-Net training checkpoint (missing {', '.join(missing)})"
+    return None
 
 
 class ScheduledTrainer(nnUNetTrainer):
-    """nnUNetTrainer whose epoch/iteration counts come from ``schedule`` or ``TSKD_SCHEDULE``."""
+    """nnUNetTrainer whose epoch/iteration counts come from ``schedule`` or ``TSKD_SCHEDULE``, with
+    per-epoch atomic ``checkpoint_latest.pth`` and a ``--c`` that survives a damaged checkpoint."""
 
     schedule: Optional[Tuple[int, int, int]] = None
 
@@ -25,7 +61,71 @@ class ScheduledTrainer(nnUNetTrainer):
         schedule = schedule_from_env() or self.schedule
         if schedule is not None:
             self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = schedule
-            self.save_every = max(1, min(self.save_every, self.num_epochs))
+        self.save_every = max(1, min(save_every_from_env(), self.num_epochs))
+        # the checkpoint file load_checkpoint really used (None: none, or started over)
+        self.loaded_checkpoint_file: Optional[str] = None
+
+    # ---- writing: temp file in the same folder, then os.replace --------------------------------
+    def save_checkpoint(self, filename: str) -> None:
+        folder, name = os.path.split(os.path.abspath(filename))
+        tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
+        try:
+            super().save_checkpoint(tmp)
+            if os.path.isfile(tmp):  # rank != 0 or checkpointing disabled write nothing
+                os.replace(tmp, filename)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    # ---- reading: fall back to the previous good checkpoint when resuming ----------------------
+    def _fallback_candidates(self, filename: str) -> Optional[List[str]]:
+        """Files to try, in order, when ``filename`` is what nnU-Net's --c picked; None = no fallback
+        (validation, --val, an explicit file): then an unreadable file is an error."""
+        folder, name = os.path.split(os.path.abspath(filename))
+        if name not in RESUME_CHAIN or os.path.abspath(folder) != os.path.abspath(self.output_folder):
+            return None
+        if self.current_epoch != 0 or "--val" in sys.argv:
+            return None
+        return [os.path.join(folder, n) for n in RESUME_CHAIN[RESUME_CHAIN.index(name):]]
+
+    def load_checkpoint(self, filename_or_checkpoint: Union[dict, str]) -> None:
+        if not isinstance(filename_or_checkpoint, str):
+            super().load_checkpoint(filename_or_checkpoint)
+            return
+        filename = filename_or_checkpoint
+        candidates = self._fallback_candidates(filename)
+        if candidates is None:
+            reason = check_checkpoint(filename) if os.path.isfile(filename) else "does not exist"
+            if reason is not None:
+                raise CheckpointError(f"checkpoint {filename} cannot be loaded ({reason}). Fix: restore the file, "
+                                      f"or delete it and resume with --c from checkpoint_latest/best.pth")
+            super().load_checkpoint(filename)
+            self.loaded_checkpoint_file = filename
+            self._log_resume(filename)
+            return
+        for path in candidates:
+            if not os.path.isfile(path):
+                continue
+            reason = check_checkpoint(path)
+            if reason is None:
+                if path != filename:
+                    self.print_to_log_file(f"falling back to {path}")
+                super().load_checkpoint(path)
+                self.loaded_checkpoint_file = path
+                self._log_resume(path)
+                return
+            self.print_to_log_file(f"WARNING: checkpoint {path} is unreadable ({reason}); trying the previous "
+                                   f"good checkpoint", also_print_to_console=True)
+        self.print_to_log_file(f"WARNING: no readable checkpoint in {self.output_folder} "
+                               f"(tried {', '.join(os.path.basename(p) for p in candidates)}): starting a new "
+                               f"training from epoch 0", also_print_to_console=True)
+        if not self.was_initialized:
+            self.initialize()
+        self.loaded_checkpoint_file = None
+
+    def _log_resume(self, path: str) -> None:
+        self.print_to_log_file(f"loaded checkpoint {path}: continuing from epoch {self.current_epoch} "
+                               f"(of {self.num_epochs})", also_print_to_console=True)
 
 
 class TSKDPlainTrainer(ScheduledTrainer):

@@ -1,0 +1,114 @@
+"""Resume loses at most one epoch, checkpoints are atomic, and --c survives a damaged checkpoint.
+
+Issue #14, item 1: nnU-Net wrote checkpoint_latest.pth only every 50 epochs, so a short run killed midway
+resumed from checkpoint_best.pth (or from scratch), and a truncated checkpoint gave a raw torch error.
+"""
+import glob
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from conftest import BIN, REPO, run_cmd, train_env
+
+TRAINER = "TSKDPlainTrainer"
+
+
+def fold_dir(results: str) -> str:
+    found = glob.glob(os.path.join(results, "Dataset990_*", f"{TRAINER}__nnUNetPlans__2d", "fold_0"))
+    assert len(found) == 1, found
+    return found[0]
+
+
+def train_cmd(*extra: str):
+    return [os.path.join(BIN, "nnUNetv2_train"), "990", "2d", "0", "-tr", TRAINER, "-device", "cpu", *extra]
+
+
+def read_logs(folder: str) -> str:
+    return "".join(open(p).read() for p in sorted(glob.glob(os.path.join(folder, "training_log_*.txt"))))
+
+
+def test_sigkill_after_first_epoch_resumes_within_one_epoch(nnunet_env, results_dir):
+    env = train_env(nnunet_env, results_dir, {"TSKD_SCHEDULE": "3,2,1"})
+    proc = subprocess.Popen(train_cmd(), env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = None
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            hits = glob.glob(os.path.join(results_dir, "Dataset990_*", "*", "fold_0", "checkpoint_latest.pth"))
+            if hits:
+                latest = hits[0]
+                break
+            time.sleep(0.05)
+        assert latest is not None, "no checkpoint_latest.pth after the first epoch (old code: only every 50 epochs)"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    folder = fold_dir(results_dir)
+    assert not os.path.isfile(os.path.join(folder, "checkpoint_final.pth")), "run finished before the kill"
+    started = [int(e) for e in re.findall(r": Epoch (\d+)\s*$", read_logs(folder), re.M)]
+    saved_epoch = torch.load(latest, map_location="cpu", weights_only=False)["current_epoch"]
+    assert saved_epoch >= 1
+
+    proc2 = run_cmd(train_cmd("--c"), env, timeout=300)
+    m = re.search(r"loaded checkpoint (\S+): continuing from epoch (\d+)", proc2.stdout)
+    assert m, proc2.stdout[-3000:]
+    assert os.path.basename(m.group(1)) == "checkpoint_latest.pth"
+    resumed = int(m.group(2))
+    assert resumed == saved_epoch and resumed >= max(started) - 1, (resumed, started)
+    assert os.path.isfile(os.path.join(folder, "checkpoint_final.pth"))
+    final = torch.load(os.path.join(folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
+    assert final["current_epoch"] == 3
+
+
+def test_truncated_checkpoints_fall_back_with_a_message(nnunet_env, results_dir):
+    env = train_env(nnunet_env, results_dir, {"TSKD_SCHEDULE": "1,2,1"})
+    run_cmd(train_cmd(), env, timeout=300)
+    folder = fold_dir(results_dir)
+    final, best = (os.path.join(folder, f"checkpoint_{k}.pth") for k in ("final", "best"))
+    best_epoch = torch.load(best, map_location="cpu", weights_only=False)["current_epoch"]
+    assert not glob.glob(os.path.join(folder, ".*tmp*")), "a temporary checkpoint file was left behind"
+    # a kill during a non-atomic write leaves half a file: simulate it for final and latest
+    data = open(final, "rb").read()
+    with open(final, "wb") as f:
+        f.write(data[: len(data) // 2])
+    with open(os.path.join(folder, "checkpoint_latest.pth"), "wb") as f:
+        f.write(data[:100])
+    proc = run_cmd(train_cmd("--c"), dict(env, TSKD_SCHEDULE="2,2,1"), timeout=300)
+    out = proc.stdout
+    assert re.search(r"checkpoint \S+checkpoint_final\.pth is unreadable", out), out[-3000:]
+    assert re.search(r"checkpoint \S+checkpoint_latest\.pth is unreadable", out), out[-3000:]
+    m = re.search(r"loaded checkpoint (\S+): continuing from epoch (\d+)", out)
+    assert m and os.path.basename(m.group(1)) == "checkpoint_best.pth" and int(m.group(2)) == best_epoch, out[-3000:]
+    assert torch.load(final, map_location="cpu", weights_only=False)["current_epoch"] == 2
+
+
+def test_nothing_readable_starts_over(nnunet_env, results_dir):
+    env = train_env(nnunet_env, results_dir, {"TSKD_SCHEDULE": "1,2,1"})
+    name = os.path.basename(glob.glob(os.path.join(nnunet_env["nnUNet_preprocessed"], "Dataset990_*"))[0])
+    folder = os.path.join(results_dir, name, f"{TRAINER}__nnUNetPlans__2d", "fold_0")
+    os.makedirs(folder)
+    with open(os.path.join(folder, "checkpoint_best.pth"), "wb") as f:
+        f.write(b"not a checkpoint")
+    proc = run_cmd(train_cmd("--c"), env, timeout=300)
+    assert re.search(r"checkpoint \S+checkpoint_best\.pth is unreadable", proc.stdout), proc.stdout[-3000:]
+    assert "starting a new training from epoch 0" in proc.stdout
+    assert os.path.isfile(os.path.join(folder, "checkpoint_final.pth"))
+
+
+def test_save_every_setting(monkeypatch):
+    from tskd_nnunet.config import TSKDConfigError, save_every_from_env
+    monkeypatch.delenv("TSKD_SAVE_EVERY", raising=False)
+    assert save_every_from_env() == 1
+    monkeypatch.setenv("TSKD_SAVE_EVERY", "5")
+    assert save_every_from_env() == 5
+    for bad in ("0", "-2", "x"):
+        monkeypatch.setenv("TSKD_SAVE_EVERY", bad)
+        with pytest.raises(TSKDConfigError, match="TSKD_SAVE_EVERY=.* must be a positive integer"):
+            save_every_from_env()
