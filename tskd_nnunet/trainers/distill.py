@@ -279,10 +279,14 @@ class DistillTrainer(ScheduledTrainer):
             os.replace(tmp, filename)
 
     def load_checkpoint(self, filename_or_checkpoint: Union[dict, str]) -> None:
-        super().load_checkpoint(filename_or_checkpoint)
+        super().load_checkpoint(filename_or_checkpoint)  # may fall back to an older file (base.py)
         if self.kd_heads is not None:
-            checkpoint = filename_or_checkpoint if isinstance(filename_or_checkpoint, dict) else \
-                torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False)
+            if isinstance(filename_or_checkpoint, dict):
+                checkpoint = filename_or_checkpoint
+            elif self.loaded_checkpoint_file is None:
+                return  # no readable checkpoint: training starts over, so do the heads
+            else:
+                checkpoint = torch.load(self.loaded_checkpoint_file, map_location=self.device, weights_only=False)
             if HEADS_KEY in checkpoint:
                 self.kd_heads.load_state_dict(checkpoint[HEADS_KEY])
             else:
