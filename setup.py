@@ -51,6 +51,8 @@ setup(
         "tqdm",
         "tabulate",
         "Pillow",
+        "onnx>=1.16",  # tskd_export / tskd_predict_onnx (documentation/export.md)
+        "onnxruntime>=1.17",
     ],
     # monai: NSD/HD95 cross-check (tests/test_evaluation_crosscheck.py); exact pin in constraints.txt
     extras_require={"test": ["pytest>=7", "monai>=1.4"]},
@@ -77,6 +79,8 @@ setup(
             "tskd_sample_diffusion = tskd_nnunet.synthetic.sample:main",
             "tskd_synthetic_quality = tskd_nnunet.synthetic.quality:main",
             "tskd_preprocess_unlabeled = tskd_nnunet.data.unlabeled:main",
+            "tskd_export = tskd_nnunet.export.cli:export_main",
+            "tskd_predict_onnx = tskd_nnunet.export.cli:predict_main",
         ],
     },
 )
