@@ -15,7 +15,10 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
@@ -26,7 +29,9 @@ import SimpleITK as sitk
 # nnU-Net's recommended spacing of the dummy axis when a 2D image is stored as a 1 x H x W volume.
 DUMMY_SLICE_SPACING = 999.0
 CASE_PATIENT_MAP = "case_patient_map.json"
-NATURAL_IMAGE_ENDINGS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# formats SimpleITK cannot read (GIF: DRIVE, many ultrasound sets) are read with PIL
+PIL_ONLY_ENDINGS = (".gif", ".webp", ".ppm", ".pgm", ".pbm")
+NATURAL_IMAGE_ENDINGS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff") + PIL_ONLY_ENDINGS
 MEDICAL_IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha")
 SUPPORTED_ENDINGS = MEDICAL_IMAGE_ENDINGS + NATURAL_IMAGE_ENDINGS
 
@@ -90,16 +95,53 @@ def strip_ending(name: str, endings: Sequence[str] = SUPPORTED_ENDINGS) -> Tuple
 
 # ---------------------------------------------------------------------------------------------- images
 def read_image(path: Path) -> sitk.Image:
-    """SimpleITK read with an error naming the file (missing, unreadable, not an image)."""
+    """SimpleITK read (PIL for GIF and other formats SimpleITK lacks) with an error naming the file."""
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"missing file {path}: restore it or remove the case that refers to it")
+    if strip_ending(path.name)[1] in PIL_ONLY_ENDINGS:
+        return _read_with_pil(path)
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as e:  # SimpleITK raises RuntimeError for every read failure
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else "unknown reason"
+        if "Unable to determine ImageIO reader" in reason:
+            try:  # a natural-image format SimpleITK has no reader for, or a misnamed file
+                return _read_with_pil(path)
+            except ConversionError:
+                pass
         raise ConversionError(f"cannot read {path} ({reason[:160]}): replace the file with a valid "
                               f"image or remove it") from None
+
+
+def _read_with_pil(path: Path) -> sitk.Image:
+    """PIL read → SimpleITK image. Palette (GIF) images are expanded to their colours, never to the
+    palette indices (a 0/255 GIF mask must stay 0/255)."""
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:  # pragma: no cover - PIL is a dependency of matplotlib
+        raise ConversionError(f"cannot read {path}: install Pillow (pip install pillow) or convert the file "
+                              f"to .png") from None
+    try:
+        with Image.open(path) as im:
+            if getattr(im, "n_frames", 1) > 1:
+                raise ConversionError(f"{path} has {im.n_frames} frames (animated image): save the one frame "
+                                      f"to use as a single-frame image")
+            if im.mode in ("P", "PA"):
+                im = im.convert("RGBA" if im.mode == "PA" or "transparency" in im.info else "RGB")
+            elif im.mode == "1":
+                im = im.convert("L")
+            elif im.mode == "CMYK":
+                im = im.convert("RGB")
+            arr = np.array(im)
+    except ConversionError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise ConversionError(f"cannot read {path} ({' '.join(str(e).split())[:160]}): replace the file with a "
+                              f"valid image or remove it") from None
+    if arr.ndim == 3 and arr.shape[-1] == 4 and np.all(arr[..., 3] == 255):  # opaque alpha adds nothing
+        arr = arr[..., :3]
+    return sitk.GetImageFromArray(arr, isVector=arr.ndim == 3)
 
 
 def channels_from_array(arr: np.ndarray, mode: str, path: Path) -> List[np.ndarray]:
@@ -199,11 +241,93 @@ def patient_level_test_split(patients: Iterable[str], test_fraction: float, seed
     if not 0.0 <= test_fraction < 1.0:
         raise ConversionError(f"--test-fraction {test_fraction} must be in [0, 1)")
     unique = sorted(set(patients))
+    if test_fraction > 0.5:
+        raise ConversionError(f"--test-fraction {test_fraction} would put more patients in imagesTs than in "
+                              f"training: use a value <= 0.5 (default 0.2; 0 = no test set)")
     if test_fraction == 0 or len(unique) < 2:
         return set()
     n_test = min(max(1, round(test_fraction * len(unique))), len(unique) - 1)
     rng = random.Random(seed)
     return set(rng.sample(unique, n_test))
+
+
+_TEMP_RE = re.compile(r"^(Dataset\d{3}_[A-Za-z0-9_\-]+)\.(tmp|old)-(\d+)$")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, belongs to someone else
+        return True
+    return True
+
+
+def remove_stale_temp_folders(raw_root: Path, verbose: bool = True) -> List[Path]:
+    """Remove ``DatasetXXX_Name.tmp-<pid>`` / ``.old-<pid>`` folders of conversions whose process is gone
+    (killed with SIGKILL, or a machine crash): nnU-Net would see two folders for one dataset id. An
+    ``.old-<pid>`` whose dataset folder is missing (killed between the two renames of an --overwrite) is
+    moved back instead. Returns the folders removed or restored."""
+    done: List[Path] = []
+    if not Path(raw_root).is_dir():
+        return done
+    for p in sorted(Path(raw_root).iterdir()):
+        m = _TEMP_RE.match(p.name)
+        if not m or not p.is_dir():
+            continue
+        pid = int(m.group(3))
+        if _pid_alive(pid):
+            if pid != os.getpid() and verbose:
+                print(f"note: {p} belongs to a conversion that is still running (pid {pid}); left alone")
+            continue
+        final = p.parent / m.group(1)
+        if m.group(2) == "old" and not final.exists():
+            os.replace(p, final)
+            print(f"restored {final} from {p.name}, left by an interrupted --overwrite (pid {pid} is gone)")
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+            print(f"removed stale {p.name} left by an interrupted conversion (pid {pid} is gone)")
+        done.append(p)
+    return done
+
+
+class _CleanupOnSignal:
+    """While active, SIGTERM (timeout, SLURM, docker stop) and SIGHUP end the conversion through an
+    exception, so ``write_dataset``'s cleanup removes the temp folder (SIGINT already raises
+    KeyboardInterrupt). Only the main thread can install handlers; elsewhere this does nothing."""
+
+    SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+    def __enter__(self):
+        self.old = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self.old[sig] = signal.signal(sig, self._handler)
+        return self
+
+    @staticmethod
+    def _handler(signum, frame):
+        for sig in _CleanupOnSignal.SIGNALS:  # a second signal must not interrupt the cleanup
+            signal.signal(sig, signal.SIG_IGN)
+        name = signal.Signals(signum).name
+        print(f"{name} received: removing the unfinished dataset folder and exiting", file=sys.stderr)
+        raise SystemExit(128 + signum)
+
+    def __exit__(self, *exc):
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def _test_slowdown() -> None:
+    """Test hook: ``TSKD_CONVERT_TEST_SLEEP=SECONDS`` sleeps per case, so that a test can interrupt a
+    conversion midway. Not for users."""
+    value = os.environ.get("TSKD_CONVERT_TEST_SLEEP")
+    if value:
+        time.sleep(float(value))
 
 
 def _write(img: sitk.Image, path: Path, file_ending: str) -> None:
@@ -259,13 +383,12 @@ def write_dataset(cases: Sequence[CaseSource], *, raw_root: Path, dataset_id: in
     Test patients (patient-level) go to imagesTs/labelsTs. ``case_patient_map.json`` ({case: patient}, all
     cases) is written beside dataset.json for ``label_budget``.
     """
-    from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
-
     if not cases:
         raise ConversionError("no cases found in the input: check the input folder and its layout "
                               "(see --help)")
     check_unique_case_ids(cases)
     raw_root = Path(raw_root)
+    remove_stale_temp_folders(raw_root, verbose)
     final = raw_root / dataset_folder_name(dataset_id, dataset_name)
     others = [p.name for p in raw_root.glob(f"Dataset{dataset_id:03d}_*")
               if p.is_dir() and p.name != final.name and ".tmp-" not in p.name and ".old-" not in p.name]
@@ -276,11 +399,33 @@ def write_dataset(cases: Sequence[CaseSource], *, raw_root: Path, dataset_id: in
         raise ConversionError(f"output {final} already exists: pass --overwrite to replace it")
 
     test_patients = patient_level_test_split([c.patient_id for c in cases], test_fraction, seed)
-    allowed = set(int(v) for v in labels.values())
+    n_patients = len(set(c.patient_id for c in cases))
+    n_train_planned = sum(c.patient_id not in test_patients for c in cases)
+    if verbose and test_fraction > 0 and n_patients < 2:
+        print(f"note: all {len(cases)} cases belong to one patient, so there is no test set (--test-fraction "
+              f"{test_fraction} is ignored); every case is used for training")
+    if verbose and test_patients and n_train_planned < 5:
+        print(f"WARNING: --test-fraction {test_fraction} leaves {n_train_planned} training case(s); nnU-Net's "
+              f"5-fold cross-validation needs at least 5: lower --test-fraction or add cases")
     raw_root.mkdir(parents=True, exist_ok=True)
     tmp = raw_root / f"{final.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
+    with _CleanupOnSignal():
+        _write_into(tmp, final, cases, test_patients, channel_names, labels, file_ending, extra_json, verbose)
+    if verbose:
+        n_train = sum(c.patient_id not in test_patients for c in cases)
+        print(f"wrote {final}: {n_train} training cases, {len(cases) - n_train} test cases "
+              f"({len(test_patients)} of {n_patients} patients in imagesTs/labelsTs)")
+    return final
+
+
+def _write_into(tmp: Path, final: Path, cases: Sequence[CaseSource], test_patients: Set[str],
+                channel_names: Mapping[int, str], labels: Mapping[str, int], file_ending: str,
+                extra_json: Optional[Mapping], verbose: bool) -> None:
+    from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
+
+    allowed = set(int(v) for v in labels.values())
     try:
         for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
             (tmp / sub).mkdir(parents=True)
@@ -295,6 +440,7 @@ def write_dataset(cases: Sequence[CaseSource], *, raw_root: Path, dataset_id: in
             _write(label, tmp / f"labels{split}" / f"{case.case_id}{file_ending}", file_ending)
             if verbose and (i + 1) % 50 == 0:
                 print(f"  {i + 1}/{len(cases)} cases written")
+            _test_slowdown()
         if n_train == 0:
             raise ConversionError("all cases fell into the test set: lower --test-fraction")
         generate_dataset_json(str(tmp), {int(k): v for k, v in channel_names.items()}, dict(labels), n_train,
@@ -309,11 +455,6 @@ def write_dataset(cases: Sequence[CaseSource], *, raw_root: Path, dataset_id: in
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if verbose:
-        n_pat = len(set(c.patient_id for c in cases))
-        print(f"wrote {final}: {n_train} training cases, {len(cases) - n_train} test cases "
-              f"({len(test_patients)} of {n_pat} patients in imagesTs/labelsTs)")
-    return final
 
 
 def _move_into_place(tmp: Path, final: Path) -> None:
@@ -321,7 +462,12 @@ def _move_into_place(tmp: Path, final: Path) -> None:
         # os.replace cannot replace a non-empty folder: park the old one, swap, then delete it.
         old = final.parent / f"{final.name}.old-{os.getpid()}"
         os.replace(final, old)
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except BaseException:  # a signal between the two renames: put the old dataset back
+            if not final.exists():
+                os.replace(old, final)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)

@@ -5,7 +5,7 @@
         [--patient-regex '^(p\\d+)_'] [--mask-suffix _mask]
 
 Images and masks are matched by file name without extension (``a.png`` ↔ ``a.png`` or ``a_mask.tif`` with
-``--mask-suffix _mask``). Formats: png, jpg, bmp, tif, nii, nii.gz, nrrd, mha.
+``--mask-suffix _mask``). Formats: png, jpg, bmp, tif, gif, webp, ppm/pgm/pbm, nii, nii.gz, nrrd, mha.
 
 Labels: ``--labels v0=name0,v1=name1,...`` maps mask value v_i to label i (the first is the background and
 becomes 0); without it all mask values found are sorted and mapped to 0..K-1, and the mapping is printed.
@@ -16,6 +16,7 @@ store spacing.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -23,7 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from dataset_conversion.common import (MEDICAL_IMAGE_ENDINGS, NATURAL_IMAGE_ENDINGS,
+from dataset_conversion.common import (MEDICAL_IMAGE_ENDINGS, NATURAL_IMAGE_ENDINGS, SUPPORTED_ENDINGS,
                                        CaseSource, ConversionError, add_common_args, channels_from_array,
                                        read_image, remap_labels, resolve_raw_root, run_cli, sanitize_case_id, slice_as_volume,
                                        strip_ending, write_dataset)
@@ -47,25 +48,66 @@ def parse_label_spec(spec: str) -> Tuple[Dict[int, int], Dict[str, int]]:
         names[name.strip()] = i
     if len(value_map) < 2:
         raise ConversionError("--labels needs the background and at least one class (e.g. 0=background,1=organ)")
+    # the first item becomes label 0: a background listed later would silently invert the masks
+    first_value, first_name = next(iter(value_map)), next(iter(names))
+    late_bg = [n for n in names if n.lower() in ("background", "bg", "bckg", "back")][:1]
+    if (0 in value_map and first_value != 0) or (late_bg and late_bg[0] != first_name):
+        ordered = sorted(value_map, key=lambda v: (v != 0, list(value_map).index(v)))
+        inv = {i: n for n, i in names.items()}
+        fixed = ",".join(f"{v}={inv[value_map[v]]}" for v in ordered)
+        raise ConversionError(f"--labels {spec!r}: the first item becomes the background (label 0), but "
+                              f"{'value 0' if 0 in value_map and first_value != 0 else repr(late_bg[0])} is "
+                              f"listed later, which would invert the masks. Fix: list the background first, "
+                              f"e.g. --labels {fixed}")
     return value_map, names
 
 
 def _index(folder: Path, suffix: str, what: str) -> Dict[str, Path]:
+    """{case stem: file}. An empty result is an error that lists what the folder holds and why none of it
+    matched (unsupported format, hidden file, missing --mask-suffix)."""
     if not folder.is_dir():
         raise ConversionError(f"{what} folder {folder} does not exist: pass an existing folder")
     out: Dict[str, Path] = {}
+    skipped: Dict[str, List[str]] = {}
     for p in sorted(folder.iterdir()):
         stem, ending = strip_ending(p.name)
-        if not p.is_file() or not ending or p.name.startswith("."):
+        if not p.is_file():
+            skipped.setdefault("not a file", []).append(p.name)
+            continue
+        if p.name.startswith("."):
+            skipped.setdefault("hidden", []).append(p.name)
+            continue
+        if not ending:
+            skipped.setdefault(f"unsupported format (readable: {', '.join(SUPPORTED_ENDINGS)})", []).append(p.name)
             continue
         if suffix:
             if not stem.endswith(suffix):
+                skipped.setdefault(f"name does not end with --mask-suffix {suffix!r}", []).append(p.name)
                 continue
             stem = stem[: -len(suffix)]
         if stem in out:
             raise ConversionError(f"duplicate case id {stem!r}: {out[stem]} and {p}; keep one of them")
         out[stem] = p
+    if not out:
+        if not skipped:
+            raise ConversionError(f"{what} folder {folder} is empty: pass the folder that holds the {what}")
+        why = "; ".join(f"{len(v)} {reason} (e.g. {', '.join(v[:3])})" for reason, v in skipped.items())
+        raise ConversionError(f"no usable {what} in {folder}: {why}. Fix: point --{what} at the right folder"
+                              + (", or correct --mask-suffix" if suffix else "")
+                              + (" or convert the files to png/nii.gz" if any("unsupported" in r for r in skipped)
+                                 else ""))
     return out
+
+
+def _suggest_suffix(images: Dict[str, Path], masks: Dict[str, Path]) -> Optional[str]:
+    """If mask names are image names plus a common suffix ('a' ↔ 'a_mask'), that suffix."""
+    suffixes = set()
+    for m in list(masks)[:20]:
+        base = max((i for i in images if m.startswith(i) and m != i), key=len, default=None)
+        if base is None:
+            return None
+        suffixes.add(m[len(base):])
+    return suffixes.pop() if len(suffixes) == 1 else None
 
 
 def _read_mask_array(path: Path) -> Tuple[np.ndarray, sitk.Image]:
@@ -98,6 +140,13 @@ def build_cases(images_dir: Path, masks_dir: Path, value_map: Dict[int, int], ch
                 mask_suffix: str = "") -> List[CaseSource]:
     images = _index(images_dir, "", "images")
     masks = _index(masks_dir, mask_suffix, "masks")
+    if not set(images) & set(masks):
+        hint = _suggest_suffix(images, masks)
+        raise ConversionError(
+            f"no image has a mask: images are named like {next(iter(images))!r}, masks like "
+            f"{next(iter(masks))!r}{f' (after removing --mask-suffix {mask_suffix!r})' if mask_suffix else ''}. "
+            + (f"Fix: pass --mask-suffix {(mask_suffix or '') + hint}" if hint else
+               "Fix: name each mask like its image (optionally plus --mask-suffix)"))
     for stem, p in images.items():
         if stem not in masks:
             raise ConversionError(f"missing mask for image {p}: expected {masks_dir / (stem + mask_suffix)}.<ext>; "
@@ -106,7 +155,7 @@ def build_cases(images_dir: Path, masks_dir: Path, value_map: Dict[int, int], ch
         if stem not in images:
             raise ConversionError(f"missing image for mask {p}: expected {images_dir / stem}.<ext>; "
                                   f"add it or remove the mask")
-    rx = re.compile(patient_regex) if patient_regex else None
+    rx = compile_patient_regex(patient_regex) if patient_regex else None
     cases = []
     for stem in sorted(images):
         case_id = sanitize_case_id(stem)
@@ -120,7 +169,35 @@ def build_cases(images_dir: Path, masks_dir: Path, value_map: Dict[int, int], ch
         img_p, mask_p = images[stem], masks[stem]
         cases.append(CaseSource(case_id, patient, [str(img_p)], str(mask_p),
                                 _loader(img_p, mask_p, value_map, channels, spacing, out_ending)))
+    if rx is not None:
+        report_patients(cases, patient_regex)
     return cases
+
+
+def compile_patient_regex(patient_regex: str) -> "re.Pattern":
+    try:
+        rx = re.compile(patient_regex)
+    except re.error as e:
+        raise ConversionError(f"--patient-regex {patient_regex!r} is not a valid regular expression ({e}). "
+                              f"Fix: e.g. --patient-regex '^(p\\d+)_'") from None
+    if rx.groups == 0:
+        print(f"note: --patient-regex {patient_regex!r} has no group: the whole match is the patient id")
+    return rx
+
+
+def report_patients(cases: Sequence[CaseSource], patient_regex: str) -> None:
+    """Print how the regex grouped the cases; one patient for many cases is an error (no test split)."""
+    patients: Dict[str, List[str]] = {}
+    for c in cases:
+        patients.setdefault(c.patient_id, []).append(c.case_id)
+    if len(patients) == 1 and len(cases) > 1:
+        pid = next(iter(patients))
+        raise ConversionError(f"--patient-regex {patient_regex!r} gives the same patient id {pid!r} for all "
+                              f"{len(cases)} cases, so there can be no patient-level test split. Fix: capture "
+                              f"the part of the name that differs between patients in a group, e.g. "
+                              f"'^(p\\d+)_'")
+    examples = ", ".join(f"{ids[0]} -> {pid}" for pid, ids in list(patients.items())[:3])
+    print(f"patients from --patient-regex: {len(patients)} patients for {len(cases)} cases (e.g. {examples})")
 
 
 def _loader(img_p: Path, mask_p: Path, value_map: Dict[int, int], channels: str,
@@ -139,7 +216,11 @@ def _loader(img_p: Path, mask_p: Path, value_map: Dict[int, int], channels: str,
             lab2 = lab[0] if lab.ndim == 3 and lab.shape[0] == 1 else lab
             if out_ending == ".png":
                 return [sitk.GetImageFromArray(c) for c in chans], sitk.GetImageFromArray(lab2)
-            sp = tuple(spacing[-2:]) if spacing else None
+            if spacing and len(spacing) != 2:
+                raise ConversionError(f"{img_p} is 2D: --spacing needs two values SY SX, got {len(spacing)} "
+                                      f"({' '.join(f'{v:g}' for v in spacing)}). Fix: --spacing "
+                                      f"{' '.join(f'{v:g}' for v in spacing[-2:])}")
+            sp = tuple(spacing) if spacing else None
             return [slice_as_volume(c, sp) for c in chans], slice_as_volume(lab2, sp)
         # 3D volume: keep the image geometry unless --spacing overrides it
         if vector:
@@ -194,10 +275,16 @@ def _main(argv: Optional[Sequence[str]] = None) -> None:
     a = p.parse_args(argv)
     if a.spacing is not None and len(a.spacing) not in (2, 3):
         raise ConversionError("--spacing takes SY SX (2D) or SZ SY SX (3D)")
+    if a.spacing is not None and not all(math.isfinite(v) and v > 0 for v in a.spacing):
+        raise ConversionError(f"--spacing {' '.join(f'{v:g}' for v in a.spacing)}: every value must be a positive "
+                              f"pixel size in mm, e.g. --spacing 0.5 0.5")
     raw_root = resolve_raw_root(a.output_root)
     mask_files = sorted(_index(a.masks, a.mask_suffix, "masks").values())
     if a.labels:
         value_map, names = parse_label_spec(a.labels)
+        inv = {i: n for n, i in names.items()}
+        print("label mapping (mask value -> nnU-Net label): "
+              + ", ".join(f"{v}->{i} ({inv[i]})" for v, i in value_map.items()))
     else:
         values = collect_label_values(mask_files)
         if len(values) < 2:

@@ -1,0 +1,204 @@
+"""Converters: nothing silent, nothing lost (issue #14, items 2, 4 and 5).
+
+Interrupted conversions clean up (SIGTERM) or are cleaned up by the next run (SIGKILL); every input that
+used to give a silently wrong dataset or a misleading/raw error is a one-line error naming the flag or
+file and the fix, or an explicit printed decision.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from PIL import Image
+
+from conftest import BIN, REPO, run_cmd, subprocess_env
+from dataset_conversion import convert_folder
+from dataset_conversion.common import remove_stale_temp_folders
+
+
+@pytest.fixture
+def env(empty_nnunet_env):
+    return empty_nnunet_env
+
+
+def make_pairs(root: Path, n: int, ext=".png", mask_ext=None, mask_suffix="", names=None, size=(24, 28)):
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    names = names or [f"img{i}" for i in range(n)]
+    for i, name in enumerate(names):
+        img = rng.integers(0, 255, size).astype(np.uint8)
+        m = np.zeros(size, np.uint8)
+        m[3:9, 4:10 + i] = 255
+        for arr, sub, e, sfx in ((img, "images", ext, ""), (m, "masks", mask_ext or ext, mask_suffix)):
+            path = root / sub / f"{name}{sfx}{e}"
+            if e == ".gif":
+                Image.fromarray(arr).save(path)  # PIL writes palette ('P') GIFs
+            else:
+                sitk.WriteImage(sitk.GetImageFromArray(arr), str(path))
+
+
+def convert(env, *extra, d="620", n="Rel"):
+    return convert_folder.main(["--images", str(env / "src/images"), "--masks", str(env / "src/masks"),
+                                "-d", d, "-n", n, *extra])
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+# ---- item 4: silent wrong results ------------------------------------------------------------------
+def test_background_not_first_is_refused(env, capsys):
+    make_pairs(env / "src", 3)
+    assert convert(env, "--labels", "255=lesion,0=background") == 2
+    err = one_line_error(capsys)
+    assert "would invert the masks" in err and "--labels 0=background,255=lesion" in err
+    assert convert(env, "--labels", "1=disk,0=bg") == 2
+    assert "--labels 0=bg,1=disk" in one_line_error(capsys)
+    assert not (env / "nnUNet_raw" / "Dataset620_Rel").exists()
+    # background first: accepted, mapping printed
+    assert convert(env, "--labels", "0=background,255=lesion", "--test-fraction", "0") == 0
+    assert "0->0 (background), 255->1 (lesion)" in capsys.readouterr().out
+
+
+def test_spacing_values_checked(env, capsys):
+    make_pairs(env / "src", 3)
+    assert convert(env, "--spacing", "1", "1", "1") == 2
+    err = one_line_error(capsys)
+    assert "is 2D: --spacing needs two values SY SX, got 3" in err and "--spacing 1 1" in err
+    for bad in (["0", "-1"], ["nan", "1"]):
+        assert convert(env, "--spacing", *bad) == 2
+        assert "every value must be a positive pixel size" in one_line_error(capsys)
+    assert not list((env / "nnUNet_raw").iterdir())
+
+
+def test_patient_regex_without_distinct_patients_and_invalid(env, capsys):
+    make_pairs(env / "src", 4, names=["patA_1", "patA_2", "patB_1", "patB_2"])
+    assert convert(env, "--patient-regex", "pat") == 2  # no group, same match for every case
+    err = one_line_error(capsys)
+    assert "gives the same patient id 'pat' for all 4 cases" in err
+    assert convert(env, "--patient-regex", "(pat") == 2
+    assert "is not a valid regular expression" in one_line_error(capsys)
+    assert convert(env, "--patient-regex", r"^(pat\w)_", "--test-fraction", "0.5") == 0
+    out = capsys.readouterr().out
+    assert "2 patients for 4 cases" in out and "patA_1 -> patA" in out
+
+
+def test_test_fraction_too_high_and_small_training_set(env, capsys):
+    make_pairs(env / "src", 6)
+    assert convert(env, "--test-fraction", "0.99") == 2
+    assert "would put more patients in imagesTs than in training" in one_line_error(capsys)
+    assert convert(env, "--test-fraction", "0.4") == 0
+    assert "WARNING: --test-fraction 0.4 leaves 4 training case(s)" in capsys.readouterr().out
+
+
+# ---- item 5: GIF input, matching failures ----------------------------------------------------------
+def test_gif_masks_and_images_are_read(env, capsys):
+    make_pairs(env / "src", 3, ext=".gif")
+    assert Image.open(env / "src/masks/img0.gif").mode == "P"  # palette indices 0/1, colours 0/255
+    assert convert(env, "--test-fraction", "0") == 0
+    assert "0->0, 255->1" in capsys.readouterr().out
+    out = env / "nnUNet_raw" / "Dataset620_Rel"
+    lab = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "labelsTr" / "img0.png")))
+    assert set(np.unique(lab)) == {0, 1} and lab.sum() == 6 * 6
+    src = np.array(Image.open(env / "src/images/img0.gif").convert("L"))
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out / "imagesTr" / "img0_0000.png"))), src)
+
+
+def test_mask_matching_failures_say_what_was_found(env, capsys):
+    make_pairs(env / "src", 3, mask_suffix="_seg")
+    assert convert(env, "--mask-suffix", "_mask") == 2
+    err = one_line_error(capsys)
+    assert "no usable masks" in err and "3 name does not end with --mask-suffix '_mask'" in err
+    assert "img0_seg.png" in err
+    assert convert(env) == 2  # no suffix given: names do not line up
+    err = one_line_error(capsys)
+    assert "no image has a mask" in err and "Fix: pass --mask-suffix _seg" in err
+    assert convert(env, "--mask-suffix", "_seg", "--test-fraction", "0") == 0
+
+
+def test_unsupported_files_and_empty_folder(env, capsys):
+    make_pairs(env / "src", 2)
+    for f in (env / "src/masks").iterdir():
+        f.rename(f.with_suffix(".xyz"))
+    assert convert(env) == 2
+    err = one_line_error(capsys)
+    assert "no usable masks" in err and "unsupported format" in err and "img0.xyz" in err
+    for f in (env / "src/masks").iterdir():
+        f.unlink()
+    assert convert(env) == 2
+    assert "is empty" in one_line_error(capsys)
+
+
+def test_corrupt_gif_is_one_line(env, capsys):
+    make_pairs(env / "src", 2, ext=".gif")
+    (env / "src/masks/img1.gif").write_bytes(b"GIF89a broken")
+    assert convert(env, "--labels", "0=background,255=x") == 2
+    assert "cannot read" in (err := one_line_error(capsys)) and "img1.gif" in err
+
+
+# ---- item 2: interrupted conversions ---------------------------------------------------------------
+def _start(env_dir: Path, dataset_id: str, sleep: str = "1") -> subprocess.Popen:
+    env = subprocess_env({"nnUNet_raw": str(env_dir / "nnUNet_raw"), "TSKD_CONVERT_TEST_SLEEP": sleep})
+    return subprocess.Popen([sys.executable, "-m", "dataset_conversion.convert_folder", "--images",
+                             str(env_dir / "src/images"), "--masks", str(env_dir / "src/masks"), "-d", dataset_id,
+                             "-n", "Sig", "--test-fraction", "0"], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_tmp(raw: Path, proc: subprocess.Popen) -> Path:
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        tmp = [p for p in raw.iterdir() if ".tmp-" in p.name] if raw.is_dir() else []
+        if tmp and any((tmp[0] / "imagesTr").glob("*")):
+            return tmp[0]
+        time.sleep(0.05)
+    raise AssertionError(f"conversion never started writing: {proc.communicate()}")
+
+
+def test_sigterm_cleans_up_and_sigkill_leftover_is_removed_next_run(env, capfd):
+    make_pairs(env / "src", 5)
+    raw = env / "nnUNet_raw"
+    proc = _start(env, "621")
+    _wait_for_tmp(raw, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, (out, err)
+    assert "SIGTERM received: removing the unfinished dataset folder" in err and "Traceback" not in err
+    assert not list(raw.iterdir()), "SIGTERM left a folder in nnUNet_raw"
+
+    proc = _start(env, "621")
+    tmp = _wait_for_tmp(raw, proc)
+    proc.send_signal(signal.SIGKILL)  # cannot be handled: the next run must clean up
+    proc.communicate(timeout=60)
+    assert tmp.is_dir()
+    capfd.readouterr()
+    assert convert(env, "--test-fraction", "0", d="621", n="Sig") == 0
+    assert f"removed stale {tmp.name} left by an interrupted conversion" in capfd.readouterr().out
+    assert [p.name for p in raw.iterdir()] == ["Dataset621_Sig"]
+    run_cmd([os.path.join(BIN, "nnUNetv2_plan_and_preprocess"), "-d", "621", "-c", "2d", "-np", "1"],
+            subprocess_env({k: str(env / k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}),
+            timeout=300)
+    assert (env / "nnUNet_preprocessed" / "Dataset621_Sig" / "nnUNetPlans.json").is_file()
+
+
+def test_interrupted_overwrite_is_restored(env, capsys):
+    make_pairs(env / "src", 2)
+    raw = env / "nnUNet_raw"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (raw / f"Dataset622_X.old-{dead.pid}").mkdir()
+    (raw / f"Dataset622_X.old-{dead.pid}" / "dataset.json").write_text("{}")
+    (raw / f"Dataset623_Y.tmp-{os.getpid()}").mkdir()  # a live conversion (this process): left alone
+    remove_stale_temp_folders(raw)
+    assert "restored" in capsys.readouterr().out
+    assert (raw / "Dataset622_X" / "dataset.json").is_file()
+    assert (raw / f"Dataset623_Y.tmp-{os.getpid()}").is_dir()
