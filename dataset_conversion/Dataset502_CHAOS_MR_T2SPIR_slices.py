@@ -17,8 +17,9 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from dataset_conversion.common import (CaseSource, ConversionError, add_common_args, read_2d_array, read_2d_mask,
-                                       remap_labels, resolve_raw_root, run_cli, slice_as_volume, write_dataset)
+from dataset_conversion.common import (CaseSource, ConversionError, add_common_args, check_spacing, read_2d_array,
+                                       read_2d_mask, remap_labels, resolve_raw_root, run_cli, slice_as_volume,
+                                       write_dataset)
 
 NAME_RE = re.compile(r"^chaos_t2_p(\d+)_s(\d+)$")
 LABELS = {"background": 0, "liver": 1, "right_kidney": 2, "left_kidney": 3, "spleen": 4}
@@ -70,6 +71,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> None:
                    help="in-plane pixel spacing in mm (default 1.25 1.25, from the staged data's SOURCE.md)")
     p.add_argument("--only-with-organs", action="store_true", help="drop slices whose mask is empty")
     a = p.parse_args(argv)
+    check_spacing(a.spacing)
     raw_root = resolve_raw_root(a.output_root)
     write_dataset(build_cases(a.input, a.spacing, a.only_with_organs), raw_root=raw_root,
                   dataset_id=a.dataset_id, dataset_name=a.name, channel_names={0: "T2SPIR"}, labels=LABELS,

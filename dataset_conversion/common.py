@@ -144,6 +144,16 @@ def _read_with_pil(path: Path) -> sitk.Image:
     return sitk.GetImageFromArray(arr, isVector=arr.ndim == 3)
 
 
+_NOTED: Set[str] = set()
+
+
+def note_once(key: str, message: str) -> None:
+    """Print an explicit decision once per process (not once per case)."""
+    if key not in _NOTED:
+        _NOTED.add(key)
+        print(message)
+
+
 def channels_from_array(arr: np.ndarray, mode: str, path: Path) -> List[np.ndarray]:
     """2D array (H, W) or (H, W, C) → list of 2D channel arrays. ``mode``: 'gray' or 'rgb'.
 
@@ -163,6 +173,8 @@ def channels_from_array(arr: np.ndarray, mode: str, path: Path) -> List[np.ndarr
         return [rgb[..., i] for i in range(3)]
     if rgb.shape[-1] == 1 or (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
         return [rgb[..., 0]]
+    note_once("gray", f"note: colour images (first: {path}) are reduced to luminance (--channels gray); "
+                      f"pass --channels rgb to keep the three colour channels")
     lum = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
     return [np.round(lum).astype(rgb.dtype)]
 
@@ -193,6 +205,14 @@ def read_2d_mask(path: Path) -> np.ndarray:
     if arr.ndim != 2:
         raise ConversionError(f"mask {path} is not a 2D image (array shape {arr.shape})")
     return arr
+
+
+def check_spacing(values: Optional[Sequence[float]], flag: str = "--spacing") -> None:
+    """Every pixel size positive and finite, else ConversionError naming the flag."""
+    import math
+    if values is not None and not all(math.isfinite(v) and v > 0 for v in values):
+        raise ConversionError(f"{flag} {' '.join(f'{v:g}' for v in values)}: every value must be a positive "
+                              f"pixel size in mm, e.g. {flag} 0.5 0.5")
 
 
 def slice_as_volume(arr: np.ndarray, spacing_yx: Optional[Tuple[float, float]]) -> sitk.Image:
@@ -387,6 +407,7 @@ def write_dataset(cases: Sequence[CaseSource], *, raw_root: Path, dataset_id: in
         raise ConversionError("no cases found in the input: check the input folder and its layout "
                               "(see --help)")
     check_unique_case_ids(cases)
+    _NOTED.clear()  # notes are printed once per conversion
     raw_root = Path(raw_root)
     remove_stale_temp_folders(raw_root, verbose)
     final = raw_root / dataset_folder_name(dataset_id, dataset_name)

@@ -16,7 +16,6 @@ store spacing.
 from __future__ import annotations
 
 import argparse
-import math
 import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -25,7 +24,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from dataset_conversion.common import (MEDICAL_IMAGE_ENDINGS, NATURAL_IMAGE_ENDINGS, SUPPORTED_ENDINGS,
-                                       CaseSource, ConversionError, add_common_args, channels_from_array,
+                                       CaseSource, ConversionError, add_common_args, channels_from_array, check_spacing,
                                        read_image, remap_labels, resolve_raw_root, run_cli, sanitize_case_id, slice_as_volume,
                                        strip_ending, write_dataset)
 
@@ -275,9 +274,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> None:
     a = p.parse_args(argv)
     if a.spacing is not None and len(a.spacing) not in (2, 3):
         raise ConversionError("--spacing takes SY SX (2D) or SZ SY SX (3D)")
-    if a.spacing is not None and not all(math.isfinite(v) and v > 0 for v in a.spacing):
-        raise ConversionError(f"--spacing {' '.join(f'{v:g}' for v in a.spacing)}: every value must be a positive "
-                              f"pixel size in mm, e.g. --spacing 0.5 0.5")
+    check_spacing(a.spacing)
     raw_root = resolve_raw_root(a.output_root)
     mask_files = sorted(_index(a.masks, a.mask_suffix, "masks").values())
     if a.labels:
@@ -288,7 +285,8 @@ def _main(argv: Optional[Sequence[str]] = None) -> None:
     else:
         values = collect_label_values(mask_files)
         if len(values) < 2:
-            raise ConversionError(f"masks in {a.masks} hold only the value(s) {values}: nothing to segment")
+            raise ConversionError(f"masks in {a.masks} hold only the value(s) {values}: nothing to segment. Fix: "
+                                  f"point --masks at the label masks (a non-zero value per structure)")
         value_map = {v: i for i, v in enumerate(values)}
         names = {"background": 0, **{f"label_{v}": i for v, i in value_map.items() if i > 0}}
         print("label mapping (mask value -> nnU-Net label): "

@@ -202,3 +202,28 @@ def test_interrupted_overwrite_is_restored(env, capsys):
     assert "restored" in capsys.readouterr().out
     assert (raw / "Dataset622_X" / "dataset.json").is_file()
     assert (raw / f"Dataset623_Y.tmp-{os.getpid()}").is_dir()
+
+
+def test_colour_reduced_to_grey_is_said_once(env, capsys):
+    make_pairs(env / "src", 3)
+    for i in range(3):
+        a = np.zeros((24, 28, 3), np.uint8)
+        a[..., 0] = 200
+        sitk.WriteImage(sitk.GetImageFromArray(a, isVector=True), str(env / f"src/images/img{i}.png"))
+    assert convert(env, "--test-fraction", "0") == 0
+    out = capsys.readouterr().out
+    assert out.count("are reduced to luminance (--channels gray); pass --channels rgb") == 1
+
+
+def test_empty_masks_say_the_fix(env, capsys):
+    make_pairs(env / "src", 2)
+    for f in (env / "src/masks").iterdir():
+        sitk.WriteImage(sitk.GetImageFromArray(np.zeros((24, 28), np.uint8)), str(f))
+    assert convert(env) == 2
+    assert "hold only the value(s) [0]: nothing to segment. Fix: point --masks" in one_line_error(capsys)
+
+
+def test_chaos_slices_spacing_checked(env, capsys):
+    from dataset_conversion import Dataset502_CHAOS_MR_T2SPIR_slices
+    assert Dataset502_CHAOS_MR_T2SPIR_slices.main(["--input", str(env), "--spacing", "0", "-1"]) == 2
+    assert "--spacing 0 -1: every value must be a positive pixel size" in one_line_error(capsys)
