@@ -112,3 +112,64 @@ def test_save_every_setting(monkeypatch):
         monkeypatch.setenv("TSKD_SAVE_EVERY", bad)
         with pytest.raises(TSKDConfigError, match="TSKD_SAVE_EVERY=.* must be a positive integer"):
             save_every_from_env()
+
+
+# ---- fast, in-process --------------------------------------------------------------------------------
+def test_every_trainer_of_ours_has_the_checkpoint_behaviour():
+    import importlib
+    import inspect
+    import pkgutil
+
+    import tskd_nnunet.trainers as pkg
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from tskd_nnunet.trainers.base import ScheduledTrainer
+
+    found = []
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        m = importlib.import_module(f"tskd_nnunet.trainers.{mod.name}")
+        for _, cls in inspect.getmembers(m, inspect.isclass):
+            if issubclass(cls, nnUNetTrainer) and cls.__module__.startswith("tskd_nnunet"):
+                found.append(cls)
+                assert issubclass(cls, ScheduledTrainer), cls
+                assert "on_epoch_end" not in cls.__dict__ or cls is ScheduledTrainer, cls
+    assert len(found) > 10
+
+
+def _bare_trainer(folder, epoch=0):
+    from tskd_nnunet.trainers.base import ScheduledTrainer
+    t = object.__new__(ScheduledTrainer)  # no plans needed for the file handling
+    t.output_folder, t.current_epoch, t.local_rank, t.num_epochs = str(folder), epoch, 0, 3
+    return t
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    def killed_midway(self, filename):
+        with open(filename, "wb") as f:
+            f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(nnUNetTrainer, "save_checkpoint", killed_midway)
+    target = tmp_path / "checkpoint_latest.pth"
+    target.write_bytes(b"the previous good checkpoint")
+    with pytest.raises(KeyboardInterrupt):
+        _bare_trainer(tmp_path).save_checkpoint(str(target))
+    assert target.read_bytes() == b"the previous good checkpoint" and list(tmp_path.iterdir()) == [target]
+
+
+def test_unreadable_checkpoint_outside_resume_is_an_error(tmp_path, monkeypatch):
+    import sys
+
+    from tskd_nnunet.trainers.base import CheckpointError
+
+    final = tmp_path / "checkpoint_final.pth"
+    final.write_bytes(b"junk")
+    monkeypatch.setattr(sys, "argv", ["nnUNetv2_train", "990", "2d", "0", "--val"])  # validating: no fallback
+    with pytest.raises(CheckpointError, match=r"checkpoint_final\.pth cannot be loaded \(.*\)\. Fix: restore"):
+        _bare_trainer(tmp_path).load_checkpoint(str(final))
+    monkeypatch.setattr(sys, "argv", ["nnUNetv2_train", "990", "2d", "0", "--val_best"])
+    best = tmp_path / "checkpoint_best.pth"
+    best.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"checkpoint_best\.pth cannot be loaded"):  # after training
+        _bare_trainer(tmp_path, epoch=3).load_checkpoint(str(best))
