@@ -227,3 +227,125 @@ def test_chaos_slices_spacing_checked(env, capsys):
     from dataset_conversion import Dataset502_CHAOS_MR_T2SPIR_slices
     assert Dataset502_CHAOS_MR_T2SPIR_slices.main(["--input", str(env), "--spacing", "0", "-1"]) == 2
     assert "--spacing 0 -1: every value must be a positive pixel size" in one_line_error(capsys)
+
+
+# ---- the table in documentation/reliability.md: one row per bad input, message pinned -------------------
+def _vol(root: Path, n=3):
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir(parents=True)
+    for i in range(n):
+        sitk.WriteImage(sitk.GetImageFromArray(np.random.rand(4, 8, 8).astype(np.float32)), str(root / f"images/v{i}.nii.gz"))
+        m = np.zeros((4, 8, 8), np.uint8)
+        m[1, 2:4, 2:4] = 1
+        sitk.WriteImage(sitk.GetImageFromArray(m), str(root / f"masks/v{i}.nii.gz"))
+
+
+def _edit(fn):
+    def setup(env):
+        make_pairs(env / "src", 4)
+        fn(env)
+    return setup
+
+
+def _write(path, arr, vector=False):
+    sitk.WriteImage(sitk.GetImageFromArray(arr, isVector=vector), str(path))
+
+
+def _anim(env):
+    make_pairs(env / "src", 2, ext=".gif")
+    frames = [Image.fromarray(np.full((24, 28), v, np.uint8)) for v in (0, 255)]
+    frames[0].save(env / "src/images/img0.gif", save_all=True, append_images=frames[1:])
+
+
+def _mask_spacing(env):
+    _vol(env / "src")
+    m = sitk.ReadImage(str(env / "src/masks/v0.nii.gz"))
+    m.SetSpacing((2, 2, 2))
+    sitk.WriteImage(m, str(env / "src/masks/v0.nii.gz"))
+
+
+def _truncate(env):
+    make_pairs(env / "src", 2, size=(120, 120))
+    data = (env / "src/images/img0.png").read_bytes()
+    (env / "src/images/img0.png").write_bytes(data[: len(data) // 2])
+
+
+def _float_mask(env):
+    make_pairs(env / "src", 2, ext=".nii.gz")
+    _write(env / "src/masks/img0.nii.gz", np.full((24, 28), 0.5, np.float32))
+
+
+def _colour_mask(env):
+    a = np.zeros((24, 28, 3), np.uint8)
+    a[..., 0] = 255
+    _write(env / "src/masks/img0.png", a, vector=True)
+
+
+TABLE = [  # (row id, setup(env), extra args, expected text of the one-line error)
+    ("images-folder-missing", lambda e: make_pairs(e / "t", 2) or (e / "src").mkdir() or
+     (e / "t/masks").rename(e / "src/masks"), [], "images folder"),
+    ("image-without-mask", _edit(lambda e: (e / "src/masks/img1.png").unlink()), [], "missing mask for image"),
+    ("mask-without-image", _edit(lambda e: (e / "src/images/img1.png").unlink()), [], "missing image for mask"),
+    ("duplicate-case-id", _edit(lambda e: (e / "src/images/img0.bmp").write_bytes((e / "src/images/img0.png")
+                                                                                  .read_bytes())), [],
+     "duplicate case id 'img0'"),
+    ("mask-size-mismatch", _edit(lambda e: _write(e / "src/masks/img0.png", np.zeros((10, 10), np.uint8))),
+     ["--labels", "0=bg,255=x"], "size mismatch: mask"),
+    ("value-not-in-labels", _edit(lambda e: None), ["--labels", "0=bg,128=x"], "unknown label value(s) [255]"),
+    ("labels-malformed", _edit(lambda e: None), ["--labels", "0,1"], "is not VALUE=NAME"),
+    ("labels-one-class", _edit(lambda e: None), ["--labels", "0=bg"], "needs the background and at least one"),
+    ("labels-not-integer", _edit(lambda e: None), ["--labels", "x=bg,1=a"], "value 'x' is not an integer"),
+    ("labels-repeated", _edit(lambda e: None), ["--labels", "0=bg,0=a"], "repeats '0=a'"),
+    ("mask-non-integer", _float_mask, [], "has non-integer values"),
+    ("mask-colour", _edit(_colour_mask), [], "colour channels that differ"),
+    ("image-not-an-image", _edit(lambda e: (e / "src/images/img0.png").write_bytes(b"not a png")),
+     ["--labels", "0=bg,255=x"], "cannot read"),
+    ("image-truncated-png", _truncate, ["--labels", "0=bg,255=x"], "cannot read"),
+    ("gif-animated", _anim, ["--labels", "0=bg,255=x"], "has 2 frames (animated image)"),
+    ("spacing-one-value", _edit(lambda e: None), ["--spacing", "1"], "--spacing takes SY SX (2D) or SZ SY SX"),
+    ("spacing-2-on-3d", lambda e: _vol(e / "src"), ["--spacing", "1", "1"], "is 3D: --spacing needs three values"),
+    ("mask-header-spacing", _mask_spacing, [], "spacing mismatch: mask"),
+    ("png-ending-for-nifti", lambda e: _vol(e / "src"), ["--file-ending", ".png"], "--file-ending .png cannot hold"),
+    ("regex-no-match", lambda e: make_pairs(e / "src", 2, names=["patA_1", "x_2"]), ["--patient-regex", r"^(pat\w)_"],
+     "does not match x_2.png"),
+    ("test-fraction-negative", _edit(lambda e: None), ["--test-fraction", "-0.1"], "must be in [0, 1)"),
+    ("test-fraction-one", _edit(lambda e: None), ["--test-fraction", "1"], "must be in [0, 1)"),
+    ("output-exists", _edit(lambda e: (e / "nnUNet_raw/Dataset620_Rel").mkdir()), [], "pass --overwrite"),
+    ("id-used-by-other-name", _edit(lambda e: (e / "nnUNet_raw/Dataset620_Other").mkdir()), [],
+     "dataset id 620 is already used by"),
+]
+
+
+@pytest.mark.parametrize("row,setup,args,expected", TABLE, ids=[r[0] for r in TABLE])
+def test_bad_input_table(env, capsys, row, setup, args, expected):
+    setup(env)
+    before = sorted(p.name for p in (env / "nnUNet_raw").iterdir())
+    assert convert(env, *args) == 2
+    assert expected in one_line_error(capsys)
+    assert sorted(p.name for p in (env / "nnUNet_raw").iterdir()) == before  # nothing written
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["-d", "0", "-n", "T"], "dataset id 0 is out of range"),
+    (["-d", "1000", "-n", "T"], "dataset id 1000 is out of range"),
+    (["-d", "600", "-n", "bad name"], "may only contain letters, digits"),
+], ids=["id-0", "id-1000", "bad-name"])
+def test_bad_id_and_name(env, capsys, argv, expected):
+    make_pairs(env / "src", 2)
+    assert convert_folder.main(["--images", str(env / "src/images"), "--masks", str(env / "src/masks"), *argv]) == 2
+    assert expected in one_line_error(capsys)
+
+
+def test_dataset_converters_bad_input(env, capsys):
+    from dataset_conversion import (Dataset501_HC18, Dataset503_CHAOS_MR, Dataset504_CHAOS_CT, Dataset505_KidneyUS,
+                                    label_budget)
+    cases = [
+        (Dataset501_HC18, ["--input", str(env / "nope")], "input folder"),
+        (Dataset503_CHAOS_MR, ["--input", str(env)], "no Train_Sets/MR under"),
+        (Dataset504_CHAOS_CT, ["--input", str(env)], "no Train_Sets/CT under"),
+        (Dataset505_KidneyUS, ["--images", str(env), "--labels", str(env / "nope")], "missing folder"),
+        (label_budget, ["-d", "600", "-n", "2"], "no Dataset600_* folder"),
+    ]
+    for mod, argv, expected in cases:
+        assert mod.main(argv) == 2, mod
+        assert expected in one_line_error(capsys), mod
