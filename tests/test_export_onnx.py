@@ -153,49 +153,49 @@ def test_export_of_missing_checkpoint_names_the_file(trained, tmp_path):
     assert proc.returncode == 1 and len(lines) == 1 and "fold_3" in lines[0] and "nnUNetv2_train" in lines[0]
 
 
-def test_vit_student_exports_and_predicts(use_nnunet_env, tmp_path, monkeypatch):
-    """DistillTrainer_vittiny (a shrunken ViT) through the same export and OnnxPredictor, from a model
-    folder written by hand (training it would need a teacher; the rebuild only needs plans.json)."""
+@pytest.mark.parametrize("trainer", ["DistillTrainer_vittiny", "DistillTrainer_tiny"])
+def test_students_export_and_predict_like_pytorch(trainer, use_nnunet_env, tmp_path, monkeypatch):
+    """The ViT student (shrunken) and a slim U-Net student through the same export and OnnxPredictor, from a
+    model folder written by hand (training would need a teacher; nnU-Net's rebuild only needs plans.json)."""
+    from nnunetv2.imageio.natural_image_reader_writer import NaturalImage2DIO
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from tskd_nnunet.export.onnx_export import export_model_folder
     from tskd_nnunet.export.onnx_predictor import OnnxPredictor
-    from tskd_nnunet.trainers.distill import STUDENT_PLANS_KEY, DistillTrainer_vittiny
+    from tskd_nnunet.trainers import distill
 
-    monkeypatch.setenv("TSKD_STUDENT_ARCH_OVERRIDES", '{"depth": 2, "embed_dim": 64, "num_heads": 2}')
+    cls = getattr(distill, trainer)
     pre = os.path.join(use_nnunet_env["nnUNet_preprocessed"], DATASET)
     plans = json.load(open(os.path.join(pre, "nnUNetPlans.json")))
-    pm = PlansManager(plans)
-    cm = pm.get_configuration("2d")
-    plans[STUDENT_PLANS_KEY] = DistillTrainer_vittiny.student_spec_from_env(cm.patch_size).to_dict()
-    monkeypatch.delenv("TSKD_STUDENT_ARCH_OVERRIDES")  # the rebuild reads plans.json only
-    folder = tmp_path / DATASET / "DistillTrainer_vittiny__nnUNetPlans__2d"
+    cm = PlansManager(plans).get_configuration("2d")
+    if trainer == "DistillTrainer_vittiny":
+        monkeypatch.setenv("TSKD_STUDENT_ARCH_OVERRIDES", '{"depth": 2, "embed_dim": 64, "num_heads": 2}')
+        plans[distill.STUDENT_PLANS_KEY] = cls.student_spec_from_env(cm.patch_size).to_dict()
+        monkeypatch.delenv("TSKD_STUDENT_ARCH_OVERRIDES")  # the rebuild reads plans.json only
+    folder = tmp_path / DATASET / f"{trainer}__nnUNetPlans__2d"
     (folder / "fold_0").mkdir(parents=True)
     json.dump(plans, open(folder / "plans.json", "w"))
     shutil.copyfile(os.path.join(pre, "dataset.json"), folder / "dataset.json")
-    net = DistillTrainer_vittiny.build_network_architecture(PlansManager(plans), cm, 1, 2, enable_deep_supervision=False)
-    torch.save({"network_weights": net.state_dict(), "trainer_name": "DistillTrainer_vittiny",
-                "init_args": {"configuration": "2d"}, "inference_allowed_mirroring_axes": (0, 1)},
-               folder / "fold_0" / "checkpoint_final.pth")
+    torch.manual_seed(0)
+    net = cls.build_network_architecture(PlansManager(plans), cm, 1, 2, enable_deep_supervision=False)
+    torch.save({"network_weights": net.state_dict(), "trainer_name": trainer, "init_args": {"configuration": "2d"},
+                "inference_allowed_mirroring_axes": (0, 1)}, folder / "fold_0" / "checkpoint_final.pth")
 
     out = str(tmp_path / "exported")
     meta = export_model_folder(str(folder), out, 0, int8=True, preprocessed_dataset_folder=pre, verbose=False)
-    assert meta["trainer_name"] == "DistillTrainer_vittiny" and meta["max_abs_diff_fp32_vs_torch"] <= 1e-3
+    assert meta["trainer_name"] == trainer and meta["max_abs_diff_fp32_vs_torch"] <= 1e-3
+    assert meta["parameters"] == sum(p.numel() for p in net.parameters())
 
-    from nnunetv2.imageio.natural_image_reader_writer import NaturalImage2DIO
     img_file = os.path.join(use_nnunet_env["nnUNet_raw"], DATASET, "imagesTs", "phantom_ts000_0000.png")
     img, props = NaturalImage2DIO().read_images([img_file])
-    ref_pred = None
+    tp = nnUNetPredictor(perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False)
+    tp.initialize_from_trained_model_folder(str(folder), (0,))
+    _, prob_t = tp.predict_single_npy_array(img, props, None, None, True)
     for int8 in (False, True):
         p = OnnxPredictor(use_mirroring=True, allow_tqdm=False, threads=1)
         p.initialize_from_exported_folder(out, int8=int8)
         seg, prob = p.predict_single_npy_array(img, props, None, None, True)
-        assert seg.shape == img.shape[1:] and prob.shape[0] == 2
-        if ref_pred is None:
-            ref_pred = prob
-    # the PyTorch network through nnU-Net's own predictor, same input
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    tp = nnUNetPredictor(perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False)
-    tp.initialize_from_trained_model_folder(str(folder), (0,))
-    _, prob_t = tp.predict_single_npy_array(img, props, None, None, True)
-    assert np.abs(prob_t - ref_pred).max() <= 1e-3
+        assert seg.shape == img.shape[1:] and prob.shape == prob_t.shape
+        if not int8:
+            assert np.abs(prob_t - prob).max() <= 1e-3
