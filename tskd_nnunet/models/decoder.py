@@ -63,3 +63,41 @@ class UNETRDecoder(nn.Module):
             if self.deep_supervision or j == 0:
                 logits.append(self.heads[j](x))
         return logits[::-1]  # finest first
+
+
+class PyramidDecoder(nn.Module):
+    """The UNETR-style up path for encoders that already give maps at several strides (LiteMedSAM's
+    TinyViT): ``forward(image, maps)`` with maps at strides 1, 2, 4, 4 (the two stride-4 maps are
+    concatenated into the bottleneck); level 0 also takes the image, as UNETRDecoder does. Logits per
+    level, finest first (only level 0 unless ``deep_supervision``)."""
+
+    def __init__(self, feature_channels: List[int], strides: List[int], image_channels: int, num_classes: int,
+                 base_channels: int = 32, max_channels: int = 320):
+        super().__init__()
+        levels = sorted(set(int(s) for s in strides))
+        if [2 ** j for j in range(len(levels))] != levels:
+            raise ValueError(f"feature strides must be consecutive powers of two from 1, got {strides}")
+        self.strides = [int(s) for s in strides]
+        self.num_levels = n = len(levels)
+        ch = [min(base_channels * 2 ** j, max_channels) for j in range(n)]
+        level_in = [sum(c for c, s in zip(feature_channels, strides) if s == 2 ** j) for j in range(n)]
+        level_in[0] += image_channels
+        self.bottleneck = ConvNormAct(level_in[-1], ch[-1])
+        self.up = nn.ModuleList([nn.ConvTranspose2d(ch[j + 1], ch[j], 2, stride=2, bias=False) for j in range(n - 1)])
+        self.fuse = nn.ModuleList([nn.Sequential(ConvNormAct(ch[j] + level_in[j], ch[j]), ConvNormAct(ch[j], ch[j]))
+                                   for j in range(n - 1)])
+        self.heads = nn.ModuleList([nn.Conv2d(ch[j], num_classes, 1) for j in range(n)])
+        self.deep_supervision = False  # nnU-Net toggles this (set_deep_supervision_enabled)
+
+    def forward(self, image: torch.Tensor, maps: List[torch.Tensor]) -> List[torch.Tensor]:
+        by_level: List[List[torch.Tensor]] = [[] for _ in range(self.num_levels)]
+        for m, s in zip(maps, self.strides):
+            by_level[s.bit_length() - 1].append(m)
+        by_level[0].insert(0, image)
+        x = self.bottleneck(torch.cat(by_level[-1], 1))
+        logits: List[torch.Tensor] = [self.heads[-1](x)] if self.deep_supervision else []
+        for j in reversed(range(self.num_levels - 1)):
+            x = self.fuse[j](torch.cat([self.up[j](x)] + by_level[j], 1))
+            if self.deep_supervision or j == 0:
+                logits.append(self.heads[j](x))
+        return logits[::-1]  # finest first

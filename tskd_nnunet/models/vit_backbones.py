@@ -78,7 +78,7 @@ _IGNORED_PREFIXES = ("head.", "fc_norm.", "decoder", "mask_token", "neck.")
 
 
 def list_backbones() -> List[str]:
-    return sorted(REGISTRY)
+    return sorted(list(REGISTRY) + ["litemedsam"])  # litemedsam: tskd_nnunet/models/litemedsam.py
 
 
 def _size2(size: SizeLike) -> Tuple[int, int]:

