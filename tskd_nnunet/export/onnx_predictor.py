@@ -21,7 +21,7 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from tskd_nnunet.export.onnx_export import INPUT_NAME, META_FILE, MODEL_FP32, MODEL_INT8, ort_session
+from tskd_nnunet.export.onnx_export import META_FILE, ort_session
 
 
 class OnnxModelError(RuntimeError):
