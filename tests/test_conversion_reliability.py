@@ -175,6 +175,13 @@ def test_sigterm_cleans_up_and_sigkill_leftover_is_removed_next_run(env, capfd):
     assert "SIGTERM received: removing the unfinished dataset folder" in err and "Traceback" not in err
     assert not list(raw.iterdir()), "SIGTERM left a folder in nnUNet_raw"
 
+    proc = _start(env, "621")  # Ctrl-C
+    _wait_for_tmp(raw, proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "KeyboardInterrupt" in err
+    assert not list(raw.iterdir()), "SIGINT left a folder in nnUNet_raw"
+
     proc = _start(env, "621")
     tmp = _wait_for_tmp(raw, proc)
     proc.send_signal(signal.SIGKILL)  # cannot be handled: the next run must clean up
@@ -349,3 +356,31 @@ def test_dataset_converters_bad_input(env, capsys):
     for mod, argv, expected in cases:
         assert mod.main(argv) == 2, mod
         assert expected in one_line_error(capsys), mod
+
+
+def test_hc18_csv_problems(env, capsys):
+    from dataset_conversion import Dataset501_HC18
+    src = env / "h"
+    make_pairs(src, 2, names=["000_HC", "001_HC"])
+    csv = src / "pixel_size_and_HC.csv"
+    assert Dataset501_HC18.main(["--input", str(src)]) == 2
+    assert "missing file" in (err := one_line_error(capsys)) and "pixel_size_and_HC.csv" in err
+    csv.write_text("000_HC.png,0.1,5\n")
+    assert Dataset501_HC18.main(["--input", str(src)]) == 2
+    assert "does not start with the HC18 header" in one_line_error(capsys)
+    csv.write_text("filename,pixel size(mm),head circumference (mm)\n000_HC.png,abc,5\n")
+    assert Dataset501_HC18.main(["--input", str(src)]) == 2
+    assert "bad row ['000_HC.png', 'abc', '5']" in one_line_error(capsys)
+    assert list((env / "nnUNet_raw").iterdir()) == []
+
+
+def test_single_patient_dataset_says_there_is_no_test_set(env, capsys):
+    from dataset_conversion.common import write_dataset
+    make_pairs(env / "src", 3)
+    cases = convert_folder.build_cases(env / "src/images", env / "src/masks", {0: 0, 255: 1}, "gray", None, ".png", None)
+    for c in cases:
+        c.patient_id = "only_patient"
+    write_dataset(cases, raw_root=env / "nnUNet_raw", dataset_id=624, dataset_name="One", channel_names={0: "x"},
+                  labels={"background": 0, "fg": 1}, file_ending=".png", test_fraction=0.2)
+    out = capsys.readouterr().out
+    assert "note: all 3 cases belong to one patient, so there is no test set (--test-fraction 0.2 is ignored)" in out

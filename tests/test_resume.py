@@ -173,3 +173,12 @@ def test_unreadable_checkpoint_outside_resume_is_an_error(tmp_path, monkeypatch)
     best.write_bytes(b"")
     with pytest.raises(CheckpointError, match=r"checkpoint_best\.pth cannot be loaded"):  # after training
         _bare_trainer(tmp_path, epoch=3).load_checkpoint(str(best))
+
+
+def test_check_checkpoint_reasons(tmp_path):
+    from tskd_nnunet.trainers.base import check_checkpoint
+    torch.save({"network_weights": {}}, tmp_path / "a_state_dict.pth")
+    assert "is not an nnU-Net training checkpoint (missing optimizer_state" in check_checkpoint(
+        str(tmp_path / "a_state_dict.pth"))
+    (tmp_path / "empty.pth").write_bytes(b"")
+    assert check_checkpoint(str(tmp_path / "empty.pth")).startswith("EOFError")
