@@ -4,7 +4,6 @@ Interrupted conversions clean up (SIGTERM) or are cleaned up by the next run (SI
 used to give a silently wrong dataset or a misleading/raw error is a one-line error naming the flag or
 file and the fix, or an explicit printed decision.
 """
-import json
 import os
 import signal
 import subprocess
@@ -241,7 +240,8 @@ def _vol(root: Path, n=3):
     (root / "images").mkdir(parents=True)
     (root / "masks").mkdir(parents=True)
     for i in range(n):
-        sitk.WriteImage(sitk.GetImageFromArray(np.random.rand(4, 8, 8).astype(np.float32)), str(root / f"images/v{i}.nii.gz"))
+        img = np.random.rand(4, 8, 8).astype(np.float32)
+        sitk.WriteImage(sitk.GetImageFromArray(img), str(root / f"images/v{i}.nii.gz"))
         m = np.zeros((4, 8, 8), np.uint8)
         m[1, 2:4, 2:4] = 1
         sitk.WriteImage(sitk.GetImageFromArray(m), str(root / f"masks/v{i}.nii.gz"))
@@ -377,7 +377,8 @@ def test_hc18_csv_problems(env, capsys):
 def test_single_patient_dataset_says_there_is_no_test_set(env, capsys):
     from dataset_conversion.common import write_dataset
     make_pairs(env / "src", 3)
-    cases = convert_folder.build_cases(env / "src/images", env / "src/masks", {0: 0, 255: 1}, "gray", None, ".png", None)
+    cases = convert_folder.build_cases(env / "src/images", env / "src/masks", {0: 0, 255: 1}, "gray", None, ".png",
+                                       None)
     for c in cases:
         c.patient_id = "only_patient"
     write_dataset(cases, raw_root=env / "nnUNet_raw", dataset_id=624, dataset_name="One", channel_names={0: "x"},
