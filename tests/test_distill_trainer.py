@@ -50,8 +50,15 @@ def test_distill_trains_validates_and_predicts_with_plain_nnunet(teacher_env, tm
     proc = _train(env, "DistillTrainer_test")
     out = proc.stdout
     assert "Transfer set: 4 labeled, 5 pool, 1 synthetic, 1 real-unlabeled" in out
-    assert f"Teacher {TEACHER} from" in out and "Student PlainConvUNet (width 1.0)" in out
+    # CPU default: cached teacher targets, computed once for all 11 transfer-set cases
+    assert f"KD mode cached, teacher(s) {TEACHER}" in out and "Student PlainConvUNet (width 1.0)" in out
+    assert "Teacher targets:" in out and "(11 computed now, 0 reused" in out
     assert "loss terms: sup" in out and "kd " in out
+    debug = json.load(open(os.path.join(_fold(env, "DistillTrainer_test"), "debug.json")))
+    assert debug["kd_mode"] == "cached" and "tskd_targets" in debug["target_cache_folder"]
+    assert "'pool': 5" in debug["transfer_set_counts"]
+    out = _train(env, "DistillTrainer_test").stdout  # a second run reuses every cached target
+    assert "(0 computed now, 11 reused" in out
     drawn = [l for l in out.splitlines() if "cases drawn this epoch" in l]
     assert drawn and sum(int(x.split()[-1]) for x in drawn[0].split(":")[-1].split(",")) == 2 * 2  # 2 iters x bs 2
 
@@ -80,6 +87,7 @@ def test_feature_kd_resume_keeps_projection_out_of_student_weights(teacher_env):
     env = dict(teacher_env, TSKD_TEACHER_TRAINER=TEACHER, TSKD_SCHEDULE="1,2,1", TSKD_UNLABELED_FRACTION="0.5")
     out = _train(env, "DistillTrainer_feat").stdout
     assert "Feature KD (mse): student encoder.stages.4" in out and "feat " in out
+    assert "KD mode online" in out and f"Teacher {TEACHER} from" in out  # features are not cached: teacher online
     final = os.path.join(_fold(env, "DistillTrainer_feat"), "checkpoint_final.pth")
     first = torch.load(final, map_location="cpu", weights_only=False)
     assert set(first["network_weights"]) == _student_keys(DistillTrainer_feat, env)

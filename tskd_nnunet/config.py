@@ -86,6 +86,24 @@ def teacher_checkpoint_from_env() -> str:
     return value  # type: ignore[return-value]
 
 
+KD_MODES = ("cached", "online")
+
+
+def kd_mode_from_env(device_type: str) -> str:
+    """``TSKD_KD_MODE``: ``cached`` (teacher targets computed once per case, then ride through nnU-Net's
+    augmentation) or ``online`` (teacher on every augmented batch). Default: online on CUDA, cached elsewhere."""
+    value = (env_str("TSKD_KD_MODE") or ("online" if device_type == "cuda" else "cached")).lower()
+    if value not in KD_MODES:
+        raise TSKDConfigError(f"TSKD_KD_MODE={value!r} is not one of {KD_MODES}. Fix: export TSKD_KD_MODE=cached")
+    return value
+
+
+def teacher_tta_from_env() -> bool:
+    """``TSKD_TEACHER_TTA``: mirroring test-time augmentation when caching teacher targets (default 1)."""
+    value = env_str("TSKD_TEACHER_TTA", "1")
+    return value.lower() not in ("0", "false", "no", "off")  # type: ignore[union-attr]
+
+
 def unlabeled_fraction_from_env() -> Optional[float]:
     """``TSKD_UNLABELED_FRACTION``: share of each batch drawn from unlabeled + synthetic cases.
     Unset: every case equally likely (each source in proportion to its case count)."""

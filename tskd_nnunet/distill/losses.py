@@ -50,6 +50,33 @@ def kd_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempe
     return kl.mean() * (t * t)
 
 
+def kd_kl_loss_from_probs(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float = 2.0,
+                          valid: Optional[torch.Tensor] = None, multilabel: bool = False, eps: float = 1e-6
+                          ) -> torch.Tensor:
+    """As :func:`kd_kl_loss`, from the teacher's probabilities at temperature 1 (the cached targets):
+    softened with the same T (softmax(z/T) = normalise(p^(1/T)); for sigmoid outputs, sigmoid(logit(p)/T)),
+    and averaged over the pixels where ``valid`` (B x 1 x spatial, weights in [0, 1]) is positive only:
+    padding and rotated-in corners carry no loss. A target interpolated against padding is renormalised."""
+    if student_logits.shape != teacher_probs.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher targets "
+                         f"{tuple(teacher_probs.shape)} differ in shape")
+    t = float(temperature)
+    s = student_logits.float() / t
+    p = teacher_probs.float()
+    w = torch.ones_like(p[:, :1]) if valid is None else valid.float()
+    if multilabel:
+        p = (p / w.clamp_min(eps)).clamp(eps, 1 - eps)
+        te = (torch.log(p) - torch.log1p(-p)) / t
+        p_t = torch.sigmoid(te)
+        kl = (p_t * (F.logsigmoid(te) - F.logsigmoid(s)) + (1 - p_t) * (F.logsigmoid(-te) - F.logsigmoid(-s))).sum(1)
+    else:
+        log_p = torch.log(p.clamp_min(eps)) / t
+        log_p_t = log_p - torch.logsumexp(log_p, dim=1, keepdim=True)
+        kl = (log_p_t.exp() * (log_p_t - F.log_softmax(s, dim=1))).sum(1)
+    mask = (w[:, 0] > 0.5).float()
+    return (kl * mask).sum() / mask.sum().clamp_min(1.0) * (t * t)
+
+
 def deep_supervision_weights(num_outputs: int) -> np.ndarray:
     """nnU-Net's weights for deep-supervision outputs: 1/2^i, the lowest resolution 0, sum 1."""
     if num_outputs == 1:
@@ -74,15 +101,24 @@ class DeepSupervisionKD(nn.Module):
         self.temperature = temperature
         self.multilabel = multilabel
 
-    def forward(self, student_outputs: Outputs, teacher_logits: torch.Tensor) -> torch.Tensor:
+    def forward(self, student_outputs: Outputs, teacher_logits: Optional[torch.Tensor] = None,
+                teacher_probs: Optional[torch.Tensor] = None, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Teacher logits (online KD) or cached probabilities + validity (cached KD), at full resolution;
+        both are area-pooled to each output's shape."""
         outputs = list(student_outputs) if isinstance(student_outputs, (list, tuple)) else [student_outputs]
         weights = deep_supervision_weights(len(outputs))
         total = outputs[0].new_zeros((), dtype=torch.float32)
         for w, out in zip(weights, outputs):
             if w == 0:
                 continue
-            target = resize_logits_to(teacher_logits, out.shape[2:])
-            total = total + float(w) * kd_kl_loss(out, target, self.temperature, self.multilabel)
+            if teacher_probs is not None:
+                v = resize_logits_to(valid, out.shape[2:]) if valid is not None else None
+                loss = kd_kl_loss_from_probs(out, resize_logits_to(teacher_probs, out.shape[2:]), self.temperature, v,
+                                             self.multilabel)
+            else:
+                loss = kd_kl_loss(out, resize_logits_to(teacher_logits, out.shape[2:]), self.temperature,
+                                  self.multilabel)
+            total = total + float(w) * loss
         return total
 
 

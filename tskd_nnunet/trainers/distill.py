@@ -75,6 +75,26 @@ class DistillTrainer(ScheduledTrainer):
         self._source_of: Dict[str, str] = {}
         self._drawn: Counter = Counter()
         self._taps: Dict[str, FeatureTap] = {}
+        self.kd_mode = self.resolve_kd_mode()  # an attribute: nnU-Net's debug.json records it
+        self.target_cache_folder: Optional[str] = None
+        self.transfer_set_counts: Dict[str, int] = {}
+        self.unlabeled_fraction = unlabeled_fraction_from_env()
+        self.teacher_trainers = [t.strip() for t in teacher_trainer_from_env(self.teacher_trainer_name).split(",")]
+        self.print_to_log_file(f"Distillation: KD mode {self.kd_mode}, teacher(s) {', '.join(self.teacher_trainers)}, "
+                               f"KD weight {self.kd_weight}, T {self.kd_temperature}, feature KD {self.feature_kd}, "
+                               f"unlabeled fraction {self.unlabeled_fraction}", also_print_to_console=True)
+
+    def resolve_kd_mode(self) -> str:
+        """cached (default off CUDA) or online; feature KD and task-agnostic KD need the teacher online."""
+        if not self.uses_teacher_logits() and not self.feature_kd:
+            return "none"
+        mode = config.kd_mode_from_env(self.device.type)
+        if self.feature_kd and mode == "cached":
+            if config.env_str("TSKD_KD_MODE"):
+                raise config.TSKDConfigError(f"{type(self).__name__} distils features, which are not cached. Fix: "
+                                             f"export TSKD_KD_MODE=online (or unset it).")
+            mode = "online"
+        return mode
 
     # ---- network: the student only -------------------------------------------------------------
     @classmethod
@@ -95,7 +115,11 @@ class DistillTrainer(ScheduledTrainer):
     def load_teacher(self) -> nn.Module:
         """Find the teacher by convention, check it matches, move it to the device, frozen."""
         if self.teacher is None:
-            trainer = teacher_trainer_from_env(self.teacher_trainer_name)
+            if len(self.teacher_trainers) > 1:
+                raise config.TSKDConfigError(f"TSKD_TEACHER_TRAINER names {len(self.teacher_trainers)} teachers; an "
+                                             f"ensemble is distilled through cached targets only. Fix: export "
+                                             f"TSKD_KD_MODE=cached.")
+            trainer = self.teacher_trainers[0]
             network, loc = load_teacher(os.fspath(nnUNet_results), self.plans_manager.plans, self.configuration_name,
                                         self.dataset_json, self.fold, trainer,
                                         teacher_plans_from_env(self.plans_manager.plans_name),
@@ -104,6 +128,32 @@ class DistillTrainer(ScheduledTrainer):
             self.print_to_log_file(f"Teacher {trainer} from {loc.checkpoint}: {count_parameters(network):,} parameters "
                                    f"(frozen, eval mode)")
         return self.teacher
+
+    # ---- cached teacher targets (tskd_nnunet/distill/target_cache.py) ------------------------------
+    def prepare_target_cache(self, identifiers: List[str], load_case) -> str:
+        """Build (or reuse) the cache of the teacher(s) for these cases; returns its folder. Rank 0 builds."""
+        from tskd_nnunet.distill.target_cache import build_cache, cache_folder, cache_key
+        from tskd_nnunet.distill.teacher_io import load_teacher_for_cache
+        teachers = [load_teacher_for_cache(os.fspath(nnUNet_results), self.plans_manager.plans, self.configuration_name,
+                                           self.dataset_json, self.fold, t,
+                                           teacher_plans_from_env(self.plans_manager.plans_name),
+                                           teacher_checkpoint_from_env()) for t in self.teacher_trainers]
+        tta = config.teacher_tta_from_env()
+        key = cache_key(teachers, self.plans_manager.plans, self.configuration_name, self.fold, tta)
+        folder = cache_folder(self.preprocessed_dataset_folder_base, self.plans_manager.plans_name,
+                              self.configuration_name, self.fold, key)
+        if self.local_rank == 0:
+            n = build_cache(folder, teachers, load_case, identifiers, self.device, tta, self.label_manager.has_regions,
+                            {"key": key, "fold": self.fold, "configuration": self.configuration_name},
+                            log=lambda m: self.print_to_log_file(m, also_print_to_console=True))
+            self.print_to_log_file(f"Teacher targets: {folder} ({n} computed now, {len(identifiers) - n} reused; key "
+                                   f"{key} = teacher checkpoint(s) + plans + fold + TTA {tta})",
+                                   also_print_to_console=True)
+        if self.is_ddp:
+            import torch.distributed as dist
+            dist.barrier()
+        del teachers
+        return folder
 
     def student_optimizer(self):
         """Optimizer and LR scheduler of the student (nnU-Net's SGD + poly); variants may change it."""
@@ -183,11 +233,17 @@ class DistillTrainer(ScheduledTrainer):
         counts = self.transfer_set.counts()
         self.print_to_log_file("Transfer set: " + ", ".join(f"{counts[s]} {s}" for s in SOURCES) +
                                f"; validation: {len(val_keys)} cases (never drawn for training)")
+        self.transfer_set_counts = counts
         dataset_tr = TransferDataset(self.transfer_set, self.dataset_class, self.folder_with_segs_from_previous_stage,
                                      self.label_manager.has_ignore_label, tuple([-1] + self.label_manager.all_labels))
+        if self.kd_mode == "cached":
+            from tskd_nnunet.distill.target_cache import CachedTargetDataset, wrap_transforms
+            self.target_cache_folder = self.prepare_target_cache(dataset_tr.identifiers, dataset_tr.load_case)
+            dataset_tr = CachedTargetDataset(dataset_tr, self.target_cache_folder)
+            tr_transforms = wrap_transforms(tr_transforms, self.num_input_channels)
         dataset_val = self.dataset_class(self.preprocessed_dataset_folder, val_keys,
                                          folder_with_segs_from_previous_stage=self.folder_with_segs_from_previous_stage)
-        probs = sampling_probabilities(dataset_tr.identifiers, dataset_tr.unlabeled, unlabeled_fraction_from_env())
+        probs = sampling_probabilities(dataset_tr.identifiers, dataset_tr.unlabeled, self.unlabeled_fraction)
         common = dict(label_manager=self.label_manager, oversample_foreground_percent=self.oversample_foreground_percent,
                       pad_sides=None, probabilistic_oversampling=self.probabilistic_oversampling)
         dl_tr = nnUNetDataLoader(dataset_tr, self.batch_size, initial_patch_size, patch_size,
@@ -208,7 +264,7 @@ class DistillTrainer(ScheduledTrainer):
 
     # ---- training step -------------------------------------------------------------------------
     def on_train_start(self):
-        if self.uses_teacher_logits():
+        if self.uses_teacher_logits() and self.kd_mode == "online":
             self.load_teacher()
         super().on_train_start()
 
@@ -220,11 +276,13 @@ class DistillTrainer(ScheduledTrainer):
         super().on_train_epoch_start()
 
     def loss_terms(self, output, target, labeled: torch.Tensor, teacher_logits: Optional[torch.Tensor],
-                   teacher_features: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """Named loss terms of one batch; their sum is optimised."""
+                   teacher_features: Optional[torch.Tensor], teacher_probs: Optional[torch.Tensor] = None,
+                   valid: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """Named loss terms of one batch; their sum is optimised. Pixel KD from the teacher's logits (online)
+        or its cached probabilities with their validity mask (cached)."""
         terms = {"sup": masked_supervised_loss(self.loss, output, target, labeled)}
-        if teacher_logits is not None:
-            terms["kd"] = self.kd_weight * self.pixel_kd(output, teacher_logits)
+        if teacher_logits is not None or teacher_probs is not None:
+            terms["kd"] = self.kd_weight * self.pixel_kd(output, teacher_logits, teacher_probs, valid)
         if teacher_features is not None and self.kd_heads is not None:
             terms["feat"] = self.feature_kd_weight * self.kd_heads["feature"](self._taps["student"].pop(),
                                                                              teacher_features)
@@ -232,6 +290,10 @@ class DistillTrainer(ScheduledTrainer):
 
     def train_step(self, batch: dict) -> dict:
         data = batch["data"].to(self.device, non_blocking=True)
+        teacher_probs = valid = None
+        if self.kd_mode == "cached":
+            from tskd_nnunet.distill.target_cache import split_batch
+            data, teacher_probs, valid = split_batch(data, self.num_input_channels)
         target = batch["target"]
         target = [i.to(self.device, non_blocking=True) for i in target] if isinstance(target, list) \
             else target.to(self.device, non_blocking=True)
@@ -242,9 +304,9 @@ class DistillTrainer(ScheduledTrainer):
         self.optimizer.zero_grad(set_to_none=True)
         # same AMP policy as nnU-Net's train_step: autocast on CUDA only
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            teacher_logits, teacher_features = self.teacher_outputs(data)
+            teacher_logits, teacher_features = self.teacher_outputs(data) if self.kd_mode != "cached" else (None, None)
             output = self.network(data)
-            terms = self.loss_terms(output, target, labeled, teacher_logits, teacher_features)
+            terms = self.loss_terms(output, target, labeled, teacher_logits, teacher_features, teacher_probs, valid)
             loss = sum(terms.values())
 
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -270,13 +332,10 @@ class DistillTrainer(ScheduledTrainer):
 
     # ---- checkpoints: student weights in network_weights, KD heads under their own key ----------
     def save_checkpoint(self, filename: str) -> None:
-        super().save_checkpoint(filename)
-        if self.kd_heads is not None and self.local_rank == 0 and not self.disable_checkpointing:
-            checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
-            checkpoint[HEADS_KEY] = self.kd_heads.state_dict()
-            tmp = f"{filename}.tmp"
-            torch.save(checkpoint, tmp)
-            os.replace(tmp, filename)
+        # the heads go into the temp file before its one rename (base.py): a kill never leaves a checkpoint
+        # without them (writing them in a second pass did, for a moment after every save)
+        extra = {HEADS_KEY: self.kd_heads.state_dict()} if self.kd_heads is not None else None
+        super().save_checkpoint(filename, extra=extra)
 
     def load_checkpoint(self, filename_or_checkpoint: Union[dict, str]) -> None:
         super().load_checkpoint(filename_or_checkpoint)  # may fall back to an older file (base.py)
@@ -440,7 +499,8 @@ class TaskAgnosticDistillTrainer(DistillTrainer):
             return None, None
         return None, tokens_to_grid(self.load_foundation().encode(data))
 
-    def loss_terms(self, output, target, labeled, teacher_logits, teacher_features) -> Dict[str, torch.Tensor]:
+    def loss_terms(self, output, target, labeled, teacher_logits, teacher_features, teacher_probs=None,
+                   valid=None) -> Dict[str, torch.Tensor]:
         if self.phase() == 1:
             return {"feat": self.feature_kd_weight * self.kd_heads["feature"](self._taps["student"].pop(),
                                                                              teacher_features)}

@@ -1,0 +1,162 @@
+"""Teacher study on real data: test Dice, training minutes and peak memory of teacher settings vs plain nnU-Net.
+
+Each arm is ``nnUNetv2_train DATASET CONFIG FOLD -tr TRAINER -device DEVICE`` under one ``TSKD_SCHEDULE``, then
+``nnUNetv2_predict`` on the raw dataset's imagesTs and ``tskd_evaluate`` against labelsTs. One JSON per arm lands
+in the output folder as soon as the arm finishes (a re-run skips arms whose JSON exists), and the Markdown table
+and the Dice-vs-minutes plot are rebuilt from those files alone. Peak memory = the largest summed RSS of the
+training process tree, sampled every second. Runs one arm at a time (2-core machines: never two torch jobs).
+
+    python benchmarks/bench_teacher_study.py -d 501 -c 2d_128 -f 0 --schedule 20,15,4 \
+        -o documentation/benchmarks/teacher_hc18 --arms plain lms_frozen lms_last
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Dict, List
+
+import psutil
+
+ARMS: Dict[str, Dict] = {
+    "plain": {"trainer": "TSKDPlainTrainer", "what": "plain nnU-Net (same plans, schedule, batch)"},
+    "lms_sam_lora": {"trainer": "LiteMedSAMTeacherTrainer", "what": "LiteMedSAM, SAM head, LoRA on all stages"},
+    "lms_sam_last": {"trainer": "LiteMedSAMTeacherTrainer_last", "what": "LiteMedSAM, SAM head, LoRA on stages 2-3"},
+    "lms_sam_frozen": {"trainer": "LiteMedSAMTeacherTrainer_frozen", "what": "LiteMedSAM, SAM head, frozen encoder"},
+    "lms_unetr_frozen": {"trainer": "LiteMedSAMTeacherTrainer_unetr_frozen",
+                         "what": "LiteMedSAM, pyramid (UNETR-style) head, frozen encoder"},
+    "lms_unetr_lora": {"trainer": "LiteMedSAMTeacherTrainer_unetr", "what": "LiteMedSAM, pyramid head, LoRA all stages"},
+    "lms_sam_last_random": {"trainer": "LiteMedSAMTeacherTrainer_last", "env": {"TSKD_ALLOW_RANDOM_TEACHER": "1"},
+                            "results_suffix": "_random",
+                            "what": "as lms_sam_last, RANDOM weights (the foundation's contribution)"},
+    "lms_sam_frozen_random": {"trainer": "LiteMedSAMTeacherTrainer_frozen", "env": {"TSKD_ALLOW_RANDOM_TEACHER": "1"},
+                              "results_suffix": "_random", "what": "as lms_sam_frozen, RANDOM weights"},
+}
+
+
+def run_measured(cmd: List[str], env: Dict[str, str], log: str) -> Dict[str, float]:
+    """Run ``cmd``; wall minutes and peak summed RSS (GB) of its process tree."""
+    t0, peak = time.time(), 0
+    with open(log, "a") as f:
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+        root = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                procs = [root] + root.children(recursive=True)
+                peak = max(peak, sum(p.memory_info().rss for p in procs if p.is_running()))
+            except psutil.Error:
+                pass
+            time.sleep(1.0)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}); see {log}")
+    return {"minutes": (time.time() - t0) / 60, "peak_gb": peak / 1e9}
+
+
+def mean_dice(csv: str) -> Dict[str, float]:
+    import pandas as pd
+    df = pd.read_csv(csv)
+    col = [c for c in df.columns if c.lower().startswith("dice")]
+    by_class = df.groupby("class")[col[0]].mean().to_dict() if "class" in df.columns else {}
+    per_case = df.groupby("case")[col[0]].mean() if "case" in df.columns else df[col[0]]
+    return {"dice": float(per_case.mean()), "dice_median": float(per_case.median()),
+            "dice_per_class": {str(k): float(v) for k, v in by_class.items()}, "n_cases": int(len(per_case))}
+
+
+def run_arm(name: str, a: argparse.Namespace, out_dir: str) -> dict:
+    spec = ARMS[name]
+    bin_dir = os.path.dirname(sys.executable)
+    env = dict(os.environ, TSKD_SCHEDULE=a.schedule, nnUNet_n_proc_DA="0")
+    env.update(spec.get("env", {}))
+    if spec.get("results_suffix"):  # another nnUNet_results, so the same trainer name can be trained twice
+        env["nnUNet_results"] = os.environ["nnUNet_results"] + spec["results_suffix"]
+        os.makedirs(env["nnUNet_results"], exist_ok=True)
+    log = os.path.join(a.work, f"{name}.log")
+    train = run_measured([os.path.join(bin_dir, "nnUNetv2_train"), str(a.dataset), a.configuration, str(a.fold),
+                          "-tr", spec["trainer"], "-device", a.device], env, log)
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    ds = maybe_convert_to_dataset_name(str(a.dataset))
+    raw = os.path.join(os.environ["nnUNet_raw"], ds)
+    pred = os.path.join(a.work, f"pred_{name}")
+    env_pred = {k: v for k, v in env.items() if k != "nnUNet_n_proc_DA"}
+    predict = run_measured([os.path.join(bin_dir, "nnUNetv2_predict"), "-i", os.path.join(raw, "imagesTs"), "-o", pred,
+                            "-d", str(a.dataset), "-c", a.configuration, "-f", str(a.fold), "-tr", spec["trainer"],
+                            "-device", a.device, "--disable_tta", "-npp", "1", "-nps", "1"], env_pred, log)
+    csv = os.path.join(out_dir, f"{name}_cases.csv")
+    subprocess.run([sys.executable, "-m", "tskd_nnunet.evaluation.cli", "-ref", os.path.join(raw, "labelsTs"),
+                    "-pred", pred, "-djfile", os.path.join(raw, "dataset.json"), "-o", csv], env=env_pred, check=True,
+                   stdout=subprocess.DEVNULL)
+    result = dict(arm=name, trainer=spec["trainer"], what=spec["what"], schedule=a.schedule, fold=a.fold,
+                  configuration=a.configuration, dataset=ds, device=a.device, train_minutes=train["minutes"],
+                  train_peak_gb=train["peak_gb"], predict_minutes=predict["minutes"],
+                  commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                        cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip(),
+                  **mean_dice(csv))
+    return result
+
+
+def write_report(out_dir: str) -> None:
+    rows = []
+    for f in sorted(os.listdir(out_dir)):
+        if f.endswith(".json"):
+            with open(os.path.join(out_dir, f)) as fh:
+                rows.append(json.load(fh))
+    if not rows:
+        return
+    from tskd_nnunet.atomic_io import atomic_path, atomic_write_text
+    lines = [f"# Teacher study: {rows[0]['dataset']}, configuration {rows[0]['configuration']}, fold {rows[0]['fold']}",
+             "", f"Schedule (epochs, train iterations, val iterations): {rows[0]['schedule']}; test = imagesTs "
+             f"({rows[0]['n_cases']} cases), no test-time mirroring; device {rows[0]['device']}.", "",
+             "| arm | trainer | what | test Dice (mean) | median | train min | peak GB |", "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: -r["dice"]):
+        lines.append(f"| {r['arm']} | {r['trainer']} | {r['what']} | {r['dice']:.3f} | {r['dice_median']:.3f} | "
+                     f"{r['train_minutes']:.1f} | {r['train_peak_gb']:.2f} |")
+    atomic_write_text(os.path.join(out_dir, "report.md"), "\n".join(lines) + "\n")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        ax.scatter(r["train_minutes"], r["dice"], s=40)
+        ax.annotate(r["arm"], (r["train_minutes"], r["dice"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("training minutes (2 CPU cores)")
+    ax.set_ylabel("test Dice (mean over cases)")
+    ax.set_title(f"{rows[0]['dataset']}: teacher settings vs plain nnU-Net")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(os.path.join(out_dir, "dice_vs_minutes.png")) as tmp:
+        fig.savefig(tmp, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("-d", dest="dataset", required=True)
+    p.add_argument("-c", dest="configuration", default="2d")
+    p.add_argument("-f", dest="fold", type=int, default=0)
+    p.add_argument("-device", dest="device", default="cpu")
+    p.add_argument("--schedule", required=True, help="TSKD_SCHEDULE for every arm, e.g. 20,15,4")
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("-o", dest="out", required=True, help="result folder (one JSON per arm, report.md, PNG)")
+    p.add_argument("--work", default=None, help="logs and predictions (default: OUT/../work_<name>)")
+    a = p.parse_args()
+    a.work = a.work or os.path.join(os.environ.get("nnUNet_results", "."), "..", "teacher_study_work")
+    os.makedirs(a.out, exist_ok=True)
+    os.makedirs(a.work, exist_ok=True)
+    for name in a.arms:
+        target = os.path.join(a.out, f"{name}.json")
+        if os.path.isfile(target):
+            print(f"[{name}] done before: {target}")
+            continue
+        print(f"[{name}] training {ARMS[name]['trainer']} ...", flush=True)
+        result = run_arm(name, a, a.out)
+        from tskd_nnunet.atomic_io import atomic_write_text
+        atomic_write_text(target, json.dumps(result, indent=1))
+        print(f"[{name}] Dice {result['dice']:.3f} in {result['train_minutes']:.1f} min", flush=True)
+        write_report(a.out)
+    write_report(a.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""Cached teacher targets: the teacher's probabilities for every transfer-set case, computed once.
+
+On CPU a foundation teacher costs seconds per image, so running it on every augmented batch (online
+KD) makes distillation 10-50x a plain nnU-Net iteration. Instead the trained teacher (or an ensemble
+of trained model folders, probabilities averaged) runs once per case over nnU-Net's preprocessed
+data with nnU-Net's own sliding window, Gaussian weighting and mirroring (the predictor's code), and
+its softmax (sigmoid for region training) is stored beside the preprocessed data:
+
+    nnUNet_preprocessed/DatasetXXX/tskd_targets/<plans>_<configuration>/fold_<k>/<key>/<case>.npy  (fp16, C x spatial)
+                                                                              .../<key>/manifest.json
+
+``<key>`` hashes every teacher's checkpoint (sha256) and trainer, the configuration's plans entry, the
+fold and the TTA setting, so another teacher, plans or fold can never read this cache: it gets a
+folder of its own (built when missing). Files are written to a temporary name and renamed, so an
+interrupted build resumes where it stopped and no reader sees half a file.
+
+In training (``DistillTrainer`` in cached mode) :class:`CachedTargetDataset` appends the target and a
+validity channel (ones) to each case's image channels; :func:`wrap_transforms` splits them off into
+batchgeneratorsv2's ``regression_target`` before nnU-Net's augmentation (which moves it with the image
+through crop, spatial transform and mirroring, and leaves it out of every intensity transform) and
+joins them back afterwards, so the batch carries image + target + validity. Padding and rotated-in
+corners have validity 0 and get no KD loss.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from tskd_nnunet.atomic_io import atomic_path, atomic_write_text
+
+TARGETS_DIR = "tskd_targets"
+
+
+class TargetCacheError(RuntimeError):
+    """A cache is missing, stale or does not fit the case (one line naming the file and the fix)."""
+
+
+@dataclass
+class TeacherForCache:
+    """One trained teacher as the cache needs it: a network and how nnU-Net's predictor must run it."""
+    network: torch.nn.Module
+    trainer_name: str
+    checkpoint: str
+    checkpoint_sha256: str
+    mirror_axes: Optional[Tuple[int, ...]]
+    plans_manager: object
+    configuration_manager: object
+    dataset_json: dict
+
+
+def file_sha256(path: str) -> str:
+    from tskd_nnunet.models.vit_backbones import sha256_of
+    return sha256_of(path)
+
+
+def cache_key(teachers: Sequence[TeacherForCache], plans: dict, configuration: str, fold, use_mirroring: bool) -> str:
+    """16 hex digits that change with any teacher checkpoint, the configuration's plans, the fold or TTA."""
+    ident = {"teachers": sorted([t.trainer_name, t.checkpoint_sha256] for t in teachers),
+             "plans_name": plans.get("plans_name"), "configuration": configuration,
+             "configuration_plans": plans["configurations"][configuration], "fold": str(fold),
+             "transpose_forward": plans.get("transpose_forward"), "mirroring": bool(use_mirroring)}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cache_folder(preprocessed_base: str, plans_name: str, configuration: str, fold, key: str) -> str:
+    return os.path.join(preprocessed_base, TARGETS_DIR, f"{plans_name}_{configuration}", f"fold_{fold}", key)
+
+
+def target_file(folder: str, identifier: str) -> str:
+    return os.path.join(folder, f"{identifier}.npy")
+
+
+def missing_cases(folder: str, identifiers: Iterable[str]) -> List[str]:
+    return [i for i in identifiers if not os.path.isfile(target_file(folder, i))]
+
+
+def probabilities(logits: torch.Tensor, multilabel: bool) -> torch.Tensor:
+    return torch.sigmoid(logits.float()) if multilabel else torch.softmax(logits.float(), 0)
+
+
+def build_cache(folder: str, teachers: Sequence[TeacherForCache], load_case, identifiers: Sequence[str],
+                device: torch.device, use_mirroring: bool = True, multilabel: bool = False,
+                manifest_extra: Optional[dict] = None, log=print) -> int:
+    """Write ``<case>.npy`` (fp16 probabilities, averaged over ``teachers``) for every identifier that has none.
+    ``load_case(identifier)`` returns nnU-Net's preprocessed (data, ...). Returns the number of cases written."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from tqdm import tqdm
+
+    os.makedirs(folder, exist_ok=True)
+    manifest = {"teachers": [{"trainer": t.trainer_name, "checkpoint": t.checkpoint, "sha256": t.checkpoint_sha256}
+                             for t in teachers], "mirroring": bool(use_mirroring), "dtype": "float16",
+                "what": "softmax (sigmoid for regions) at nnU-Net's preprocessed resolution, averaged over teachers"}
+    manifest.update(manifest_extra or {})
+    atomic_write_text(os.path.join(folder, "manifest.json"), json.dumps(manifest, indent=1))
+    todo = missing_cases(folder, identifiers)
+    if not todo:
+        return 0
+    predictors = []
+    for t in teachers:
+        p = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=use_mirroring,
+                            perform_everything_on_device=device.type == "cuda", device=device, verbose=False,
+                            allow_tqdm=False)
+        p.manual_initialization(t.network, t.plans_manager, t.configuration_manager, None, t.dataset_json,
+                                t.trainer_name, t.mirror_axes)
+        predictors.append(p)
+    log(f"Teacher targets: {len(todo)} of {len(identifiers)} cases to compute into {folder}")
+    for identifier in tqdm(todo, desc="teacher targets", unit="case", mininterval=5):
+        data = torch.from_numpy(np.asarray(load_case(identifier)[0], dtype=np.float32))
+        with torch.no_grad():
+            probs = sum(probabilities(p.predict_sliding_window_return_logits(data).cpu(), multilabel)
+                        for p in predictors) / len(predictors)
+        with atomic_path(target_file(folder, identifier)) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, probs.numpy().astype(np.float16))
+    return len(todo)
+
+
+def read_target(folder: str, identifier: str, spatial_shape: Sequence[int]) -> np.ndarray:
+    """The cached probabilities of one case, memory-mapped; checked against the case's shape."""
+    path = target_file(folder, identifier)
+    try:
+        target = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise TargetCacheError(f"Cached teacher target {path} is unreadable ({type(e).__name__}). Fix: delete it; the "
+                               f"next training run (or tskd_cache_targets) recomputes it.") from None
+    if tuple(target.shape[1:]) != tuple(spatial_shape):
+        raise TargetCacheError(f"Cached teacher target {path} has shape {tuple(target.shape[1:])}, the preprocessed case "
+                               f"{tuple(spatial_shape)}. Fix: delete {os.path.dirname(path)}; it was built for other data.")
+    return target
+
+
+class CachedTargetDataset:
+    """Wraps an nnU-Net dataset: ``load_case`` returns image channels + target channels + a validity channel."""
+
+    def __init__(self, dataset, folder: str):
+        self._dataset = dataset
+        self.folder = folder
+        self.identifiers = dataset.identifiers
+
+    def __getattr__(self, name):  # everything else (source_folder, unlabeled, ...) as the wrapped dataset
+        return getattr(self._dataset, name)
+
+    def load_case(self, identifier):
+        data, seg, seg_prev, properties = self._dataset.load_case(identifier)
+        target = read_target(self.folder, identifier, data.shape[1:])
+        ones = np.ones((1, *data.shape[1:]), dtype=np.float32)
+        return np.concatenate([np.asarray(data, dtype=np.float32), np.asarray(target, dtype=np.float32), ones]), \
+            seg, seg_prev, properties
+
+
+class SplitTarget:
+    """First transform: image channels beyond ``num_image_channels`` become the regression target."""
+
+    def __init__(self, num_image_channels: int):
+        self.n = num_image_channels
+
+    def __call__(self, **data_dict) -> dict:
+        image = data_dict["image"]
+        data_dict["image"], data_dict["regression_target"] = image[:self.n], image[self.n:]
+        return data_dict
+
+
+class JoinTarget:
+    """Last transform: the (augmented) regression target goes back behind the image channels."""
+
+    def __call__(self, **data_dict) -> dict:
+        target = data_dict.pop("regression_target")
+        data_dict["image"] = torch.cat([data_dict["image"], target.to(data_dict["image"].dtype)])
+        return data_dict
+
+
+def wrap_transforms(transforms, num_image_channels: int):
+    """nnU-Net's training pipeline with the target riding along (see the module docstring)."""
+    from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+    return ComposeTransforms([SplitTarget(num_image_channels), transforms, JoinTarget()])
+
+
+def split_batch(data: torch.Tensor, num_image_channels: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(image, target probabilities, validity) of a batch built from CachedTargetDataset."""
+    return data[:, :num_image_channels], data[:, num_image_channels:-1], data[:, -1:]
+
+
+def disk_bytes(folder: str) -> Dict[str, float]:
+    sizes = [os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".npy")]
+    return {"cases": len(sizes), "bytes_per_case": float(np.mean(sizes)) if sizes else 0.0}
