@@ -66,12 +66,18 @@ class ScheduledTrainer(nnUNetTrainer):
         self.loaded_checkpoint_file: Optional[str] = None
 
     # ---- writing: temp file in the same folder, then os.replace --------------------------------
-    def save_checkpoint(self, filename: str) -> None:
+    def save_checkpoint(self, filename: str, extra: Optional[dict] = None) -> None:
+        """nnU-Net's checkpoint (plus ``extra`` entries, e.g. a student's KD heads) written to a temp file
+        and moved onto ``filename`` only when complete: one rename, never a file without its extras."""
         folder, name = os.path.split(os.path.abspath(filename))
         tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
         try:
             super().save_checkpoint(tmp)
             if os.path.isfile(tmp):  # rank != 0 or checkpointing disabled write nothing
+                if extra:
+                    checkpoint = torch.load(tmp, map_location="cpu", weights_only=False)
+                    checkpoint.update(extra)
+                    torch.save(checkpoint, tmp)
                 os.replace(tmp, filename)
         finally:
             if os.path.exists(tmp):
