@@ -32,14 +32,17 @@ def read_logs(folder: str) -> str:
     return "".join(open(p).read() for p in sorted(glob.glob(os.path.join(folder, "training_log_*.txt"))))
 
 
-def test_sigkill_after_first_epoch_resumes_within_one_epoch(nnunet_env, results_dir):
-    env = train_env(nnunet_env, results_dir, {"TSKD_SCHEDULE": "3,2,1"})
-    proc = subprocess.Popen(train_cmd(), env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def kill_after_first_epoch_and_resume(env, results: str, trainer: str) -> str:
+    """Start ``trainer`` (3 epochs), SIGKILL it once checkpoint_latest.pth exists, resume with --c and
+    check it continues from the saved epoch, at most one epoch behind the last one started. Returns
+    the resumed run's stdout."""
+    cmd = [c if c != TRAINER else trainer for c in train_cmd()]
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = None
     try:
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:
-            hits = glob.glob(os.path.join(results_dir, "Dataset990_*", "*", "fold_0", "checkpoint_latest.pth"))
+            hits = glob.glob(os.path.join(results, "Dataset990_*", f"{trainer}__*", "fold_0", "checkpoint_latest.pth"))
             if hits:
                 latest = hits[0]
                 break
@@ -50,21 +53,40 @@ def test_sigkill_after_first_epoch_resumes_within_one_epoch(nnunet_env, results_
         if proc.poll() is None:
             proc.kill()
         proc.wait()
-    folder = fold_dir(results_dir)
+    folder = os.path.dirname(latest)
     assert not os.path.isfile(os.path.join(folder, "checkpoint_final.pth")), "run finished before the kill"
     started = [int(e) for e in re.findall(r": Epoch (\d+)\s*$", read_logs(folder), re.M)]
     saved_epoch = torch.load(latest, map_location="cpu", weights_only=False)["current_epoch"]
     assert saved_epoch >= 1
 
-    proc2 = run_cmd(train_cmd("--c"), env, timeout=300)
+    proc2 = run_cmd(cmd + ["--c"], env, timeout=300)
     m = re.search(r"loaded checkpoint (\S+): continuing from epoch (\d+)", proc2.stdout)
     assert m, proc2.stdout[-3000:]
     assert os.path.basename(m.group(1)) == "checkpoint_latest.pth"
     resumed = int(m.group(2))
     assert resumed == saved_epoch and resumed >= max(started) - 1, (resumed, started)
-    assert os.path.isfile(os.path.join(folder, "checkpoint_final.pth"))
     final = torch.load(os.path.join(folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
     assert final["current_epoch"] == 3
+    return proc2.stdout
+
+
+def test_sigkill_after_first_epoch_resumes_within_one_epoch(nnunet_env, results_dir):
+    env = train_env(nnunet_env, results_dir, {"TSKD_SCHEDULE": "3,2,1"})
+    kill_after_first_epoch_and_resume(env, results_dir, TRAINER)
+
+
+@pytest.mark.slow  # about 90 s on 2 busy cores: a teacher and two student runs
+def test_student_sigkill_resumes_with_its_kd_heads(nnunet_env, tmp_path):
+    """A distillation student (feature KD: extra projection heads in the checkpoint) resumes the same way."""
+    from test_distill_transfer_set import make_distill_dataset
+
+    env = make_distill_dataset(nnunet_env, str(tmp_path))
+    results = str(tmp_path / "nnUNet_results")
+    os.makedirs(results)
+    env = train_env(env, results, {"TSKD_TEACHER_TRAINER": "TSKDPlainTrainer_test"})
+    run_cmd([c if c != TRAINER else "TSKDPlainTrainer_test" for c in train_cmd()], env)  # 1-epoch teacher
+    out = kill_after_first_epoch_and_resume(dict(env, TSKD_SCHEDULE="3,2,1"), results, "DistillTrainer_feat")
+    assert "starts fresh" not in out  # the KD heads came back from checkpoint_latest.pth
 
 
 def test_truncated_checkpoints_fall_back_with_a_message(nnunet_env, results_dir):
