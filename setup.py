@@ -79,6 +79,8 @@ setup(
             "tskd_sample_diffusion = tskd_nnunet.synthetic.sample:main",
             "tskd_synthetic_quality = tskd_nnunet.synthetic.quality:main",
             "tskd_preprocess_unlabeled = tskd_nnunet.data.unlabeled:main",
+            "tskd_cache_targets = tskd_nnunet.distill.cache_cli:main",
+            "tskd_plan_cpu = tskd_nnunet.plans_variant:main",
             "tskd_export = tskd_nnunet.export.cli:export_main",
             "tskd_predict_onnx = tskd_nnunet.export.cli:predict_main",
         ],

@@ -1,8 +1,9 @@
 """Distillation cost, measured in one run on the phantom dataset (CPU by default).
 
-Rows: plain nnUNetTrainer, DistillTrainer with a plain nnU-Net teacher, DistillTrainer (and its
-slimmer presets) with a ViT-Tiny LoRA teacher. Columns: time per training iteration (train_step on
-prefetched batches, data loading excluded) and its ratio to the plain iteration (goal <= 1.5x),
+Rows: plain nnUNetTrainer; DistillTrainer in online and cached KD mode with a LiteMedSAM LoRA teacher,
+a plain nnU-Net teacher and a ViT-Tiny LoRA teacher; feature KD; slimmer presets. Columns: time per
+training iteration (train_step on prefetched batches, data loading excluded) and its ratio to the plain
+iteration (goals: <= 1.5x online, <= 1.1x cached), the one-off cache time per 100 cases and disk per case,
 student / teacher parameters, network latency per 2D case (one 64x64 patch, no mirroring), and
 peak RSS of the measuring process. Every row runs in its own subprocess so peak RSS is its own.
 
@@ -27,13 +28,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 DATASET_ID, DATASET = 990, "Dataset990_Phantom"
 VIT_ENV = {"TSKD_TEACHER_BACKBONE": "vit_tiny", "TSKD_ALLOW_RANDOM_TEACHER": "1"}
-ROWS = [  # label, trainer, teacher trainer
-    ("nnUNetTrainer (plain)", "nnUNetTrainer", None),
-    ("DistillTrainer, plain nnU-Net teacher", "DistillTrainer", "TSKDPlainTrainer_test"),
-    ("DistillTrainer, ViT-Tiny LoRA teacher", "DistillTrainer", "ViTLoRATeacherTrainer_test"),
-    ("DistillTrainer_feat, ViT-Tiny teacher", "DistillTrainer_feat", "ViTLoRATeacherTrainer_test"),
-    ("DistillTrainer_small, ViT-Tiny teacher", "DistillTrainer_small", "ViTLoRATeacherTrainer_test"),
-    ("DistillTrainer_tiny, ViT-Tiny teacher", "DistillTrainer_tiny", "ViTLoRATeacherTrainer_test"),
+ONLINE, CACHED = {"TSKD_KD_MODE": "online"}, {"TSKD_KD_MODE": "cached"}
+ROWS = [  # label, trainer, teacher trainer, extra environment
+    ("nnUNetTrainer (plain)", "nnUNetTrainer", None, {}),
+    ("DistillTrainer online, LiteMedSAM LoRA teacher", "DistillTrainer", "LiteMedSAMTeacherTrainer_test", ONLINE),
+    ("DistillTrainer cached, LiteMedSAM LoRA teacher", "DistillTrainer", "LiteMedSAMTeacherTrainer_test", CACHED),
+    ("DistillTrainer online, plain nnU-Net teacher", "DistillTrainer", "TSKDPlainTrainer_test", ONLINE),
+    ("DistillTrainer cached, plain nnU-Net teacher", "DistillTrainer", "TSKDPlainTrainer_test", CACHED),
+    ("DistillTrainer online, ViT-Tiny LoRA teacher", "DistillTrainer", "ViTLoRATeacherTrainer_test", ONLINE),
+    ("DistillTrainer cached, ViT-Tiny LoRA teacher", "DistillTrainer", "ViTLoRATeacherTrainer_test", CACHED),
+    ("DistillTrainer_feat (online), ViT-Tiny teacher", "DistillTrainer_feat", "ViTLoRATeacherTrainer_test", {}),
+    ("DistillTrainer_small cached, ViT-Tiny teacher", "DistillTrainer_small", "ViTLoRATeacherTrainer_test", CACHED),
+    ("DistillTrainer_tiny cached, ViT-Tiny teacher", "DistillTrainer_tiny", "ViTLoRATeacherTrainer_test", CACHED),
 ]
 
 
@@ -65,7 +71,8 @@ def prepare(root: str) -> None:
         env.pop("nnUNet_n_proc_DA")
         print("planning and preprocessing the phantom dataset ...", flush=True)
         _run([os.path.join(BIN, "nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", "2d", "-np", "1"], env)
-    for teacher, extra in (("TSKDPlainTrainer_test", {}), ("ViTLoRATeacherTrainer_test", VIT_ENV)):
+    for teacher, extra in (("TSKDPlainTrainer_test", {}), ("ViTLoRATeacherTrainer_test", VIT_ENV),
+                           ("LiteMedSAMTeacherTrainer_test", {})):
         if not os.path.isfile(os.path.join(root, "nnUNet_results", DATASET, f"{teacher}__nnUNetPlans__2d", "fold_0",
                                            "checkpoint_final.pth")):
             print(f"training teacher {teacher} (1 tiny epoch) ...", flush=True)
@@ -104,6 +111,19 @@ def measure(trainer_name: str, iters: int, device_name: str) -> dict:
     device = torch.device(device_name)
     trainer = recursive_find_trainer_class_by_name(trainer_name)(plans, "2d", 0, load_json(
         os.path.join(base, "dataset.json")), device)
+    cache = {}
+    if hasattr(trainer, "prepare_target_cache"):  # time the one-off teacher pass of cached KD
+        import shutil
+        build = trainer.prepare_target_cache
+
+        def timed(identifiers, load_case):
+            from tskd_nnunet.distill.target_cache import cache_folder, disk_bytes  # noqa: F401
+            t = time.perf_counter()
+            folder = build(identifiers, load_case)
+            cache.update(seconds=time.perf_counter() - t, cases=len(identifiers), **disk_bytes(folder))
+            return folder
+        trainer.prepare_target_cache = timed
+        shutil.rmtree(os.path.join(base, "tskd_targets"), ignore_errors=True)  # every row pays its own cache
     trainer.on_train_start()
     trainer.on_train_epoch_start()
     warm = 2
@@ -124,7 +144,9 @@ def measure(trainer_name: str, iters: int, device_name: str) -> dict:
            "student_ms": _latency_ms(trainer.network, device),
            "teacher_params": count_parameters(teacher) if teacher is not None else None,
            "teacher_ms": _latency_ms(teacher, device) if teacher is not None else None,
-           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           "cache_s_per_100": 100 * cache["seconds"] / cache["cases"] if cache else None,
+           "cache_kb_per_case": cache["bytes_per_case"] / 1024 if cache else None}
     trainer.on_train_end = lambda: None  # nothing to save
     return out
 
@@ -142,22 +164,24 @@ def main() -> None:
     root = args.root or tempfile.mkdtemp(prefix="bench_distill_")
     prepare(root)
     results = []
-    for label, trainer, teacher in ROWS:
+    for label, trainer, teacher, mode in ROWS:
         print(f"measuring {label} ...", flush=True)
-        extra = {"TSKD_TEACHER_TRAINER": teacher} if teacher else {}
+        extra = dict(mode, **({"TSKD_TEACHER_TRAINER": teacher} if teacher else {}))
         out = _run([sys.executable, os.path.abspath(__file__), "--measure", trainer, "--iters", str(args.iters),
                     "--device", args.device], _env(root, extra))
         results.append((label, json.loads(out.split("RESULT ", 1)[1].splitlines()[0])))
     plain = results[0][1]["iter_s"]
     print(f"\nDevice {args.device}, {args.iters} iterations after 2 warm-up, batch size from the plans, patch 64x64\n")
     print("| setting | s/iter | ratio vs plain | student params | teacher params | student ms/case | "
-          "teacher ms/case | peak RSS MB |")
-    print("|---|---|---|---|---|---|---|---|")
+          "teacher ms/case | peak RSS MB | cache s / 100 cases | cache KB / case |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for label, r in results:
         tp = f"{r['teacher_params']:,}" if r["teacher_params"] else "-"
         tm = f"{r['teacher_ms']:.1f}" if r["teacher_ms"] else "-"
+        cs = f"{r['cache_s_per_100']:.1f}" if r.get("cache_s_per_100") else "-"
+        ck = f"{r['cache_kb_per_case']:.1f}" if r.get("cache_kb_per_case") else "-"
         print(f"| {label} | {r['iter_s']:.3f} | {r['iter_s'] / plain:.2f}x | {r['student_params']:,} | {tp} | "
-              f"{r['student_ms']:.1f} | {tm} | {r['peak_rss_mb']:.0f} |")
+              f"{r['student_ms']:.1f} | {tm} | {r['peak_rss_mb']:.0f} | {cs} | {ck} |")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,6 @@ def test_demo_fast_runs_end_to_end(tmp_path):
     proc = run_cmd([os.path.join(BIN, "tskd_demo"), "--fast", "--workdir", str(work)], subprocess_env(), timeout=1800)
     assert "Report:" in proc.stdout
     report = (work / "report.md").read_text()
-    for trainer in ("ViTLoRATeacherTrainer_test", "DistillTrainer_test", "TSKDPlainTrainer_test"):
+    for trainer in ("LiteMedSAMTeacherTrainer_test", "DistillTrainer_test", "TSKDPlainTrainer_test"):
         assert trainer in report
     assert (work / "report_overlays.png").stat().st_size > 10_000

