@@ -494,14 +494,6 @@ def _move_into_place(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
-def atomic_write_json(obj, path: Path) -> None:
-    path = Path(path)
-    tmp = path.parent / f"{path.name}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
 # ------------------------------------------------------------------------------------------------- CLI
 def add_common_args(parser: argparse.ArgumentParser, default_id: Optional[int], default_name: Optional[str],
                     name_help: Optional[str] = None) -> None:

@@ -18,16 +18,14 @@ Writes ``$nnUNet_preprocessed/DatasetXXX_*/splits_final.json`` (nnU-Net's format
 from __future__ import annotations
 
 import argparse
-import json
 import random
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from dataset_conversion.common import (CASE_PATIENT_MAP, ConversionError, atomic_write_json,
-                                       find_dataset_folder, resolve_preprocessed_root, resolve_raw_root,
-                                       run_cli)
-
-POOL_FILE = "tskd_unlabeled_pool.json"
+from dataset_conversion.common import (CASE_PATIENT_MAP, ConversionError, find_dataset_folder,
+                                       resolve_preprocessed_root, resolve_raw_root, run_cli)
+from tskd_nnunet.atomic_io import atomic_write_json, read_json
+from tskd_nnunet.data.preprocessed_files import POOL_FILE
 
 
 def read_training_cases(raw_folder: Path) -> Tuple[List[str], Dict[str, str]]:
@@ -35,14 +33,15 @@ def read_training_cases(raw_folder: Path) -> Tuple[List[str], Dict[str, str]]:
     ds_json = raw_folder / "dataset.json"
     if not ds_json.is_file():
         raise ConversionError(f"missing file {ds_json}: convert the dataset first")
-    ending = json.loads(ds_json.read_text())["file_ending"]
+    ending = read_json(ds_json, error=ConversionError, fix="convert the dataset again")["file_ending"]
     suffix = "_0000" + ending
     cases = sorted(p.name[: -len(suffix)] for p in (raw_folder / "imagesTr").iterdir() if p.name.endswith(suffix))
     if not cases:
         raise ConversionError(f"no *{suffix} files in {raw_folder / 'imagesTr'}: convert the dataset first")
     map_file = raw_folder / CASE_PATIENT_MAP
     if map_file.is_file():
-        mapping = json.loads(map_file.read_text())
+        mapping = read_json(map_file, error=ConversionError, fix="convert the dataset again, or delete the file "
+                                                                     "to treat every case as its own patient")
         missing = [c for c in cases if c not in mapping]
         if missing:
             raise ConversionError(f"case {missing[0]} is not in {map_file}: add it ({{case: patient}}) or "
@@ -127,8 +126,8 @@ def write_label_budget(dataset_id: int, n_labeled: int, num_folds: int = 5, seed
     splits, pools = make_label_budget_splits(cases, patient_of, n_labeled, num_folds, seed, val_fraction)
     out = resolve_preprocessed_root(preprocessed_root) / raw_folder.name
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(splits, out / "splits_final.json")
-    atomic_write_json(pools, out / POOL_FILE)
+    atomic_write_json(out / "splits_final.json", splits)
+    atomic_write_json(out / POOL_FILE, pools)
     if verbose:
         for k, (s, p) in enumerate(zip(splits, pools)):
             n_pat = len({patient_of[c] for c in s["train"]})

@@ -30,6 +30,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
+from tskd_nnunet.atomic_io import read_json
+
 BASELINE_LABEL = "nnUNetTrainer"
 
 # Transfer-set scopes: which unlabeled cases a method's nnU-Net preprocessed root exposes.
@@ -204,8 +206,7 @@ def load_config(path: str) -> BenchmarkConfig:
         raise BenchmarkConfigError(f"config file {path} not found. Fix: pass the path of a JSON config, "
                                    f"e.g. benchmarks/configs/hc18_cpu.json")
     try:
-        with open(path) as f:
-            d = json.load(f)
+        d = read_json(path)
     except json.JSONDecodeError as e:
         raise _err(path, f"not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
     if not isinstance(d, dict):

@@ -23,6 +23,8 @@ import sys
 import time
 from typing import Dict, List, Optional
 
+from tskd_nnunet.atomic_io import atomic_write_json
+
 
 def measure_model(model_dir: str, fold: int, images_dir: str, file_ending: str, n_cases: int = 3,
                   device: str = "cpu", checkpoint: str = "checkpoint_final.pth") -> Dict[str, object]:
@@ -84,10 +86,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (FileNotFoundError, RuntimeError, KeyError) as e:
         print(f"measure: error: {e}", file=sys.stderr)
         return 2
-    tmp = f"{a.output}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(out, f, indent=2)
-    os.replace(tmp, a.output)
+    atomic_write_json(a.output, out)
     print(json.dumps(out))
     return 0
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import fcntl
-import json
 import os
 import re
 import shutil
@@ -32,6 +31,7 @@ from tskd_nnunet.benchmark.config import (BASELINE_LABEL, DATA_SCOPES, Benchmark
 
 BIN = os.path.dirname(sys.executable)
 STATE = "state.json"
+from tskd_nnunet.atomic_io import atomic_write_json, read_json  # noqa: E402
 from tskd_nnunet.data.preprocessed_files import POOL_FILE  # noqa: E402
 # the one HC18 case-id -> CSV-name mapper, shared with tskd_evaluate --hc18-csv
 from tskd_nnunet.evaluation.clinical import hc18_case_to_filename  # noqa: E402,F401
@@ -63,22 +63,6 @@ def _now() -> str:
 
 def _say(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
-
-
-def read_json(path: str, default: Any = None) -> Any:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return default
 
 
 def _fmt(template: str, fields: Dict[str, Any], where: str) -> str:
@@ -287,7 +271,7 @@ class BenchmarkRunner:
                 raise BenchmarkError(f"the convert command finished but {self.raw_root} holds no "
                                      f"Dataset{self.cfg.dataset_id:03d}_* folder. Fix: make it write dataset id "
                                      f"{self.cfg.dataset_id} into $nnUNet_raw")
-            write_json_atomic(self._stage_marker("convert"), {"status": "done", "finished": _now(), "command": cmd})
+            atomic_write_json(self._stage_marker("convert"), {"status": "done", "finished": _now(), "command": cmd})
         if not os.path.isdir(self.raw_dataset):
             raise BenchmarkError(f"no Dataset{self.cfg.dataset_id:03d}_* folder in {self.raw_root}. Fix: convert the "
                                  f"dataset first or give \"dataset\": {{\"convert\": [...]}} in {self.cfg.path}")
@@ -310,14 +294,14 @@ class BenchmarkRunner:
             if not self._planned():
                 raise BenchmarkError(f"nnUNetv2_plan_and_preprocess finished but configuration "
                                      f"{self.cfg.configuration} is not in {self._plans_file()}")
-            write_json_atomic(self._stage_marker("plan_and_preprocess"), {"status": "done", "finished": _now(),
+            atomic_write_json(self._stage_marker("plan_and_preprocess"), {"status": "done", "finished": _now(),
                                                                           "command": cmd})
 
     def _plans_file(self) -> str:
         return os.path.join(self.base_pp_root, self.dataset_name, f"{self.cfg.plans}.json")
 
     def _planned(self) -> bool:
-        plans = read_json(self._plans_file())
+        plans = read_json(self._plans_file(), None)
         if not plans or self.cfg.configuration not in plans.get("configurations", {}):
             return False
         conf = plans["configurations"][self.cfg.configuration]
@@ -355,10 +339,10 @@ class BenchmarkRunner:
         for entry in os.listdir(src):
             if entry not in OWN_ENTRIES and ".tmp" not in entry:
                 _link(os.path.join(src, entry), os.path.join(dst, entry))
-        if read_json(os.path.join(dst, SPLITS_FILE)) != splits:
-            write_json_atomic(os.path.join(dst, SPLITS_FILE), splits)
-        if read_json(os.path.join(dst, POOL_FILE)) != pools:
-            write_json_atomic(os.path.join(dst, POOL_FILE), pools)
+        if read_json(os.path.join(dst, SPLITS_FILE), None) != splits:
+            atomic_write_json(os.path.join(dst, SPLITS_FILE), splits)
+        if read_json(os.path.join(dst, POOL_FILE), None) != pools:
+            atomic_write_json(os.path.join(dst, POOL_FILE), pools)
         if extension is not None:
             os.makedirs(extension, exist_ok=True)
             _link(extension, os.path.join(dst, EXTENSION_DIR))
@@ -421,7 +405,7 @@ class BenchmarkRunner:
         env.pop("TSKD_SCHEDULE", None)  # the schedule is for nnU-Net trainings only
         state = {"stage": stage, "fold": fold, "status": "running", "started": _now(),
                  "attempts": int(state.get("attempts", 0)) + 1, "commands": cmds}
-        write_json_atomic(state_path, state)
+        atomic_write_json(state_path, state)
         _say(f"stage {stage} fold {fold}")
         t0 = time.time()
         try:
@@ -431,10 +415,10 @@ class BenchmarkRunner:
                 raise StepFailed(f"stage {stage} finished but its output {output} does not exist. Fix: make the "
                                  f"command write it or correct \"output\" of stage {stage}")
         except StepFailed as e:
-            write_json_atomic(state_path, {**state, "status": "failed", "finished": _now(), "error": str(e),
+            atomic_write_json(state_path, {**state, "status": "failed", "finished": _now(), "error": str(e),
                                            "error_tail": e.tail})
             raise StepFailed(f"stage {stage} failed: {e}", e.tail) from None
-        write_json_atomic(state_path, {**state, "status": "done", "finished": _now(), "seconds": time.time() - t0,
+        atomic_write_json(state_path, {**state, "status": "done", "finished": _now(), "seconds": time.time() - t0,
                                        "output": output})
 
     # ---------------------------------------------------------------- runs
@@ -451,7 +435,7 @@ class BenchmarkRunner:
         return sorted(f[: -len(fe)] for f in os.listdir(os.path.join(self.raw_dataset, "labelsTs")) if f.endswith(fe))
 
     def file_ending(self) -> str:
-        dj = read_json(os.path.join(self.raw_dataset, "dataset.json"))
+        dj = read_json(os.path.join(self.raw_dataset, "dataset.json"), None)
         if not dj or "file_ending" not in dj:
             raise BenchmarkError(f"{self.raw_dataset}/dataset.json is missing or has no file_ending")
         return dj["file_ending"]
@@ -503,7 +487,7 @@ class BenchmarkRunner:
             "attempts": int(old.get("attempts", 0)) + 1, "started": _now(), "profile": self.profile_name,
             "device": self.device, "schedule": self.profile.get("schedule"), "data": spec.get("data", "labeled"),
             "n_labeled": len(splits[fold]["train"]), "n_val": len(splits[fold]["val"]), "timings": {}}
-        write_json_atomic(state_path, state)
+        atomic_write_json(state_path, state)
         _say(f"{tag}: {'resuming' if old else 'starting'} (attempt {state['attempts']}, "
              f"{state['n_labeled']} labeled cases)")
         logs = os.path.join(rdir, "logs")
@@ -543,11 +527,11 @@ class BenchmarkRunner:
             state["timings"]["measure_s"] = round(time.time() - t0, 1)
         except (StepFailed, BenchmarkConfigError) as e:
             tail = getattr(e, "tail", "")
-            write_json_atomic(state_path, {**state, "status": "failed", "finished": _now(), "error": str(e),
+            atomic_write_json(state_path, {**state, "status": "failed", "finished": _now(), "error": str(e),
                                            "error_tail": tail})
             _say(f"{tag}: FAILED: {e}")
             return "failed"
-        write_json_atomic(state_path, {**state, "status": "done", "finished": _now()})
+        atomic_write_json(state_path, {**state, "status": "done", "finished": _now()})
         _say(f"{tag}: done ({state.get('params', 0) / 1e6:.2f} M parameters, "
              f"{state.get('latency_ms', float('nan')):.1f} ms/case)")
         return "done"
@@ -606,7 +590,7 @@ class BenchmarkRunner:
                os.path.join(self.raw_dataset, "imagesTs"), "-o", out, "--file-ending", self.file_ending(),
                "-n", str(self.params.get("latency_cases", 3)), "-device", self.device]
         run_logged(cmd, env, os.path.join(logs, "measure.log"), "measure")
-        m = read_json(out)
+        m = read_json(out, None)
         if not m:
             raise StepFailed(f"measure wrote no {out}")
         return {k: m[k] for k in ("params", "params_checkpoint", "latency_ms", "latency_cases", "torch_threads")

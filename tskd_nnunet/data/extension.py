@@ -26,11 +26,13 @@ import copy
 import json
 import os
 import shutil
-import tempfile
 import uuid
 from typing import Dict, List, Optional, Sequence, Type, Union
 
 import numpy as np
+
+# the package's one atomic JSON writer, under the name synthetic/cases.py imports
+from tskd_nnunet.atomic_io import atomic_write_json as write_json_atomic  # noqa: F401
 
 SOURCES = ("synthetic", "unlabeled")
 PREFIXES = {"synthetic": "syn_", "unlabeled": "unl_"}
@@ -143,33 +145,6 @@ def read_manifest(folder: str) -> dict:
     except json.JSONDecodeError as e:
         raise ExtensionError(f"{path} is not valid JSON ({e}). Fix: delete it and re-run the command that wrote "
                              f"the folder") from None
-
-
-def write_json_atomic(path: str, obj: dict) -> None:
-    """Write JSON to a temp file in the same folder, then ``os.replace`` it over ``path``."""
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=_json_default)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, tuple):
-        return list(o)
-    raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
 def write_manifest(folder: str, manifest: dict) -> None:

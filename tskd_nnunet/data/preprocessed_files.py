@@ -7,9 +7,10 @@
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import List, Optional, Type, Union
+
+from tskd_nnunet.atomic_io import read_json
 
 POOL_FILE = "tskd_unlabeled_pool.json"
 _REWRITE = "Fix: rewrite it with dataset_conversion/label_budget.py"
@@ -24,11 +25,7 @@ def read_unlabeled_pool(preprocessed_base: str, fold: Optional[Union[int, str]])
     path = os.path.join(preprocessed_base, POOL_FILE)
     if not os.path.isfile(path) or fold == "all":
         return []
-    try:
-        with open(path) as f:
-            pools = json.load(f)
-    except (OSError, ValueError) as e:
-        raise PreprocessedFileError(f"cannot read {path} ({e}). {_REWRITE}") from None
+    pools = read_json(path, error=PreprocessedFileError, fix="rewrite it with dataset_conversion/label_budget.py")
     if not isinstance(pools, list) or not all(isinstance(p, list) for p in pools):
         raise PreprocessedFileError(f"{path} must be a list with one list of case ids per fold. {_REWRITE}")
     if fold is None:

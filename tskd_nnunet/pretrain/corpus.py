@@ -26,7 +26,6 @@ Intensities are already normalised by nnU-Net (z-score or CT clipping + z-score)
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tskd_nnunet.atomic_io import read_json
 from tskd_nnunet.data.preprocessed_files import dataset_class_for, read_unlabeled_pool
 from tskd_nnunet.data.extension import (SOURCES, ExtensionError, extension_folder, extension_root,
                                         list_extension_cases, preprocessed_config_folder)
@@ -91,19 +91,12 @@ def raw_test_ids(raw_dataset_folder: str, file_ending: str) -> List[str]:
     return sorted({m.group(1) for m in (pattern.match(n) for n in os.listdir(folder)) if m})
 
 
-def _load_json(path: str, fix: str):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise PretrainCorpusError(f"cannot read {path} ({e}). Fix: {fix}") from None
-
-
 def fold_validation_ids(preprocessed_base: str, all_ids: Sequence[str], fold: int) -> List[str]:
     """Validation ids of ``fold``: splits_final.json, or nnU-Net's own seeded split if the file is absent."""
     splits_file = os.path.join(preprocessed_base, "splits_final.json")
     if os.path.isfile(splits_file):
-        splits = _load_json(splits_file, "rewrite it with dataset_conversion/label_budget.py or delete it")
+        splits = read_json(splits_file, error=PretrainCorpusError,
+                           fix="rewrite it with dataset_conversion/label_budget.py or delete it")
     else:
         from nnunetv2.utilities.crossval_split import generate_crossval_split
         splits = generate_crossval_split(sorted(all_ids), seed=12345, n_splits=5)
@@ -192,8 +185,8 @@ class PretrainCorpus(torch.utils.data.IterableDataset):
         if not os.path.isdir(raw_folder):
             raise PretrainCorpusError(f"raw dataset {raw_folder} not found, so its test cases (imagesTs) cannot be "
                                       f"kept out of the corpus. Fix: set nnUNet_raw to the folder holding {name}")
-        ending = _load_json(os.path.join(preprocessed_base, "dataset.json"),
-                            "rerun nnUNetv2_plan_and_preprocess")["file_ending"]
+        ending = read_json(os.path.join(preprocessed_base, "dataset.json"), error=PretrainCorpusError,
+                           fix="rerun nnUNetv2_plan_and_preprocess")["file_ending"]
         test = set(raw_test_ids(raw_folder, ending))
         for s in sources:
             leaked = [i for i in s.identifiers if i in test]

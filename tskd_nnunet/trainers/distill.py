@@ -21,7 +21,6 @@ from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMu
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 from batchgenerators.utilities.file_and_folder_operations import join
 from torch import autocast, nn
-from torch._dynamo import OptimizedModule
 
 from nnunetv2.paths import nnUNet_raw, nnUNet_results
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
@@ -42,15 +41,14 @@ from tskd_nnunet.models.students import (build_plans_student, build_vit_student,
                                          load_vit_student_weights, resolve_vit_student_spec)
 from tskd_nnunet.models.teacher_net import (TeacherSpec, adamw_param_groups, deep_supervision_scales,
                                             resolve_recorded_spec)
+from tskd_nnunet.models.util import unwrap_network
 from tskd_nnunet.trainers.base import ScheduledTrainer
 from tskd_nnunet.trainers.teacher import WarmupPolyLRScheduler
 
 HEADS_KEY = "tskd_kd_heads"  # checkpoint key of the training-only feature-KD projection
 
 
-def _unwrap(network: nn.Module) -> nn.Module:
-    mod = network.module if hasattr(network, "module") and not isinstance(network, OptimizedModule) else network
-    return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
+_unwrap = unwrap_network  # DDP / torch.compile wrapper -> the student module
 
 
 class DistillTrainer(ScheduledTrainer):
