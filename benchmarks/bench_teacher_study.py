@@ -1,4 +1,5 @@
-"""Teacher study on real data: test Dice, training minutes and peak memory of teacher settings vs plain nnU-Net.
+"""Teacher study on real data: test Dice, training minutes and peak memory of teacher settings vs plain nnU-Net,
+and of students distilled from one of them (cached vs online KD).
 
 Each arm is ``nnUNetv2_train DATASET CONFIG FOLD -tr TRAINER -device DEVICE`` under one ``TSKD_SCHEDULE``, then
 ``nnUNetv2_predict`` on the raw dataset's imagesTs and ``tskd_evaluate`` against labelsTs. One JSON per arm lands
@@ -34,7 +35,23 @@ ARMS: Dict[str, Dict] = {
                             "what": "as lms_sam_last, RANDOM weights (the foundation's contribution)"},
     "lms_sam_frozen_random": {"trainer": "LiteMedSAMTeacherTrainer_frozen", "env": {"TSKD_ALLOW_RANDOM_TEACHER": "1"},
                               "results_suffix": "_random", "what": "as lms_sam_frozen, RANDOM weights"},
+    # students (transfer set = labeled + the unlabeled pool): cached vs online KD from the same teacher
+    "kd_cached": {"trainer": "DistillTrainer", "env": {"TSKD_KD_MODE": "cached"}, "teacher_from": "--teacher",
+                  "what": "TS-KD student, cached teacher targets"},
+    "kd_online": {"trainer": "DistillTrainer", "env": {"TSKD_KD_MODE": "online"}, "teacher_from": "--teacher",
+                  "results_suffix": "_online", "what": "TS-KD student, online teacher"},
 }
+
+
+def link_models(src_results: str, dst_results: str) -> None:
+    """Make every trained model folder of ``src_results`` visible in ``dst_results`` (teachers for a student
+    trained into another results root)."""
+    for ds in os.listdir(src_results):
+        for model in os.listdir(os.path.join(src_results, ds)):
+            dst = os.path.join(dst_results, ds, model)
+            if not os.path.exists(dst):
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                os.symlink(os.path.join(src_results, ds, model), dst)
 
 
 def run_measured(cmd: List[str], env: Dict[str, str], log: str) -> Dict[str, float]:
@@ -70,9 +87,15 @@ def run_arm(name: str, a: argparse.Namespace, out_dir: str) -> dict:
     bin_dir = os.path.dirname(sys.executable)
     env = dict(os.environ, TSKD_SCHEDULE=a.schedule, nnUNet_n_proc_DA="0")
     env.update(spec.get("env", {}))
+    if spec.get("teacher_from"):
+        if not a.teacher:
+            raise SystemExit(f"arm {name} distils a teacher: pass --teacher TRAINER (a trained arm's trainer)")
+        env["TSKD_TEACHER_TRAINER"] = a.teacher
     if spec.get("results_suffix"):  # another nnUNet_results, so the same trainer name can be trained twice
         env["nnUNet_results"] = os.environ["nnUNet_results"] + spec["results_suffix"]
         os.makedirs(env["nnUNet_results"], exist_ok=True)
+        if spec.get("teacher_from"):
+            link_models(os.environ["nnUNet_results"], env["nnUNet_results"])
     log = os.path.join(a.work, f"{name}.log")
     train = run_measured([os.path.join(bin_dir, "nnUNetv2_train"), str(a.dataset), a.configuration, str(a.fold),
                           "-tr", spec["trainer"], "-device", a.device], env, log)
@@ -88,7 +111,8 @@ def run_arm(name: str, a: argparse.Namespace, out_dir: str) -> dict:
     subprocess.run([sys.executable, "-m", "tskd_nnunet.evaluation.cli", "-ref", os.path.join(raw, "labelsTs"),
                     "-pred", pred, "-djfile", os.path.join(raw, "dataset.json"), "-o", csv], env=env_pred, check=True,
                    stdout=subprocess.DEVNULL)
-    result = dict(arm=name, trainer=spec["trainer"], what=spec["what"], schedule=a.schedule, fold=a.fold,
+    result = dict(arm=name, trainer=spec["trainer"], what=spec["what"] + (f" ({a.teacher})" if spec.get("teacher_from")
+                                                                          else ""), schedule=a.schedule, fold=a.fold,
                   configuration=a.configuration, dataset=ds, device=a.device, train_minutes=train["minutes"],
                   train_peak_gb=train["peak_gb"], predict_minutes=predict["minutes"],
                   commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -138,6 +162,7 @@ def main() -> None:
     p.add_argument("-device", dest="device", default="cpu")
     p.add_argument("--schedule", required=True, help="TSKD_SCHEDULE for every arm, e.g. 20,15,4")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--teacher", default=None, help="teacher trainer of the student arms (kd_cached, kd_online)")
     p.add_argument("-o", dest="out", required=True, help="result folder (one JSON per arm, report.md, PNG)")
     p.add_argument("--work", default=None, help="logs and predictions (default: OUT/../work_<name>)")
     a = p.parse_args()

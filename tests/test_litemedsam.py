@@ -155,3 +155,16 @@ def test_litemedsam_teacher_trains_and_predicts_through_nnunet_without_tskd_vari
     run_cmd([os.path.join(BIN, "nnUNetv2_train"), str(PHANTOM_ID), "2d", "0", "-tr", "LiteMedSAMTeacherTrainer_test",
              "-device", "cpu", "--val"], env)
     assert os.path.isfile(os.path.join(folder, "fold_0", "validation", "summary.json"))
+
+
+def test_distill_trainer_distils_the_litemedsam_teacher(litemedsam_run, tmp_path):
+    """The student finds the LiteMedSAM teacher by convention, caches its targets (CPU default) and trains."""
+    env = dict(_no_teacher_vars(litemedsam_run["env"]), TSKD_TEACHER_TRAINER="LiteMedSAMTeacherTrainer_test")
+    out = run_cmd([os.path.join(BIN, "nnUNetv2_train"), str(PHANTOM_ID), "2d", "0", "-tr", "DistillTrainer_test",
+                   "-device", "cpu"], env).stdout
+    assert "KD mode cached, teacher(s) LiteMedSAMTeacherTrainer_test" in out
+    assert "Teacher targets:" in out and "computed now" in out and "kd " in out
+    manifest = [os.path.join(r, f) for r, _, fs in os.walk(env["nnUNet_preprocessed"]) for f in fs
+                if f == "manifest.json" and "tskd_targets" in r]
+    teachers = [json.load(open(m))["teachers"][0]["trainer"] for m in manifest]
+    assert "LiteMedSAMTeacherTrainer_test" in teachers
