@@ -134,3 +134,39 @@ def test_extension_cases_need_a_prefix(distill_data):
     finally:
         for p in bad:
             os.remove(p)
+
+
+def test_synthetic_extension_from_a_generator_trained_on_held_out_cases_is_refused(distill_data):
+    """The manifest records the generator's training ids; a validation case of the fold (the split changed
+    after the generator was trained) or an imagesTs case among them refuses the extension."""
+    from tskd_nnunet.data.transfer_set import TransferSetError
+
+    base, _ = distill_data
+    folder = os.path.join(base, "tskd_extension", "nnUNetPlans_2d", "fold_0", "synthetic")
+    manifest = os.path.join(folder, "manifest.json")
+    original = open(manifest).read()
+
+    def record(ids):
+        with open(manifest, "w") as f:
+            json.dump({"cases": ["syn_000"], "runs": [{"seed": 3, "training_case_ids": ids}]}, f)
+    try:
+        record(TRAIN + POOL)                        # trained on the fold's training cases: fine
+        assert _build(base).counts()["synthetic"] == 1
+        record(TRAIN + POOL + [VAL[0]])
+        with pytest.raises(TransferSetError) as e:
+            _build(base)
+        msg = str(e.value)
+        assert "\n" not in msg and manifest in msg and os.path.join(base, "splits_final.json") in msg
+        assert "seed 3" in msg and "phantom_tr004" in msg and "validation case(s) of fold 0" in msg
+        assert "Fix: delete" in msg and "tskd_train_diffusion" in msg
+        record(TRAIN + ["phantom_ts000"])
+        with pytest.raises(TransferSetError, match=r"manifest.json \(seed 3\).*test \(imagesTs\) case\(s\) "
+                                                   r"\(phantom_ts000\)"):
+            _build(base, test_ids=["phantom_ts000"])
+        with open(manifest, "w") as f:               # a sampling run without ids cannot be checked
+            json.dump({"runs": [{"seed": 4}]}, f)
+        with pytest.raises(TransferSetError, match=r"seed 4 records no generator training ids"):
+            _build(base)
+    finally:
+        with open(manifest, "w") as f:
+            f.write(original)

@@ -159,6 +159,7 @@ def test_sample_command_writes_an_extension_nnunet_reads(in_env):
     run = manifest["runs"][-1]
     assert (run["seed"], run["sampler"], run["inference_steps"], run["count"], run["written"]) == (5, "ddim", 3, 4, 4)
     assert run["checkpoint_sha256"] == sha256_of(in_env["final"]) and run["resolution"] == [16, 16]
+    assert (run["resize"], run["upsampled_to"], run["working_resolution"]) == ("bilinear", [64, 64], [64, 64])
     assert run["training_case_ids"] == sorted(in_env["labeled"] + in_env["pool"])
     q = manifest["quality"]
     assert q["feature_extractor"] == "random_conv_v1" and np.isfinite(q["kid_mean"])
@@ -238,12 +239,22 @@ def test_train_command_reports_bad_fold_in_one_line(in_env):
     assert "fold 7 does not exist" in proc.stderr
 
 
-def test_distill_trainer_trains_on_the_synthetic_mix_through_nnunet(in_env):
+@pytest.fixture
+def synthetic_cases(in_env):
+    """At least 4 synthetic cases in fold 0's extension, whatever ran before (seed 61 of the tiny model)."""
+    from tskd_nnunet.data.extension import extension_folder, list_extension_cases
+    from tskd_nnunet.synthetic.sample import sample_to_extension
+    sample_to_extension(PHANTOM_ID, "2d", 0, 4, inference_steps=2, seed=61, batch_size=4, progress=False)
+    folder = extension_folder(PHANTOM_ID, "nnUNetPlans", "2d", 0, "synthetic")
+    assert len([i for i in list_extension_cases(folder) if i.startswith("syn_s61_")]) == 4
+    return list_extension_cases(folder)
+
+
+def test_distill_trainer_trains_on_the_synthetic_mix_through_nnunet(in_env, synthetic_cases):
     """Teacher (plain nnU-Net) + DistillTrainer_syn_test via the real nnUNetv2_train on labeled + synthetic."""
     from conftest import BIN, train_env
-    from tskd_nnunet.data.extension import extension_folder, list_extension_cases
-    n_syn = len(list_extension_cases(extension_folder(PHANTOM_ID, "nnUNetPlans", "2d", 0, "synthetic")))
-    assert n_syn >= 4  # written by the sampling tests above
+    n_syn = len(synthetic_cases)
+    assert n_syn >= 4
     env = train_env(in_env["env"], in_env["env"]["nnUNet_results"])
     train = [os.path.join(BIN, "nnUNetv2_train"), str(PHANTOM_ID), "2d", "0", "-device", "cpu", "-tr"]
     run_cmd(train + ["TSKDPlainTrainer_test"], env)
@@ -257,3 +268,156 @@ def test_distill_trainer_trains_on_the_synthetic_mix_through_nnunet(in_env):
     synthetic = int(seen[-1].rsplit("synthetic ", 1)[1])
     assert real + synthetic == 2 * 2 * 2 and synthetic > 0   # P(no synthetic draw at 0.9) = 1e-8
     assert "kd " in out
+
+
+# ----------------------------------------------------------------------------- provenance
+def _write_split(base, splits, pool):
+    with open(os.path.join(base, "splits_final.json"), "w") as f:
+        json.dump(splits, f)
+    with open(os.path.join(base, "tskd_unlabeled_pool.json"), "w") as f:
+        json.dump(pool, f)
+
+
+def test_generator_trained_on_a_now_validation_case_is_refused_at_sampling_and_distillation(in_env):
+    """A label budget set after the generator was trained moves one of its training cases to validation:
+    sampling refuses the checkpoint, and the transfer set refuses the extension sampled before."""
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+    from tskd_nnunet.data.extension import extension_folder
+    from tskd_nnunet.data.transfer_set import TransferSetError, build_transfer_set
+    from tskd_nnunet.synthetic.model import DiffusionCheckpointError
+    from tskd_nnunet.synthetic.sample import sample_to_extension
+
+    sample_to_extension(PHANTOM_ID, "2d", 0, 1, inference_steps=2, seed=41, progress=False)  # under the old split
+    base = os.path.join(in_env["env"]["nnUNet_preprocessed"], DS)
+    main = os.path.join(base, "nnUNetPlans_2d")
+    saved = {n: open(os.path.join(base, n)).read() for n in ("splits_final.json", "tskd_unlabeled_pool.json")}
+    splits = json.loads(saved["splits_final.json"])
+    moved = in_env["pool"][0]                      # a generator training case ...
+    pool = [c for c in in_env["pool"] if c != moved]
+    splits[0]["val"] = splits[0]["val"] + [moved]  # ... is now a validation case
+    try:
+        _write_split(base, splits, [pool] + [[] for _ in splits[1:]])
+        with pytest.raises(DiffusionCheckpointError) as e:
+            sample_to_extension(PHANTOM_ID, "2d", 0, 2, inference_steps=2, seed=42, progress=False)
+        msg = str(e.value)
+        assert "\n" not in msg and in_env["final"] in msg and os.path.join(base, "splits_final.json") in msg
+        assert moved in msg and "validation case(s) of fold 0" in msg and "Fix: retrain the generator" in msg
+        assert not [c for c in os.listdir(extension_folder(PHANTOM_ID, "nnUNetPlans", "2d", 0, "synthetic"))
+                    if c.startswith("syn_s42_")]
+
+        proc = run_cmd([sys.executable, "-m", "tskd_nnunet.synthetic.sample", str(PHANTOM_ID), "2d", "0", "-n", "1",
+                        "--steps", "2", "--seed", "43", "--no-quality", "-device", "cpu"], in_env["env"],
+                       expect_ok=False)
+        err = proc.stderr.strip().splitlines()
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr
+        assert err[-1].startswith("tskd_sample_diffusion: checkpoint ") and "splits_final.json" in err[-1]
+
+        with pytest.raises(TransferSetError) as e:   # what DistillTrainer calls with the current split
+            build_transfer_set(base, main, "nnUNetPlans", "2d", 0, splits[0]["train"], splits[0]["val"], set(),
+                               nnUNetDatasetBlosc2.get_identifiers(main))
+        msg = str(e.value)
+        ext = extension_folder(PHANTOM_ID, "nnUNetPlans", "2d", 0, "synthetic")
+        assert "\n" not in msg and os.path.join(ext, "manifest.json") in msg
+        assert os.path.join(base, "splits_final.json") in msg and moved in msg and "Fix: delete" in msg
+    finally:
+        for n, text in saved.items():
+            with open(os.path.join(base, n), "w") as f:
+                f.write(text)
+    # the original split: both pass again
+    build_transfer_set(base, main, "nnUNetPlans", "2d", 0, in_env["labeled"], in_env["val"], set(),
+                       nnUNetDatasetBlosc2.get_identifiers(main))
+
+
+def test_generator_with_a_test_case_is_refused(in_env, monkeypatch):
+    """A generator whose recorded ids include an imagesTs case is refused too (checked on the ids)."""
+    from tskd_nnunet.synthetic.model import DiffusionCheckpointError
+    from tskd_nnunet.synthetic.sample import check_generator_provenance
+    test_case = sorted(os.listdir(os.path.join(in_env["env"]["nnUNet_raw"], DS, "imagesTs")))[0].rsplit("_", 1)[0]
+    check_generator_provenance(PHANTOM_ID, 0, in_env["final"], in_env["labeled"])  # training ids: fine
+    with pytest.raises(DiffusionCheckpointError, match=rf"test case\(s\) in imagesTs \({test_case}\)"):
+        check_generator_provenance(PHANTOM_ID, 0, in_env["final"], in_env["labeled"] + [test_case])
+
+
+def test_no_command_writes_a_split(nnunet_env, tmp_path, monkeypatch):
+    """Without splits_final.json the generator commands say so in one line, and write none."""
+    from tskd_nnunet.synthetic import sample, train
+    env = isolated_copy(nnunet_env, str(tmp_path))   # the copy has no splits_final.json
+    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(k, env[k])
+    splits_file = os.path.join(env["nnUNet_preprocessed"], DS, "splits_final.json")
+    for prog, argv in ((train, [str(PHANTOM_ID), "2d", "0", "--steps", "1"]),
+                       (sample, [str(PHANTOM_ID), "2d", "0", "-n", "1", "--checkpoint", str(tmp_path / "x.pth")])):
+        if prog is sample:   # a checkpoint that names this dataset/fold, so only the split is missing
+            _fake_checkpoint(str(tmp_path / "x.pth"))
+        with pytest.raises(SystemExit) as e:
+            prog.main(argv)
+        msg = str(e.value.code)
+        assert "\n" not in msg and f"{splits_file} does not exist" in msg
+        assert "nnUNetv2_train once" in msg and "tskd_label_budget" in msg
+        assert not os.path.exists(splits_file)
+
+
+def _fake_checkpoint(path):
+    """The tiny module checkpoint is not available here: build a minimal one of the same format."""
+    from tskd_nnunet.synthetic.model import build_train_scheduler, build_unet, save_atomic
+    unet = build_unet(1, (16, 16), (8, 16), attention=False)
+    save_atomic({"unet_config": dict(unet.config), "unet": unet.state_dict(),
+                 "ema": {"shadow_params": [p.detach().clone() for p in unet.parameters()]}, "step": 1,
+                 "train_scheduler_config": dict(build_train_scheduler().config),
+                 "intensity_map": {"lo": [-1.0], "hi": [1.0]}, "sample_shape": [16, 16], "patch_size": [64, 64],
+                 "scale": 0.25, "dataset": DS, "plans": "nnUNetPlans", "configuration": "2d", "fold": 0,
+                 "case_ids": ["phantom_tr000"]}, path)
+
+
+# ----------------------------------------------------------------------------- working resolution
+def test_scaled_shape_at_the_working_resolution_never_resamples():
+    from tskd_nnunet.synthetic.cases import scaled_shape
+    from tskd_nnunet.synthetic.sample import resize_mode
+    assert scaled_shape((64, 64), 64, 2) == ((64, 64), 1.0)
+    assert scaled_shape((60, 64), 64, 8) == ((64, 64), 1.0)      # a side rounded up, then centre-cropped
+    assert resize_mode((64, 64), (60, 64), 1.0) == "crop" and resize_mode((64, 64), (64, 64), 1.0) == "none"
+    assert scaled_shape((64, 64), 16, 2) == ((16, 16), 0.25) and resize_mode((16, 16), (64, 64), 0.25) == "bilinear"
+
+
+def test_default_resolution_is_the_patch_size_and_cases_load_at_it(in_env, tmp_path, monkeypatch):
+    """No --resolution: the generator learns 64x64 (the phantom's patch size); the written cases are its
+    samples as they are (no upsampling), load through nnU-Net's dataloader at 64x64, and a seed gives
+    identical arrays."""
+    from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+    from tskd_nnunet.data.extension import extension_folder, read_manifest
+    from tskd_nnunet.synthetic.model import load_checkpoint
+    from tskd_nnunet.synthetic.sample import SyntheticGenerator, sample_to_extension
+    from tskd_nnunet.synthetic.train import DiffusionTrainSettings, train_diffusion
+
+    monkeypatch.setenv("nnUNet_results", str(tmp_path))   # keep the module's 16x16 generator
+    settings = DiffusionTrainSettings(**dict(TINY, steps=2, resolution=None, attention=False))
+    final = train_diffusion(PHANTOM_ID, "2d", 0, settings=settings, progress=False)
+    ck = load_checkpoint(final)
+    assert ck["sample_shape"] == ck["patch_size"] == [64, 64] and ck["settings"]["resolution"] == 64
+    assert ck["scale"] == 1.0
+
+    sample_to_extension(PHANTOM_ID, "2d", 0, 3, inference_steps=2, seed=51, batch_size=2, checkpoint=final,
+                        progress=False)
+    folder = extension_folder(PHANTOM_ID, "nnUNetPlans", "2d", 0, "synthetic")
+    run = next(r for r in read_manifest(folder)["runs"] if r["seed"] == 51)
+    assert (run["resolution"], run["working_resolution"], run["resize"], run["upsampled_to"]) == \
+        ([64, 64], [64, 64], "none", None)
+
+    gen = SyntheticGenerator(final, "ddim", 2)
+    batches = ([0, 1], [2])   # as sample_to_extension batched them (batch size 2): bit-identical arrays
+    raw = np.concatenate([gen.imap.to_normalised(gen._sample(51, b).float()).numpy() for b in batches])
+    a = np.concatenate([gen.generate(51, b) for b in batches])
+    np.testing.assert_array_equal(a, np.concatenate([gen.generate(51, b) for b in batches]))  # same seed
+    np.testing.assert_array_equal(a, raw)                                     # the model's pixels, not resampled
+    ids = [f"syn_s51_{i:05d}" for i in range(3)]
+    ds = nnUNetDatasetBlosc2(folder, ids)
+    for i, c in enumerate(ids):
+        data = np.asarray(ds.load_case(c)[0][:])
+        assert data.shape == (1, 1, 64, 64)
+        np.testing.assert_array_equal(data[:, 0], a[i])
+    dl = nnUNetDataLoader(ds, 2, (64, 64), (64, 64), LabelManager({"background": 0, "head": 1}, None),
+                          oversample_foreground_percent=0.0)
+    batch = dl.generate_train_batch()
+    assert tuple(batch["data"].shape) == (2, 1, 64, 64) and set(batch["keys"]) <= set(ids)

@@ -12,7 +12,8 @@ Sources (documentation/conventions.md, "Transfer set"):
 ``nnUNetDataLoader`` and augmentation run unchanged. Unlabeled cases get all-zero segmentations and
 empty ``class_locations``, so nnU-Net's foreground oversampling falls back to a random crop for them
 (and never peeks at a pool case's real label). ``check_no_leak`` refuses any validation or imagesTs
-case in the transfer set.
+case in the transfer set; ``check_extension_provenance`` refuses an extension whose manifest records
+a generator trained on a validation or imagesTs case of the current split.
 """
 from __future__ import annotations
 
@@ -130,6 +131,49 @@ def check_no_leak(ts: TransferSet, val_ids: Iterable[str], test_ids: Iterable[st
                                    f", from {origin}; {what} cases are listed in {where}); remove them from {origin}")
 
 
+def generator_ids_of(folder: str) -> Dict[str, List[str]]:
+    """The generator training ids an extension folder's ``manifest.json`` records, per sampling run
+    (``"seed <s>" -> ids``); ``{}`` for a folder without sampling runs (e.g. real unlabeled images)."""
+    import json
+    path = os.path.join(folder, "manifest.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise TransferSetError(f"{path} is unreadable ({e}); delete {folder} and write it again "
+                               f"(tskd_sample_diffusion / tskd_preprocess_unlabeled)") from None
+    out = {}
+    for run in manifest.get("runs", []) if isinstance(manifest, dict) else []:
+        if "training_case_ids" not in run:
+            raise TransferSetError(f"{path}: sampling run seed {run.get('seed')} records no generator training ids, so "
+                                   f"its provenance cannot be checked; delete {folder} and sample again with "
+                                   f"tskd_sample_diffusion")
+        out[f"seed {run.get('seed')}"] = list(run["training_case_ids"])
+    return out
+
+
+def check_extension_provenance(extension: Dict[str, Tuple[str, List[str]]], val_ids: Iterable[str],
+                               test_ids: Iterable[str], splits_file: str, fold) -> None:
+    """Refuse a (synthetic) extension whose recorded generator training ids include a validation case
+    of this fold or a test (imagesTs) case of the current split: images learned from held-out cases
+    must not reach distillation, even when the split changed after the generator was trained."""
+    val, test = set(val_ids), set(test_ids)
+    for _, (folder, _) in sorted(extension.items()):
+        for run, ids in generator_ids_of(folder).items():
+            v, t = sorted(set(ids) & val), sorted(set(ids) & test)
+            if not (v or t):
+                continue
+            what = " and ".join(([f"{len(v)} validation case(s) of fold {fold} in {splits_file} ({', '.join(v[:5])})"]
+                                 if v else []) +
+                                ([f"{len(t)} test (imagesTs) case(s) ({', '.join(t[:5])})"] if t else []))
+            raise TransferSetError(f"{os.path.join(folder, 'manifest.json')} ({run}) records a generator trained on "
+                                   f"{what}: its synthetic images would leak held-out cases into distillation; "
+                                   f"Fix: delete {folder} and sample again from a generator retrained on the current "
+                                   f"split (tskd_train_diffusion, then tskd_sample_diffusion)")
+
+
 def build_transfer_set(preprocessed_base: str, main_folder: str, plans_name: str, configuration: str, fold,
                        train_ids: Sequence[str], val_ids: Sequence[str], test_ids: Iterable[str],
                        main_identifiers: Iterable[str]) -> TransferSet:
@@ -147,8 +191,10 @@ def build_transfer_set(preprocessed_base: str, main_folder: str, plans_name: str
     if clash:
         raise TransferSetError(f"extension case ids clash with preprocessed case ids ({', '.join(clash[:5])}) under "
                                f"{extension_fold_folder(preprocessed_base, plans_name, configuration, fold)}")
-    check_no_leak(ts, val_ids if fold != "all" else [], test_ids,
-                  os.path.join(preprocessed_base, "splits_final.json"), pool_file)
+    test_ids = set(test_ids)
+    splits_file = os.path.join(preprocessed_base, "splits_final.json")
+    check_no_leak(ts, val_ids if fold != "all" else [], test_ids, splits_file, pool_file)
+    check_extension_provenance(ts.extension, val_ids if fold != "all" else [], test_ids, splits_file, fold)
     return ts
 
 

@@ -3,6 +3,9 @@
 Only training cases of the fold: ``splits_final.json[fold]['train']`` plus (by default) the fold's
 ``tskd_unlabeled_pool.json`` entry, whose cases are training cases whose labels are hidden. Never the
 fold's ``val`` cases, never imagesTs (those are not in the preprocessed folder at all).
+
+The split must exist (nothing here writes ``splits_final.json``), and :func:`held_out_training_ids`
+compares a generator's recorded training ids with the *current* split (provenance check of sampling).
 """
 from __future__ import annotations
 
@@ -27,32 +30,45 @@ def _load_json(path: str, fix: str):
         raise ExtensionError(f"{path} is not valid JSON ({e}). Fix: {fix}") from None
 
 
-def fold_case_ids(dataset_name_or_id: Union[int, str], plans: str, configuration: str, fold: int,
-                  include_unlabeled_pool: bool = True) -> Dict[str, List[str]]:
-    """``{'train': [...], 'pool': [...], 'val': [...], 'used': sorted(train + pool)}`` for one fold.
+SPLITS_FILE = "splits_final.json"
 
-    Creates ``splits_final.json`` exactly as nnU-Net's trainer would (5-fold, seed 12345) when absent,
-    so that the diffusion model and every later ``nnUNetv2_train`` agree on the split."""
-    from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+def splits_file_of(dataset_name_or_id: Union[int, str]) -> str:
+    return os.path.join(os.environ["nnUNet_preprocessed"], dataset_name(dataset_name_or_id), SPLITS_FILE)
+
+
+def read_fold_split(dataset_name_or_id: Union[int, str], fold: int) -> Tuple[List[str], List[str], str]:
+    """``(train, val, splits_file)`` of one fold of the dataset's existing ``splits_final.json``.
+
+    Never writes a split: a missing file is an error naming the fix, so that no command silently
+    fixes a split that a later label budget or ``nnUNetv2_train`` would replace."""
     name = dataset_name(dataset_name_or_id)
-    base = os.path.join(os.environ["nnUNet_preprocessed"], name)
     if not isinstance(fold, int) and not str(fold).isdigit():
         raise ExtensionError(f"fold {fold!r}: the diffusion model is trained per cross-validation fold. "
                              f"Fix: pass an integer fold (0-4); 'all' has no held-out cases to protect")
     fold = int(fold)
-    splits_file = os.path.join(base, "splits_final.json")
+    splits_file = splits_file_of(name)
     if not os.path.isfile(splits_file):
-        folder = preprocessed_config_folder(name, plans, configuration)
-        ids = sorted(extension_dataset_class(name, plans, configuration).get_identifiers(folder))
-        splits = generate_crossval_split(ids, seed=12345, n_splits=5)
-        from tskd_nnunet.data.extension import write_json_atomic
-        write_json_atomic(splits_file, splits)
-        print(f"Created {splits_file} (nnU-Net's default 5-fold split)")
-    splits = _load_json(splits_file, "delete it to get nnU-Net's default split, or re-run the label budget script")
+        raise ExtensionError(f"{splits_file} does not exist, so the fold's training/validation cases are unknown. "
+                             f"Fix: run nnUNetv2_plan_and_preprocess then nnUNetv2_train once (it writes the split), "
+                             f"or set a label budget with tskd_label_budget -d {name} -n N")
+    splits = _load_json(splits_file, "delete it and re-run nnUNetv2_train once, or re-run tskd_label_budget")
     if fold >= len(splits):
         raise ExtensionError(f"fold {fold} does not exist in {splits_file} ({len(splits)} folds). "
                              f"Fix: pass a fold in 0..{len(splits) - 1}")
-    train, val = list(splits[fold]["train"]), list(splits[fold]["val"])
+    return list(splits[fold]["train"]), list(splits[fold]["val"]), splits_file
+
+
+def fold_case_ids(dataset_name_or_id: Union[int, str], plans: str, configuration: str, fold: int,
+                  include_unlabeled_pool: bool = True) -> Dict[str, List[str]]:
+    """``{'train': [...], 'pool': [...], 'val': [...], 'used': sorted(train + pool)}`` for one fold.
+
+    Reads the existing ``splits_final.json`` (and ``tskd_unlabeled_pool.json``); refuses when the split
+    is missing instead of creating one (see :func:`read_fold_split`)."""
+    name = dataset_name(dataset_name_or_id)
+    base = os.path.join(os.environ["nnUNet_preprocessed"], name)
+    train, val, splits_file = read_fold_split(name, fold)
+    fold = int(fold)
     pool: List[str] = read_unlabeled_pool(base, fold) if include_unlabeled_pool else []
     pool_file = os.path.join(base, POOL_FILE)
     leaked = sorted(set(train + pool) & set(val))
@@ -60,6 +76,41 @@ def fold_case_ids(dataset_name_or_id: Union[int, str], plans: str, configuration
         raise ExtensionError(f"cases {leaked[:5]} are in both the training ids and the validation ids of fold {fold} "
                              f"({splits_file}, {pool_file}). Fix: correct the split files")
     return {"train": sorted(train), "pool": sorted(pool), "val": sorted(val), "used": sorted(set(train + pool))}
+
+
+def imagests_case_ids(dataset_name_or_id: Union[int, str]) -> List[str]:
+    """Case ids of the raw dataset's ``imagesTs`` (empty when nnUNet_raw or the folder is absent)."""
+    from tskd_nnunet.data.transfer_set import raw_test_ids
+    name = dataset_name(dataset_name_or_id)
+    raw = os.environ.get("nnUNet_raw")
+    dataset_json = os.path.join(os.environ["nnUNet_preprocessed"], name, "dataset.json")
+    if not raw or not os.path.isfile(dataset_json):
+        return []
+    with open(dataset_json) as f:
+        ending = json.load(f)["file_ending"]
+    return sorted(raw_test_ids(os.path.join(raw, name), ending))
+
+
+def held_out_training_ids(dataset_name_or_id: Union[int, str], fold: int,
+                          generator_case_ids: Sequence[str]) -> Tuple[List[str], List[str], str]:
+    """Which of a generator's training ids are validation cases of ``fold`` or test cases (imagesTs)
+    of the *current* split: ``(val_hits, test_hits, splits_file)``; both empty = provenance ok."""
+    _, val, splits_file = read_fold_split(dataset_name_or_id, fold)
+    ids = set(generator_case_ids)
+    return sorted(ids & set(val)), sorted(ids & set(imagests_case_ids(dataset_name_or_id))), splits_file
+
+
+def provenance_message(what: str, fold: int, val_hits: Sequence[str], test_hits: Sequence[str],
+                       splits_file: str, fix: str) -> str:
+    """One line: ``what`` (a file) was trained on held-out cases of the current split, and the fix."""
+    parts = []
+    if val_hits:
+        parts.append(f"{len(val_hits)} validation case(s) of fold {fold} in {splits_file} "
+                     f"({', '.join(val_hits[:5])})")
+    if test_hits:
+        parts.append(f"{len(test_hits)} test case(s) in imagesTs ({', '.join(test_hits[:5])})")
+    return (f"{what} comes from a generator trained on {' and '.join(parts)}: its images would leak held-out cases "
+            f"into distillation (the split changed after the generator was trained). Fix: {fix}")
 
 
 def load_cases(dataset_name_or_id: Union[int, str], plans: str, configuration: str,
@@ -78,11 +129,17 @@ def load_cases(dataset_name_or_id: Union[int, str], plans: str, configuration: s
 
 def scaled_shape(patch_size: Sequence[int], resolution: int, multiple: int) -> Tuple[Tuple[int, int], float]:
     """Model image shape for a 2D patch size: the patch scaled so its longer side is ``resolution``,
-    each side rounded to a multiple of the UNet's down-sampling factor. Returns (shape, scale)."""
+    each side rounded to a multiple of the UNet's down-sampling factor. Returns (shape, scale).
+    ``resolution == max(patch_size)`` (the default) is the working resolution: scale 1, each side
+    rounded up, so sampling only crops and never resamples."""
     if len(patch_size) != 2:
         raise ExtensionError(f"patch size {tuple(patch_size)} is not 2D. Fix: train the diffusion model on a 2d "
                              f"configuration (-c 2d)")
     scale = resolution / max(patch_size)
+    if resolution == max(patch_size):
+        # working resolution: no resampling; a side that is not a multiple is rounded *up* and the
+        # sample is centre-cropped back to the patch size (pixels keep their size)
+        return tuple(max(multiple, -(-int(p) // multiple) * multiple) for p in patch_size), 1.0  # type: ignore
     shape = tuple(max(multiple, int(round(p * scale / multiple)) * multiple) for p in patch_size)
     return shape, scale  # type: ignore[return-value]
 

@@ -4,13 +4,19 @@
                           [--batch-size 16] [--checkpoint final|latest|PATH]
 
 Images are generated in model space, mapped back to nnU-Net's normalised intensities with the
-checkpoint's intensity map, upsampled (bilinear) to the configuration's patch size when the model
-resolution is lower, and written with :class:`tskd_nnunet.data.extension.ExtensionWriter` as cases
-``syn_s<seed>_<index>`` of shape ``(channels, 1, *patch_size)``.
+checkpoint's intensity map and written at the configuration's patch size (the working resolution):
+as sampled when the generator was trained at that size (the default), upsampled (bilinear) only
+when it was trained at a lower ``--resolution``. They are written with
+:class:`tskd_nnunet.data.extension.ExtensionWriter` as cases ``syn_s<seed>_<index>`` of shape
+``(channels, 1, *patch_size)``.
 
 Determinism and resume: image ``i`` of seed ``s`` comes from its own generator seeded by ``(s, i)``,
 so the same seed gives the same images whatever the batch size, and a re-run after an interruption
-generates only the missing cases. The manifest lists one entry per seed.
+generates only the missing cases. The manifest lists one entry per seed, with the generator's
+training case ids.
+
+Provenance: a generator whose training ids include a validation case of the fold or an imagesTs case
+of the *current* ``splits_final.json`` is refused (the split may have changed after training).
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ from tskd_nnunet.data.extension import (ExtensionError, ExtensionWriter, dataset
 from tskd_nnunet.synthetic.model import (SAMPLERS, DiffusionCheckpointError, IntensityMap, load_checkpoint, sha256_of,
                                          unet_from_checkpoint)
 from tskd_nnunet.synthetic.model import NormalisedImagePipeline, build_sampling_scheduler, image_generators
+from tskd_nnunet.synthetic import cases as fold_cases
 from tskd_nnunet.synthetic.train import CHECKPOINT_FINAL, CHECKPOINT_LATEST, default_device, diffusion_output_folder
 
 
@@ -60,14 +67,19 @@ class SyntheticGenerator:
         self.sampler, self.inference_steps = sampler, int(inference_steps)
         self.imap = IntensityMap(**self.ckpt["intensity_map"])
         self.patch_size = tuple(self.ckpt["patch_size"])
+        self.model_shape = tuple(self.ckpt["sample_shape"])
+        self.resize = resize_mode(self.model_shape, self.patch_size, float(self.ckpt.get("scale", 1.0)))
 
     def generate(self, seed: int, indices: Sequence[int]) -> np.ndarray:
         """``(len(indices), channels, *patch_size)`` float32 in nnU-Net's normalised space."""
         x = self._sample(seed, indices)
         x = self.imap.to_normalised(x.float().cpu())
-        if tuple(x.shape[2:]) != self.patch_size:
+        if self.resize == "crop":
+            oy, ox = [(m - p) // 2 for m, p in zip(self.model_shape, self.patch_size)]
+            x = x[:, :, oy:oy + self.patch_size[0], ox:ox + self.patch_size[1]]
+        elif self.resize == "bilinear":
             x = F.interpolate(x, size=self.patch_size, mode="bilinear", align_corners=False)
-        return x.numpy().astype(np.float32)
+        return np.ascontiguousarray(x.numpy(), dtype=np.float32)
 
     def _sample(self, seed: int, indices: Sequence[int]) -> torch.Tensor:
         pipe = NormalisedImagePipeline(unet=self.unet,
@@ -75,6 +87,30 @@ class SyntheticGenerator:
         pipe.set_progress_bar_config(disable=True)
         return pipe(batch_size=len(indices), generator=image_generators(seed, indices),
                     num_inference_steps=self.inference_steps)
+
+
+def resize_mode(model_shape: Sequence[int], patch_size: Sequence[int], scale: float) -> str:
+    """How a model sample becomes a patch-size case: ``none`` (trained at the working resolution),
+    ``crop`` (working resolution, a side rounded up to the UNet's multiple) or ``bilinear`` (a generator
+    trained at a lower ``--resolution``: upsampled)."""
+    if tuple(model_shape) == tuple(patch_size):
+        return "none"
+    if abs(scale - 1.0) < 1e-9 and all(m >= p for m, p in zip(model_shape, patch_size)):
+        return "crop"
+    return "bilinear"
+
+
+def check_generator_provenance(dataset_name_or_id: Union[int, str], fold: int, checkpoint_path: str,
+                               generator_case_ids: Sequence[str]) -> None:
+    """Refuse a generator whose training ids include a validation case of ``fold`` or an imagesTs case
+    of the *current* split (e.g. a label budget set after the generator was trained)."""
+    val_hits, test_hits, splits_file = fold_cases.held_out_training_ids(dataset_name_or_id, fold, generator_case_ids)
+    if val_hits or test_hits:
+        folder = os.path.dirname(os.path.abspath(checkpoint_path))
+        raise DiffusionCheckpointError(fold_cases.provenance_message(
+            f"checkpoint {checkpoint_path}", int(fold), val_hits, test_hits, splits_file,
+            f"retrain the generator on the current split (delete {folder}, then tskd_train_diffusion), or restore "
+            f"the split it was trained on"))
 
 
 def _batches(items: List[int], size: int) -> Iterable[List[int]]:
@@ -100,12 +136,27 @@ def sample_to_extension(dataset_name_or_id: Union[int, str], configuration: str,
         if ck[key] != want:
             raise DiffusionCheckpointError(f"{path} was trained for {key}={ck[key]!r}, not {want!r}. Fix: sample with a "
                                            f"checkpoint of this dataset/configuration/fold (the extension is per fold)")
+    if "case_ids" not in ck:
+        raise DiffusionCheckpointError(f"{path} records no training case ids, so its provenance cannot be checked. "
+                                       f"Fix: retrain it with this version of tskd_train_diffusion")
+    check_generator_provenance(name, fold, path, ck["case_ids"])
     writer = ExtensionWriter(name, plans, configuration, fold, "synthetic")
     sha = sha256_of(path)
     run = {"seed": int(seed), "checkpoint": os.path.abspath(path), "checkpoint_sha256": sha, "step": int(ck["step"]),
            "sampler": sampler, "inference_steps": int(inference_steps), "resolution": list(ck["sample_shape"]),
-           "upsampled_to": list(gen.patch_size), "training_case_ids": list(ck["case_ids"])}
+           "working_resolution": list(gen.patch_size), "resize": gen.resize,
+           "upsampled_to": list(gen.patch_size) if gen.resize == "bilinear" else None,
+           "training_case_ids": list(ck["case_ids"])}
     manifest = read_manifest(writer.folder)
+    for r in manifest.get("runs", []):  # earlier runs in this folder must pass the same check
+        if r["seed"] != seed:
+            val_hits, test_hits, splits_file = fold_cases.held_out_training_ids(name, fold,
+                                                                                r.get("training_case_ids", []))
+            if val_hits or test_hits:
+                raise ExtensionError(fold_cases.provenance_message(
+                    f"seed {r['seed']} in {os.path.join(writer.folder, 'manifest.json')}", int(fold), val_hits,
+                    test_hits, splits_file, f"delete {writer.folder} and sample again from a generator trained on "
+                                            f"the current split"))
     runs = [r for r in manifest.get("runs", []) if r["seed"] != seed]
     old = next((r for r in manifest.get("runs", []) if r["seed"] == seed), None)
     if old is not None:

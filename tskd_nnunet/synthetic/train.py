@@ -5,7 +5,10 @@
 Data: the fold's training cases only (see :mod:`tskd_nnunet.synthetic.cases`), read from nnU-Net's
 preprocessed folder, i.e. in nnU-Net's normalised space, all image channels jointly. Each 2D slice
 is scaled so that the configuration's patch size becomes ``resolution`` on its longer side; the
-model learns random crops of that (scaled patch) size. Sampling upsamples back to the patch size.
+model learns random crops of that (scaled patch) size. The default ``resolution`` is the patch size's
+longest side (the working resolution): no scaling, and sampling writes the model's output as is
+(centre-cropped when a side was rounded up). A smaller ``--resolution`` trains faster; sampling then
+upsamples back to the patch size.
 
 Output: ``$nnUNet_results/DatasetXXX/tskd_diffusion__<plans>__<configuration>/fold_<k>/`` with
 ``checkpoint_latest.pth`` (every ``--checkpoint-every`` steps, atomic; model, EMA, optimizer, step,
@@ -18,7 +21,7 @@ import argparse
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -40,7 +43,7 @@ PROGRESS_GRID = "progress_grid.png"
 @dataclass
 class DiffusionTrainSettings:
     steps: int = 20000
-    resolution: int = 64
+    resolution: Optional[int] = None   # None: the configuration's patch size (longest side), no resampling
     batch_size: int = 16
     learning_rate: float = 2e-4
     checkpoint_every: int = 1000
@@ -56,6 +59,12 @@ class DiffusionTrainSettings:
     # settings that must match when resuming (the rest may change between runs)
     ARCH_KEYS: Tuple[str, ...] = field(default=("resolution", "block_out_channels", "layers_per_block", "attention",
                                                 "include_unlabeled_pool"), repr=False)
+
+
+def working_resolution(patch_size: Sequence[int], resolution: Optional[int] = None) -> int:
+    """The model resolution (longer side): ``resolution`` if given, else the patch size's longest side
+    (the task's working resolution: the model learns and samples patches as nnU-Net uses them)."""
+    return int(max(patch_size)) if resolution is None else int(resolution)
 
 
 def diffusion_output_folder(dataset_name_or_id: Union[int, str], plans: str, configuration: str, fold: int) -> str:
@@ -125,6 +134,11 @@ def train_diffusion(dataset_name_or_id: Union[int, str], configuration: str, fol
     if not case_ids:
         raise ExtensionError(f"fold {fold} of {name} has no training cases. Fix: check splits_final.json")
 
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    pm = PlansManager(os.path.join(os.environ["nnUNet_preprocessed"], name, plans + ".json"))
+    patch_size = tuple(int(p) for p in pm.get_configuration(configuration).patch_size)
+    s = replace(s, resolution=working_resolution(patch_size, s.resolution))
+
     resume = load_checkpoint(latest) if os.path.isfile(latest) else None
     if resume is not None:
         old = resume["settings"]
@@ -145,9 +159,6 @@ def train_diffusion(dataset_name_or_id: Union[int, str], configuration: str, fol
                 save_atomic(resume, final)
             return final
 
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    pm = PlansManager(os.path.join(os.environ["nnUNet_preprocessed"], name, plans + ".json"))
-    patch_size = tuple(int(p) for p in pm.get_configuration(configuration).patch_size)
     multiple = 2 ** (len(s.block_out_channels) - 1)
     sample_shape, scale = fold_cases.scaled_shape(patch_size, s.resolution, multiple)
 
@@ -281,8 +292,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("fold", type=int)
     p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier")
     p.add_argument("--steps", type=int, default=d.steps, help="total optimisation steps (a larger value resumes)")
-    p.add_argument("--resolution", type=int, default=d.resolution,
-                   help="model resolution of the patch's longer side; samples are upsampled to the patch size")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="model resolution of the patch's longer side (default: the configuration's patch size, "
+                        "i.e. the working resolution with no resampling); a smaller value trains faster and "
+                        "sampling then upsamples bilinearly to the patch size")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.learning_rate)
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
@@ -296,7 +309,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("-device", "--device", default=default_device(), choices=("cpu", "cuda", "mps"))
     a = p.parse_args(argv)
     for k in ("steps", "resolution", "batch_size", "checkpoint_every", "grid_every", "layers_per_block"):
-        if getattr(a, k) < 1:
+        if getattr(a, k) is not None and getattr(a, k) < 1:
             p.error(f"--{k.replace('_', '-')} must be >= 1")
     s = DiffusionTrainSettings(steps=a.steps, resolution=a.resolution, batch_size=a.batch_size, learning_rate=a.lr,
                                checkpoint_every=a.checkpoint_every, grid_every=a.grid_every,
