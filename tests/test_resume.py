@@ -32,7 +32,7 @@ def read_logs(folder: str) -> str:
     return "".join(open(p).read() for p in sorted(glob.glob(os.path.join(folder, "training_log_*.txt"))))
 
 
-def kill_after_first_epoch_and_resume(env, results: str, trainer: str) -> str:
+def kill_after_first_epoch_and_resume(env, results: str, trainer: str, first_epoch_timeout: float = 120) -> str:
     """Start ``trainer`` (3 epochs), SIGKILL it once checkpoint_latest.pth exists, resume with --c and
     check it continues from the saved epoch, at most one epoch behind the last one started. Returns
     the resumed run's stdout."""
@@ -40,7 +40,7 @@ def kill_after_first_epoch_and_resume(env, results: str, trainer: str) -> str:
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = None
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + first_epoch_timeout
         while time.time() < deadline and proc.poll() is None:
             hits = glob.glob(os.path.join(results, "Dataset990_*", f"{trainer}__*", "fold_0", "checkpoint_latest.pth"))
             if hits:
@@ -87,6 +87,29 @@ def test_student_sigkill_resumes_with_its_kd_heads(nnunet_env, tmp_path):
     run_cmd([c if c != TRAINER else "TSKDPlainTrainer_test" for c in train_cmd()], env)  # 1-epoch teacher
     out = kill_after_first_epoch_and_resume(dict(env, TSKD_SCHEDULE="3,2,1"), results, "DistillTrainer_feat")
     assert "starts fresh" not in out  # the KD heads came back from checkpoint_latest.pth
+
+
+@pytest.mark.slow  # about 110 s on 2 busy cores: a killed and a resumed 3-epoch LoRA run
+def test_teacher_sigkill_resumes_with_adapter_only_checkpoint(nnunet_env, tmp_path):
+    """A ViT LoRA teacher (tiny SAM-format checkpoint) killed after epoch 1 resumes the same way, and the
+    resumed run still stores only adapter + decoder weights (no frozen base tensor)."""
+    import json
+
+    from test_backbones import TINY_SAM_OVERRIDES, write_tiny_sam_checkpoint
+
+    ckpt = str(tmp_path / "sam_tiny_01ec64.pth")
+    write_tiny_sam_checkpoint(ckpt)
+    results = str(tmp_path / "nnUNet_results")
+    os.makedirs(results)
+    env = train_env(nnunet_env, results, {"TSKD_SCHEDULE": "3,2,1", "TSKD_TEACHER_BACKBONE": "sam_vit_b",
+                                          "TSKD_TEACHER_WEIGHTS": ckpt,
+                                          "TSKD_TEACHER_ARCH_OVERRIDES": json.dumps(TINY_SAM_OVERRIDES)})
+    trainer = "ViTLoRATeacherTrainer"
+    kill_after_first_epoch_and_resume(env, results, trainer, first_epoch_timeout=300)  # ViT start-up is slower
+    final = glob.glob(os.path.join(results, "Dataset990_*", f"{trainer}__*", "fold_0", "checkpoint_final.pth"))
+    weights = torch.load(final[0], map_location="cpu", weights_only=False)["network_weights"]
+    assert not [k for k in weights if k.startswith("backbone.") and "lora_" not in k]
+    assert any("lora_A" in k for k in weights) and any(k.startswith("decoder.") for k in weights)
 
 
 def test_truncated_checkpoints_fall_back_with_a_message(nnunet_env, results_dir):
