@@ -14,9 +14,8 @@ Pieces:
 * :class:`LiteMedSAMEncoder` - ``forward_features_multi(x)`` -> [64 ch at 1/1, 128 at 1/2, 160 at 1/4,
   256 (neck) at 1/4]. Stages without a trainable parameter before the first trainable one run under
   ``no_grad``: a frozen encoder, or LoRA on the last stage only, costs a forward pass, not a backward.
-* :class:`LiteMedSAMInputAdapter` - z-scored nnU-Net patch -> LiteMedSAM's input: per-image min-max to
-  [0, 1] (what MedSAM's preprocessing does; invariant to nnU-Net's normalisation), a learned 1x1 map to
-  3 channels (starts as grey replication), resize to the working size.
+* ``LiteMedSAMInputAdapter`` (teacher_net.py, beside the ViT adapter it extends) - z-scored nnU-Net patch
+  -> per-image min-max to [0, 1] (MedSAM's preprocessing), learned 1x1 map to 3 channels, resize.
 * :class:`PromptFreeMaskHead` - SAMed-style: the pretrained two-way transformer and upscaling of the mask
   decoder, with the "no mask" dense prompt and no sparse prompts; one mask token (+ its hypernetwork MLP)
   per foreground class, class c initialised from pretrained mask token c-1; background logit 0, so a
@@ -184,35 +183,6 @@ class LiteMedSAMEncoder(nn.Module):
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
         return self
-
-
-class LiteMedSAMInputAdapter(nn.Module):
-    """z-scored patch (B x C x H x W) -> B x 3 x working size in LiteMedSAM's [0, 1] convention."""
-
-    def __init__(self, in_channels: int, img_size: Tuple[int, int]):
-        super().__init__()
-        self.img_size = tuple(int(s) for s in img_size)
-        self.channel_map = nn.Conv2d(in_channels, 3, 1)
-        with torch.no_grad():
-            self.channel_map.bias.zero_()
-            if in_channels == 3:
-                self.channel_map.weight.copy_(torch.eye(3).view(3, 3, 1, 1))
-            else:
-                self.channel_map.weight.fill_(1.0 / in_channels)
-
-    def resize(self, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[2:]) == self.img_size:
-            return x
-        return F.interpolate(x, size=self.img_size, mode="bilinear", align_corners=False)
-
-    @staticmethod
-    def unit_range(x: torch.Tensor) -> torch.Tensor:
-        flat = x.flatten(2)
-        lo, hi = flat.amin(-1)[..., None, None], flat.amax(-1)[..., None, None]
-        return (x - lo) / (hi - lo).clamp_min(1e-8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.resize(self.channel_map(self.unit_range(x)))
 
 
 class PromptFreeMaskHead(nn.Module):

@@ -258,6 +258,23 @@ class ViTInputAdapter(nn.Module):
         return self.resize(self.channel_map(x))  # both linear: mapping at patch size is cheaper
 
 
+class LiteMedSAMInputAdapter(ViTInputAdapter):
+    """z-scored patch -> LiteMedSAM's convention: per-image, per-channel min-max to [0, 1] first (MedSAM's
+    own preprocessing, invariant to nnU-Net's normalisation), then the learned map to 3 channels and resize."""
+
+    def __init__(self, in_channels: int, img_size: Tuple[int, int]):
+        super().__init__(in_channels, 3, img_size)
+
+    @staticmethod
+    def unit_range(x: torch.Tensor) -> torch.Tensor:
+        flat = x.flatten(2)
+        lo, hi = flat.amin(-1)[..., None, None], flat.amax(-1)[..., None, None]
+        return (x - lo) / (hi - lo).clamp_min(1e-8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.unit_range(x))
+
+
 class ViTSegNet(nn.Module):
     """Teacher segmentation network. ``forward(x)`` -> logits at x's size, or (``decoder.deep_supervision``)
     a list at nnU-Net's deep-supervision scales (finest first), as nnU-Net's loss wrapper expects."""
@@ -366,7 +383,7 @@ def _build_litemedsam_network(spec: TeacherSpec, num_input_channels: int, num_ou
     else:
         head = PyramidDecoder(list(litemedsam.FEATURE_CHANNELS), list(litemedsam.FEATURE_STRIDES), num_input_channels,
                               num_output_channels, base_channels=spec.decoder_channels)
-    adapter = litemedsam.LiteMedSAMInputAdapter(num_input_channels, spec.img_size)
+    adapter = LiteMedSAMInputAdapter(num_input_channels, spec.img_size)
     net = ViTSegNet(backbone, adapter, head, ds_scales, stores_base=spec.stores_base)  # type: ignore[arg-type]
     net.decoder.deep_supervision = enable_deep_supervision
     return net
@@ -408,7 +425,7 @@ def build_foundation_encoder(spec: TeacherSpec, num_input_channels: int) -> Foun
         encoder, prompt, mask_decoder = litemedsam.build_parts(spec.img_size)
         litemedsam.load_parts((encoder, prompt, mask_decoder), spec.checkpoint)
         return FoundationEncoder(litemedsam.LiteMedSAMEncoder(encoder, spec.img_size),  # type: ignore[arg-type]
-                                 litemedsam.LiteMedSAMInputAdapter(num_input_channels, spec.img_size))
+                                 LiteMedSAMInputAdapter(num_input_channels, spec.img_size))
     backbone = create_backbone(spec.backbone, spec.checkpoint, spec.img_size, allow_random_init=spec.random_init,
                                overrides=spec.arch_overrides)
     return FoundationEncoder(backbone, ViTInputAdapter(num_input_channels, backbone.in_chans, spec.img_size))
