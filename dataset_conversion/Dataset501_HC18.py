@@ -23,6 +23,7 @@ from scipy.ndimage import binary_fill_holes
 
 from dataset_conversion.common import (CaseSource, ConversionError, add_common_args, read_2d_array, read_2d_mask,
                                        resolve_raw_root, run_cli, slice_as_volume, write_dataset)
+from tskd_nnunet.cli_args import NNUNetStyleParser
 
 NAME_RE = re.compile(r"^(\d+)_(\d*)HC$")
 
@@ -109,9 +110,9 @@ def _loader(img: Path, mask: Path, pixel_mm: float, outlines: bool):
 
 
 def _main(argv: Optional[Sequence[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog="tskd_convert_hc18", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", required=True, type=Path, help="HC18 folder (staged or official layout)")
+    p = NNUNetStyleParser(prog="tskd_convert_hc18", description=__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-i", "--input", required=True, type=Path, help="HC18 folder (staged or official layout)")
     add_common_args(p, 501, "HC18")
     a = p.parse_args(argv)
     raw_root = resolve_raw_root(a.output_root)

@@ -20,6 +20,7 @@ import numpy as np
 from dataset_conversion.common import (CaseSource, ConversionError, add_common_args, check_spacing, read_2d_array,
                                        read_2d_mask, remap_labels, resolve_raw_root, run_cli, slice_as_volume,
                                        write_dataset)
+from tskd_nnunet.cli_args import NNUNetStyleParser
 
 NAME_RE = re.compile(r"^chaos_t2_p(\d+)_s(\d+)$")
 LABELS = {"background": 0, "liver": 1, "right_kidney": 2, "left_kidney": 3, "spleen": 4}
@@ -63,9 +64,9 @@ def _loader(img: Path, mask: Path, spacing_yx):
 
 
 def _main(argv: Optional[Sequence[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog="tskd_convert_chaos_slices", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", required=True, type=Path, help="folder with images/ and masks/")
+    p = NNUNetStyleParser(prog="tskd_convert_chaos_slices", description=__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-i", "--input", required=True, type=Path, help="folder with images/ and masks/")
     add_common_args(p, 502, "CHAOS_MR_T2SPIR")
     p.add_argument("--spacing", type=float, nargs=2, default=(1.25, 1.25), metavar=("SY", "SX"),
                    help="in-plane pixel spacing in mm (default 1.25 1.25, from the staged data's SOURCE.md)")

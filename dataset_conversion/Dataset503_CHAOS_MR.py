@@ -18,6 +18,7 @@ from dataset_conversion.chaos_official import (MR_LABELS, MR_RANGES, case_id_for
                                                load_t1dual, modality_dir, patient_dirs)
 from dataset_conversion.common import (CaseSource, ConversionError, add_common_args, resolve_raw_root, run_cli,
                                        write_dataset)
+from tskd_nnunet.cli_args import NNUNetStyleParser
 
 
 def build_cases(root: Path, sequence: str) -> List[CaseSource]:
@@ -45,9 +46,9 @@ def build_cases(root: Path, sequence: str) -> List[CaseSource]:
 
 
 def _main(argv: Optional[Sequence[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog="tskd_convert_chaos_mr", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", required=True, type=Path, help="unpacked CHAOS_Train_Sets (holding Train_Sets/MR)")
+    p = NNUNetStyleParser(prog="tskd_convert_chaos_mr", description=__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-i", "--input", required=True, type=Path, help="unpacked CHAOS_Train_Sets (holding Train_Sets/MR)")
     p.add_argument("--sequence", choices=("T2SPIR", "T1DUAL"), default="T2SPIR")
     add_common_args(p, 503, None, name_help="dataset name (default CHAOS_MR_<sequence>)")
     a = p.parse_args(argv)

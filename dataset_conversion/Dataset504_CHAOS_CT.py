@@ -16,6 +16,7 @@ from typing import List, Optional, Sequence
 from dataset_conversion.chaos_official import (CT_LABELS, CT_RANGES, case_id_for, load_series_with_ground,
                                                modality_dir, patient_dirs)
 from dataset_conversion.common import CaseSource, add_common_args, resolve_raw_root, run_cli, write_dataset
+from tskd_nnunet.cli_args import NNUNetStyleParser
 
 
 def build_cases(root: Path) -> List[CaseSource]:
@@ -32,9 +33,9 @@ def build_cases(root: Path) -> List[CaseSource]:
 
 
 def _main(argv: Optional[Sequence[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog="tskd_convert_chaos_ct", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", required=True, type=Path, help="unpacked CHAOS_Train_Sets (holding Train_Sets/CT)")
+    p = NNUNetStyleParser(prog="tskd_convert_chaos_ct", description=__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-i", "--input", required=True, type=Path, help="unpacked CHAOS_Train_Sets (holding Train_Sets/CT)")
     add_common_args(p, 504, "CHAOS_CT")
     a = p.parse_args(argv)
     raw_root = resolve_raw_root(a.output_root)

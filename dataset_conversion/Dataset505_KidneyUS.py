@@ -23,6 +23,7 @@ import SimpleITK as sitk
 
 from dataset_conversion.common import (CaseSource, ConversionError, add_common_args, read_2d_array, read_2d_mask,
                                        remap_labels, resolve_raw_root, run_cli, sanitize_case_id, write_dataset)
+from tskd_nnunet.cli_args import NNUNetStyleParser
 
 TASK_LABELS = {
     "capsule": {"background": 0, "capsule": 1},
@@ -104,8 +105,8 @@ def build_cases(images: Path, labels: Path, task: str, rater: int, channels: str
 
 
 def _main(argv: Optional[Sequence[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog="tskd_convert_kidneyus", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = NNUNetStyleParser(prog="tskd_convert_kidneyus", description=__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", required=True, type=Path, help="folder of the released KidneyUS image PNGs")
     p.add_argument("--labels", required=True, type=Path, help="the labels/ folder of the kidneyUS repository")
     p.add_argument("--task", choices=("capsule", "regions"), default="capsule")

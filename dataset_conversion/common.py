@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -25,6 +24,8 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 
 import numpy as np
 import SimpleITK as sitk
+
+from tskd_nnunet.cli_args import NNUNetStyleParser
 
 # nnU-Net's recommended spacing of the dummy axis when a 2D image is stored as a 1 x H x W volume.
 DUMMY_SLICE_SPACING = 999.0
@@ -495,13 +496,17 @@ def _move_into_place(tmp: Path, final: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- CLI
-def add_common_args(parser: argparse.ArgumentParser, default_id: Optional[int], default_name: Optional[str],
+def add_common_args(parser: NNUNetStyleParser, default_id: Optional[int], default_name: Optional[str],
                     name_help: Optional[str] = None) -> None:
-    """-d/-n (required when no default is given), --output-root, --test-fraction, --seed, --overwrite."""
+    """-d, --name (required when no default is given; -n: deprecated), --output-root, --test-fraction, --seed,
+    --overwrite."""
     parser.add_argument("-d", "--dataset-id", type=int, default=default_id, required=default_id is None,
                         help=f"nnU-Net dataset id (default {default_id})")
-    parser.add_argument("-n", "--name", default=default_name, required=default_name is None and not name_help,
+    parser.add_argument("--name", default=default_name,
                         help=name_help or f"dataset name, folder becomes DatasetXXX_NAME (default {default_name})")
+    parser.add_deprecated_alias("-n", "name", "--name")
+    if default_name is None and not name_help:
+        parser.require("name", "--name")
     parser.add_argument("--output-root", default=None,
                         help="folder to write DatasetXXX_NAME into (default: $nnUNet_raw)")
     parser.add_argument("--test-fraction", type=float, default=0.2,

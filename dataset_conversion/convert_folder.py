@@ -1,6 +1,6 @@
 """Generic converter: a folder of images + a folder of masks → nnU-Net v2 raw dataset.
 
-    python -m dataset_conversion.convert_folder --images IMGS --masks MASKS -d 600 -n MyData \
+    python -m dataset_conversion.convert_folder --images IMGS --masks MASKS -d 600 --name MyData \
         [--labels 0=background,255=lesion] [--channels gray|rgb] [--spacing SY SX | SZ SY SX] \
         [--patient-regex '^(p\\d+)_'] [--mask-suffix _mask]
 
@@ -27,6 +27,7 @@ from dataset_conversion.common import (MEDICAL_IMAGE_ENDINGS, NATURAL_IMAGE_ENDI
                                        CaseSource, ConversionError, add_common_args, channels_from_array, check_spacing,
                                        read_image, remap_labels, resolve_raw_root, run_cli, sanitize_case_id, slice_as_volume,
                                        strip_ending, write_dataset)
+from tskd_nnunet.cli_args import NNUNetStyleParser
 
 
 def parse_label_spec(spec: str) -> Tuple[Dict[int, int], Dict[str, int]]:
@@ -252,8 +253,8 @@ def choose_ending(images: Sequence[Path], spacing: Optional[Sequence[float]], re
 
 
 def _main(argv: Optional[Sequence[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog="tskd_convert_folder", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = NNUNetStyleParser(prog="tskd_convert_folder", description=__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", required=True, type=Path, help="folder of images")
     p.add_argument("--masks", required=True, type=Path, help="folder of masks (same names as the images)")
     add_common_args(p, None, None)

@@ -1,6 +1,6 @@
 """Label-budget splits: N labeled training cases per fold plus the unlabeled pool.
 
-    python -m dataset_conversion.label_budget -d 505 -n 80 --folds 5 --seed 0 [--val-fraction 0.2]
+    python -m dataset_conversion.label_budget -d 505 --n-labeled 80 --folds 5 --seed 0 [--val-fraction 0.2]
 
 Reads the case ids of ``$nnUNet_raw/DatasetXXX_*/imagesTr`` (works before preprocessing) and the
 ``case_patient_map.json`` the converters write (without it every case is its own patient). Per fold:
@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from dataset_conversion.common import (CASE_PATIENT_MAP, ConversionError, find_dataset_folder,
                                        resolve_preprocessed_root, resolve_raw_root, run_cli)
 from tskd_nnunet.atomic_io import atomic_write_json, read_json
+from tskd_nnunet.cli_args import NNUNetStyleParser
 from tskd_nnunet.data.preprocessed_files import POOL_FILE
 
 
@@ -107,7 +108,7 @@ def make_label_budget_splits(cases: Sequence[str], patient_of: Dict[str, str], n
         available = sum(len(cases_of[p]) for p in train_p)
         if n_labeled > available:
             raise ConversionError(f"label budget {n_labeled} exceeds the {available} training cases outside "
-                                  f"validation in fold {k}: choose a smaller -n or fewer --folds")
+                                  f"validation in fold {k}: choose a smaller --n-labeled or fewer --folds")
         labeled_p = set(_draw_labeled(train_p, cases_of, n_labeled, random.Random(f"{seed}-{k}")))
         train = sorted(c for p in labeled_p for c in cases_of[p])
         val = sorted(c for p in val_p for c in cases_of[p])
@@ -138,10 +139,12 @@ def write_label_budget(dataset_id: int, n_labeled: int, num_folds: int = 5, seed
 
 
 def _main(argv: Optional[Sequence[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog="tskd_label_budget", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = NNUNetStyleParser(prog="tskd_label_budget", description=__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-d", "--dataset-id", type=int, required=True, help="nnU-Net dataset id")
-    p.add_argument("-n", "--n-labeled", type=int, required=True, help="labeled training cases per fold")
+    p.add_argument("--n-labeled", type=int, default=None, help="labeled training cases per fold (required)")
+    p.add_deprecated_alias("-n", "n_labeled", "--n-labeled", type=int)
+    p.require("n_labeled", "--n-labeled")
     p.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.add_argument("--val-fraction", type=float, default=None,

@@ -40,7 +40,7 @@ def make_pairs(root: Path, n: int, ext: str = ".png", rgb: bool = False, values=
 def test_png_auto_labels_grayscale_integrity(nnunet_env, capfd):
     make_pairs(nnunet_env / "src", 5, values=(0, 100, 255))
     rc = convert_folder.main(["--images", str(nnunet_env / "src/images"), "--masks", str(nnunet_env / "src/masks"),
-                              "-d", "610", "-n", "Toy"])
+                              "-d", "610", "--name", "Toy"])
     assert rc == 0
     printed = capfd.readouterr().out
     assert "0->0, 100->1, 255->2" in printed
@@ -57,7 +57,7 @@ def test_png_auto_labels_grayscale_integrity(nnunet_env, capfd):
 def test_rgb_channels_and_explicit_labels(nnunet_env, capfd):
     make_pairs(nnunet_env / "src", 4, ext=".png", rgb=True)
     rc = convert_folder.main(["--images", str(nnunet_env / "src/images"), "--masks", str(nnunet_env / "src/masks"),
-                              "-d", "611", "-n", "RGB", "--channels", "rgb", "--labels", "0=background,255=lesion"])
+                              "-d", "611", "--name", "RGB", "--channels", "rgb", "--labels", "0=background,255=lesion"])
     assert rc == 0
     out = nnunet_env / "nnUNet_raw" / "Dataset611_RGB"
     ds = json.loads((out / "dataset.json").read_text())
@@ -77,7 +77,7 @@ def test_spacing_gives_nifti_and_patient_regex(nnunet_env, capfd):
             src = nnunet_env / "src" / sub / f"p{i}{ext}"
             src.rename(src.with_name(f"pat{'ABC'[i // 2]}_sl{i}{ext}"))
     rc = convert_folder.main(["--images", str(nnunet_env / "src/images"), "--masks", str(nnunet_env / "src/masks"),
-                              "-d", "612", "-n", "Spaced", "--spacing", "0.5", "0.25",
+                              "-d", "612", "--name", "Spaced", "--spacing", "0.5", "0.25",
                               "--patient-regex", r"^(pat\w)_", "--test-fraction", "0.34"])
     assert rc == 0
     out = nnunet_env / "nnUNet_raw" / "Dataset612_Spaced"
@@ -106,7 +106,7 @@ def test_nifti_3d_keeps_geometry(nnunet_env, capfd):
         sitk.WriteImage(img, str(src / "im" / f"vol{i}.nii.gz"))
         sitk.WriteImage(mi, str(src / "ms" / f"vol{i}_seg.nrrd"))
     rc = convert_folder.main(["--images", str(src / "im"), "--masks", str(src / "ms"), "--mask-suffix", "_seg",
-                              "-d", "613", "-n", "Vol", "--test-fraction", "0"])
+                              "-d", "613", "--name", "Vol", "--test-fraction", "0"])
     assert rc == 0
     out = nnunet_env / "nnUNet_raw" / "Dataset613_Vol"
     img = sitk.ReadImage(str(out / "imagesTr" / "vol1_0000.nii.gz"))
@@ -117,7 +117,7 @@ def test_nifti_3d_keeps_geometry(nnunet_env, capfd):
 
 def run_bad(nnunet_env, capsys, extra, dataset="Dataset620_Bad"):
     argv = ["--images", str(nnunet_env / "src/images"), "--masks", str(nnunet_env / "src/masks"),
-            "-d", "620", "-n", "Bad"] + extra
+            "-d", "620", "--name", "Bad"] + extra
     rc = convert_folder.main(argv)
     err = capsys.readouterr().err
     raw = nnunet_env / "nnUNet_raw"
@@ -164,7 +164,7 @@ def test_bad_unreadable_image(nnunet_env, capsys):
 def test_failure_midway_leaves_existing_dataset_untouched(nnunet_env, capsys):
     make_pairs(nnunet_env / "src", 3)
     args = ["--images", str(nnunet_env / "src/images"), "--masks", str(nnunet_env / "src/masks"),
-            "-d", "621", "-n", "Keep", "--labels", "0=bg,255=fg"]
+            "-d", "621", "--name", "Keep", "--labels", "0=bg,255=fg"]
     assert convert_folder.main(args) == 0
     out = nnunet_env / "nnUNet_raw" / "Dataset621_Keep"
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
@@ -179,7 +179,8 @@ def test_missing_env_var_one_line(tmp_path, monkeypatch):
     monkeypatch.delenv("nnUNet_raw", raising=False)
     make_pairs(tmp_path / "src", 2)
     r = subprocess.run([sys.executable, "-m", "dataset_conversion.convert_folder", "--images",
-                        str(tmp_path / "src/images"), "--masks", str(tmp_path / "src/masks"), "-d", "630", "-n", "X"],
+                        str(tmp_path / "src/images"), "--masks", str(tmp_path / "src/masks"), "-d", "630",
+                        "--name", "X"],
                        cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().startswith("error: nnUNet_raw is not set") and "export nnUNet_raw=" in r.stderr

@@ -111,12 +111,12 @@ def test_cli_writes_split_and_reports_errors(env):
         sitk.WriteImage(sitk.GetImageFromArray((np.arange(256).reshape(16, 16) % 2).astype(np.uint8)),
                         str(d / "labelsTr" / f"c{i}.png"))
     generate_dataset_json(str(d), {0: "x"}, {"background": 0, "fg": 1}, 8, ".png")
-    r = subprocess.run([sys.executable, "-m", "dataset_conversion.label_budget", "-d", "542", "-n", "3",
+    r = subprocess.run([sys.executable, "-m", "dataset_conversion.label_budget", "-d", "542", "--n-labeled", "3",
                         "--folds", "2", "--seed", "0"], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "fold 1: 3 labeled cases" in r.stdout
     splits = json.loads((env / "nnUNet_preprocessed" / "Dataset542_Tiny" / "splits_final.json").read_text())
     assert [len(s["train"]) for s in splits] == [3, 3] and all(set(s) == {"train", "val"} for s in splits)
-    r = subprocess.run([sys.executable, "-m", "dataset_conversion.label_budget", "-d", "542", "-n", "30"],
+    r = subprocess.run([sys.executable, "-m", "dataset_conversion.label_budget", "-d", "542", "--n-labeled", "30"],
                        cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith("error: label budget 30 exceeds") and "Traceback" not in r.stderr

@@ -45,7 +45,7 @@ def make_pairs(root: Path, n: int, ext=".png", mask_ext=None, mask_suffix="", na
 
 def convert(env, *extra, d="620", n="Rel"):
     return convert_folder.main(["--images", str(env / "src/images"), "--masks", str(env / "src/masks"),
-                                "-d", d, "-n", n, *extra])
+                                "-d", d, "--name", n, *extra])
 
 
 def one_line_error(capsys) -> str:
@@ -149,7 +149,7 @@ def _start(env_dir: Path, dataset_id: str, sleep: str = "1") -> subprocess.Popen
     env = subprocess_env({"nnUNet_raw": str(env_dir / "nnUNet_raw"), "TSKD_CONVERT_TEST_SLEEP": sleep})
     return subprocess.Popen([sys.executable, "-m", "dataset_conversion.convert_folder", "--images",
                              str(env_dir / "src/images"), "--masks", str(env_dir / "src/masks"), "-d", dataset_id,
-                             "-n", "Sig", "--test-fraction", "0"], env=env, cwd=REPO,
+                             "--name", "Sig", "--test-fraction", "0"], env=env, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -333,9 +333,9 @@ def test_bad_input_table(env, capsys, row, setup, args, expected):
 
 
 @pytest.mark.parametrize("argv,expected", [
-    (["-d", "0", "-n", "T"], "dataset id 0 is out of range"),
-    (["-d", "1000", "-n", "T"], "dataset id 1000 is out of range"),
-    (["-d", "600", "-n", "bad name"], "may only contain letters, digits"),
+    (["-d", "0", "--name", "T"], "dataset id 0 is out of range"),
+    (["-d", "1000", "--name", "T"], "dataset id 1000 is out of range"),
+    (["-d", "600", "--name", "bad name"], "may only contain letters, digits"),
 ], ids=["id-0", "id-1000", "bad-name"])
 def test_bad_id_and_name(env, capsys, argv, expected):
     make_pairs(env / "src", 2)
@@ -351,7 +351,7 @@ def test_dataset_converters_bad_input(env, capsys):
         (Dataset503_CHAOS_MR, ["--input", str(env)], "no Train_Sets/MR under"),
         (Dataset504_CHAOS_CT, ["--input", str(env)], "no Train_Sets/CT under"),
         (Dataset505_KidneyUS, ["--images", str(env), "--labels", str(env / "nope")], "missing folder"),
-        (label_budget, ["-d", "600", "-n", "2"], "no Dataset600_* folder"),
+        (label_budget, ["-d", "600", "--n-labeled", "2"], "no Dataset600_* folder"),
     ]
     for mod, argv, expected in cases:
         assert mod.main(argv) == 2, mod

@@ -20,11 +20,11 @@ def test_demo_refuses_unwritable_workdir_in_one_line(tmp_path):
 def test_cli_without_nnunet_raw_or_with_unknown_dataset_says_the_fix(tmp_path):
     env = subprocess_env()
     env.pop("nnUNet_raw", None)
-    proc = run_cmd([os.path.join(BIN, "tskd_label_budget"), "-d", "501", "-n", "20"], env, expect_ok=False)
+    proc = run_cmd([os.path.join(BIN, "tskd_label_budget"), "-d", "501", "--n-labeled", "20"], env, expect_ok=False)
     assert proc.returncode == 2 and "nnUNet_raw" in proc.stderr and "Traceback" not in proc.stderr
     env["nnUNet_raw"] = str(tmp_path)
     env["nnUNet_preprocessed"] = str(tmp_path / "pre")
-    proc = run_cmd([os.path.join(BIN, "tskd_label_budget"), "-d", "777", "-n", "20"], env, expect_ok=False)
+    proc = run_cmd([os.path.join(BIN, "tskd_label_budget"), "-d", "777", "--n-labeled", "20"], env, expect_ok=False)
     assert proc.returncode == 2 and "777" in proc.stderr and "Traceback" not in proc.stderr
 
 

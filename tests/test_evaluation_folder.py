@@ -97,7 +97,7 @@ def test_cli(folders3d, tmp_path, capsys):
     ref_dir, pred_dir, dj = folders3d
     write_nii(np.zeros((7, 7, 7)), pred_dir / "case_001.nii.gz", (3.0, 1.0, 1.0))
     out = tmp_path / "cli.csv"
-    assert cli_main(["-ref", str(ref_dir), "-pred", str(pred_dir), "-djfile", str(dj), "--tolerance-mm", "1",
+    assert cli_main([str(ref_dir), str(pred_dir), "-djfile", str(dj), "--tolerance-mm", "1",
                      "-o", str(out)]) == 0
     df = pd.read_csv(out)
     assert len(df) == 4 and set(df["class"]) == {"organ", "lesion"}
@@ -120,7 +120,7 @@ def test_cli_hc18_repeat_exam_uses_its_own_reference(tmp_path, capsys):
     csv.write_text("filename,pixel size(mm),head circumference (mm)\n"
                    f"002_HC.png,0.3,{hc + 50}\n010_2HC.png,{px},{hc}\n")
     out = tmp_path / "o.csv"
-    assert cli_main(["-ref", str(ref_dir), "-pred", str(pred_dir), "-djfile", str(dj), "-o", str(out),
+    assert cli_main([str(ref_dir), str(pred_dir), "-djfile", str(dj), "-o", str(out),
                      "--hc18-csv", str(csv)]) == 0
     df = pd.read_csv(out)
     assert df.loc[0, "hc_ref_mm"] == pytest.approx(hc)

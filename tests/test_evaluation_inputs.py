@@ -44,7 +44,7 @@ def png_case(tmp_path):
 
 
 def run_cli(capsys, ref, pred, dj, out, *extra):
-    rc = cli_main(["-ref", str(ref), "-pred", str(pred), "-djfile", str(dj), "-o", str(out), *extra])
+    rc = cli_main([str(ref), str(pred), "-djfile", str(dj), "-o", str(out), *extra])
     captured = capsys.readouterr()
     return rc, captured.err.strip()
 
@@ -181,7 +181,7 @@ def test_missing_hc18_csv(png_case, capsys):
 def test_console_exit_code_and_no_traceback(png_case):
     tmp, ref, pred, dj = png_case
     write_png(square(255), pred / "c1.png")
-    proc = subprocess.run([sys.executable, "-m", "tskd_nnunet.evaluation.cli", "-ref", str(ref), "-pred", str(pred),
+    proc = subprocess.run([sys.executable, "-m", "tskd_nnunet.evaluation.cli", str(ref), str(pred),
                            "-djfile", str(dj), "-o", str(tmp / "o.csv")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr

@@ -52,7 +52,7 @@ def mae_file(nnunet_env, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("mae") / "mae.pth")
     args = ["-d", str(PHANTOM_ID), "-c", "2d", "--arch", "vit_tiny", "--arch-overrides", json.dumps(TINY),
             "--resolution", "32", "--decoder-dim", "32", "--decoder-depth", "1", "--decoder-heads", "2",
-            "--batch-size", "4", "--lr", "1e-3", "-device", "cpu", "--no-progress", "-o", out, "--fold", "0"]
+            "--batch-size", "4", "--lr", "1e-3", "-device", "cpu", "--no-progress", "-o", out, "-f", "0"]
     env = dict(nnunet_env, OMP_NUM_THREADS="1")
     _cli("mae_main", args + ["--steps", "2", "--save-every", "1"], env)
     again = _cli("mae_main", args + ["--steps", "2"], env, expect_ok=False)  # no silent overwrite
@@ -89,8 +89,9 @@ def test_mae_file_is_the_foundation_of_a_lora_teacher_run(mae_file, nnunet_env, 
 @pytest.mark.slow
 def test_cnn_mim_file_loads_with_nnunet_pretrained_weights(nnunet_env, results_dir, tmp_path):
     out = str(tmp_path / "cnn_mim.pth")
-    _cli("cnn_mim_main", [str(PHANTOM_ID), "2d", "-tr", "TSKDPlainTrainer_test", "--steps", "2", "--batch-size", "2",
-                          "-device", "cpu", "--no-progress", "-o", out, "--fold", "0"], dict(nnunet_env, OMP_NUM_THREADS="1"))
+    _cli("cnn_mim_main", [str(PHANTOM_ID), "2d", "0", "-tr", "TSKDPlainTrainer_test", "--steps", "2",
+                          "--batch-size", "2", "-device", "cpu", "--no-progress", "-o", out],
+         dict(nnunet_env, OMP_NUM_THREADS="1"))
     saved = torch.load(out, weights_only=True)
     proc = run_cmd([os.path.join(BIN, "nnUNetv2_train"), str(PHANTOM_ID), "2d", "0", "-tr", "TSKDPlainTrainer_test",
                     "-device", "cpu", "-pretrained_weights", out], train_env(nnunet_env, results_dir))

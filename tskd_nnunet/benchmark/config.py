@@ -85,7 +85,7 @@ STAGES: Dict[str, Dict[str, Any]] = {
     "foundation": {"output": "{stage_dir}/foundation.pth", "commands": [[
         "{bin}/tskd_pretrain_{foundation[kind]}", "-d", "{dataset_id}", "-c", "{configuration}",
         "--arch", "{foundation[arch]}", "--resolution", "{foundation[resolution]}",
-        "--steps", "{foundation[steps]}", "--batch-size", "{foundation[batch_size]}", "--fold", "{fold}",
+        "--steps", "{foundation[steps]}", "--batch-size", "{foundation[batch_size]}", "-f", "{fold}",
         "-o", "{output}", "-device", "{device}"]]},
     "diffusion": {"output": "{results}/{dataset_name}/tskd_diffusion__{plans}__{configuration}/fold_{fold}/"
                             "checkpoint_final.pth", "commands": [[
@@ -99,11 +99,11 @@ STAGES: Dict[str, Dict[str, Any]] = {
                       "{bin}/tskd_sample_diffusion", "{dataset_id}", "{configuration}", "{fold}", "-p", "{plans}",
                       "-n", "{params[num_synthetic]}", "--checkpoint", "{stages[diffusion]}", "-device", "{device}"]]},
     "cnn_mim": {"output": "{stage_dir}/cnn_mim.pth", "commands": [[
-        "{bin}/tskd_pretrain_cnn_mim", "{dataset_id}", "{configuration}", "-p", "{plans}", "-tr", "TSKDPlainTrainer",
-        "--steps", "{params[pretrain_steps]}", "--fold", "{fold}", "-o", "{output}", "-device", "{device}"]]},
+        "{bin}/tskd_pretrain_cnn_mim", "{dataset_id}", "{configuration}", "{fold}", "-p", "{plans}",
+        "-tr", "TSKDPlainTrainer", "--steps", "{params[pretrain_steps]}", "-o", "{output}", "-device", "{device}"]]},
     "cnn_moco": {"output": "{stage_dir}/cnn_moco.pth", "commands": [[
-        "{bin}/tskd_pretrain_cnn_moco", "{dataset_id}", "{configuration}", "-p", "{plans}", "-tr", "TSKDPlainTrainer",
-        "--steps", "{params[pretrain_steps]}", "--fold", "{fold}", "-o", "{output}", "-device", "{device}"]]},
+        "{bin}/tskd_pretrain_cnn_moco", "{dataset_id}", "{configuration}", "{fold}", "-p", "{plans}",
+        "-tr", "TSKDPlainTrainer", "--steps", "{params[pretrain_steps]}", "-o", "{output}", "-device", "{device}"]]},
 }
 
 PROFILES: Dict[str, Dict[str, Any]] = {

@@ -99,14 +99,14 @@ def run_demo(workdir: str, fast: bool = False, keep: bool = False, device: str =
 
     _step("3/7 label budget: few labeled cases, the rest as unlabeled pool")
     budget = 4 if fast else 12
-    _run([os.path.join(bin_dir, "tskd_label_budget"), "-d", str(DATASET_ID), "-n", str(budget), "--folds", "5",
-          "--seed", "0"], env, logs, "label_budget")
+    _run([os.path.join(bin_dir, "tskd_label_budget"), "-d", str(DATASET_ID), "--n-labeled", str(budget),
+          "--folds", "5", "--seed", "0"], env, logs, "label_budget")
 
     if foundation == "inhouse":
         _step("4/7 in-house foundation model (a stand-in): MAE pretraining of a ViT-Tiny on the training images")
         mae = os.path.join(workdir, "mae_vit_tiny.pth")
         _run([os.path.join(bin_dir, "tskd_pretrain_mae"), "-d", str(DATASET_ID), "-c", "2d", "--arch", "vit_tiny",
-              "--resolution", "64", "--steps", "20" if fast else "300", "--batch-size", "16", "--fold", "0", "-o",
+              "--resolution", "64", "--steps", "20" if fast else "300", "--batch-size", "16", "-f", "0", "-o",
               mae, "-device", device], env, logs, "pretrain_mae")
         teacher, what = f"ViTLoRATeacherTrainer_{suffix}", "ViT-Tiny, in-house MAE foundation"
         tenv = dict(train_env, TSKD_TEACHER_BACKBONE="vit_tiny", TSKD_TEACHER_WEIGHTS=mae)

@@ -7,14 +7,22 @@ import sys
 from typing import List, Optional
 
 from tskd_nnunet.atomic_io import atomic_write_csv
+from tskd_nnunet.cli_args import NNUNetStyleParser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def build_parser() -> NNUNetStyleParser:
+    p = NNUNetStyleParser(
         prog="tskd_evaluate",
-        description="Per case and per class Dice, NSD and HD95 (mm) of nnU-Net predictions vs references.")
-    p.add_argument("-ref", required=True, help="folder of reference segmentations (e.g. labelsTs)")
-    p.add_argument("-pred", required=True, help="folder of predicted segmentations (same file names)")
+        usage="tskd_evaluate GT_FOLDER PRED_FOLDER -djfile DATASET_JSON -o OUTPUT.csv [options]",
+        description="Per case and per class Dice, NSD and HD95 (mm) of nnU-Net predictions vs references "
+                    "(arguments as nnUNetv2_evaluate_folder).")
+    # positional as in nnUNetv2_evaluate_folder; -ref / -pred are the deprecated spellings
+    p.add_argument("ref", nargs="?", metavar="GT_FOLDER", help="folder of reference segmentations (e.g. labelsTs)")
+    p.add_argument("pred", nargs="?", metavar="PRED_FOLDER", help="folder of predicted segmentations (same names)")
+    p.add_deprecated_alias("-ref", "ref", "GT_FOLDER")
+    p.add_deprecated_alias("-pred", "pred", "PRED_FOLDER")
+    p.require("ref", "GT_FOLDER")
+    p.require("pred", "PRED_FOLDER")
     p.add_argument("-djfile", required=True, help="dataset.json (labels, file_ending)")
     p.add_argument("-o", "--output", required=True, help="output CSV (written atomically)")
     p.add_argument("--tolerance-mm", type=float, default=2.0, help="NSD tolerance in mm (default 2)")

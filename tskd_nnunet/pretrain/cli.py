@@ -1,12 +1,14 @@
 """Console commands (nnU-Net naming style):
 
-    tskd_pretrain_mae  -d 501 [502 ...] -c 2d --arch vit_tiny --resolution 128 --steps N --batch-size B -o mae.pth
-    tskd_pretrain_moco -d 501 [502 ...] -c 2d --arch vit_tiny --resolution 128 --steps N --batch-size B -o moco.pth
-    tskd_pretrain_cnn_mim  DATASET CONFIG [-p nnUNetPlans] [-tr nnUNetTrainer] --steps N -o cnn_mim.pth
-    tskd_pretrain_cnn_moco DATASET CONFIG [-p nnUNetPlans] [-tr nnUNetTrainer] --steps N -o cnn_moco.pth
+    tskd_pretrain_mae  -d 501 [502 ...] -c 2d [-f K] --arch vit_tiny --resolution 128 --steps N -o mae.pth
+    tskd_pretrain_moco -d 501 [502 ...] -c 2d [-f K] --arch vit_tiny --resolution 128 --steps N -o moco.pth
+    tskd_pretrain_cnn_mim  DATASET CONFIGURATION [FOLD] [-p nnUNetPlans] [-tr nnUNetTrainer] --steps N -o cnn_mim.pth
+    tskd_pretrain_cnn_moco DATASET CONFIGURATION [FOLD] [-p nnUNetPlans] [-tr nnUNetTrainer] --steps N -o cnn_moco.pth
 
-all with [--fold K] [--resume] [--overwrite] [-device cuda|cpu]. ViT outputs are timm-format files for
-TSKD_TEACHER_WEIGHTS / TSKD_STUDENT_WEIGHTS; CNN outputs are for ``nnUNetv2_train ... -pretrained_weights``.
+all with [--resume] [--overwrite] [-device cuda|cpu]. A fold (0-4; ``all``, the default, excludes nothing)
+leaves out that fold's validation cases. ``--fold K`` is the deprecated spelling of ``-f K`` / ``FOLD``.
+ViT outputs are timm-format files for TSKD_TEACHER_WEIGHTS / TSKD_STUDENT_WEIGHTS; CNN outputs are for
+``nnUNetv2_train ... -pretrained_weights``.
 """
 from __future__ import annotations
 
@@ -16,6 +18,20 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
+from tskd_nnunet.cli_args import NNUNetStyleParser
+
+_FOLD_HELP = "exclude this fold's validation cases (honest benchmarks: pretrain per fold); all (default): none"
+
+
+def _fold(value: str) -> Optional[int]:
+    """A fold number, or None for ``all`` (nnU-Net's name for 'every training case')."""
+    if value == "all":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"fold must be a number or 'all', not {value!r}") from None
+
 
 def _common(parser: argparse.ArgumentParser, default_lr: float, default_bs: int) -> None:
     parser.add_argument("-o", "--output", required=True, help="output .pth (loss curve and resume state beside it)")
@@ -24,8 +40,6 @@ def _common(parser: argparse.ArgumentParser, default_lr: float, default_bs: int)
     parser.add_argument("--lr", type=float, default=default_lr, help=f"peak learning rate (AdamW), default {default_lr}")
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--warmup", type=float, default=0.05, help="fraction of steps of linear LR warm-up")
-    parser.add_argument("--fold", type=int, default=None,
-                        help="exclude this fold's validation cases (honest benchmarks: pretrain per fold)")
     parser.add_argument("--no-pool", action="store_true", help="leave out the unlabeled-pool cases")
     parser.add_argument("--extensions", nargs="*", default=["synthetic", "unlabeled"],
                         help="extension sources to include (default: synthetic unlabeled; none: --extensions)")
@@ -38,10 +52,12 @@ def _common(parser: argparse.ArgumentParser, default_lr: float, default_bs: int)
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
 
 
-def _vit_parser(prog: str, doc: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=doc)
+def _vit_parser(prog: str, doc: str) -> NNUNetStyleParser:
+    p = NNUNetStyleParser(prog=prog, description=doc)
     p.add_argument("-d", "--datasets", nargs="+", required=True, help="dataset ids or names (pooled)")
     p.add_argument("-c", "--configuration", default="2d")
+    p.add_argument("-f", dest="fold", type=_fold, default=None, help=_FOLD_HELP)
+    p.add_deprecated_alias("--fold", "fold", "-f", type=_fold)
     p.add_argument("-p", "--plans", default="nnUNetPlans")
     p.add_argument("--arch", default="vit_tiny", help="vit_tiny | vit_small | vit_base (or a timm vit_* name)")
     p.add_argument("--arch-overrides", default=None, help='JSON, e.g. \'{"depth": 2, "embed_dim": 64, "num_heads": 2}\'')
@@ -52,10 +68,12 @@ def _vit_parser(prog: str, doc: str) -> argparse.ArgumentParser:
     return p
 
 
-def _cnn_parser(prog: str, doc: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=doc)
+def _cnn_parser(prog: str, doc: str) -> NNUNetStyleParser:
+    p = NNUNetStyleParser(prog=prog, description=doc)
     p.add_argument("dataset_name_or_id")
     p.add_argument("configuration", help="a 2D configuration, e.g. 2d")
+    p.add_argument("fold", nargs="?", type=_fold, default=None, help=_FOLD_HELP)
+    p.add_deprecated_alias("--fold", "fold", "FOLD", type=_fold)
     p.add_argument("-p", "--plans", default="nnUNetPlans")
     p.add_argument("-tr", "--trainer", default="nnUNetTrainer",
                    help="the trainer you will fine-tune with (its build_network_architecture is used)")

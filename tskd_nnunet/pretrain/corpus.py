@@ -102,7 +102,7 @@ def fold_validation_ids(preprocessed_base: str, all_ids: Sequence[str], fold: in
         splits = generate_crossval_split(sorted(all_ids), seed=12345, n_splits=5)
     if fold >= len(splits):
         raise PretrainCorpusError(f"{splits_file} has {len(splits)} folds, fold {fold} was requested. "
-                                  f"Fix: pass --fold between 0 and {len(splits) - 1}")
+                                  f"Fix: pass a fold (-f / FOLD) between 0 and {len(splits) - 1}")
     return [str(i) for i in splits[fold]["val"]]
 
 
