@@ -124,6 +124,8 @@ def main() -> None:
     ap.add_argument("--_worker", dest="variant", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_export", dest="export", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_out", dest="out", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--teacher_folder", default=None,
+                    help="trained teacher model folder: its PyTorch latency on the same cases (speed ratio row)")
     args = ap.parse_args()
     args.fold = args.fold if args.fold == "all" else int(args.fold)
     if args.variant:
@@ -141,11 +143,15 @@ def main() -> None:
                                int8_method=args.int8_method, preprocessed_dataset_folder=args.preprocessed)
     export_s = time.perf_counter() - t
     stats, arrays = {}, {}
-    for v in VARIANTS:
+    runs = [(v, v, args.model_folder) for v in VARIANTS]
+    if args.teacher_folder:
+        runs.append(("teacher_pytorch_fp32", "pytorch_fp32", args.teacher_folder))
+    for v, worker_variant, model_folder in runs:
         out = os.path.join(work, v)
-        cmd = [sys.executable, os.path.abspath(__file__), "-m", args.model_folder, "-i", args.images, "-f",
+        cmd = [sys.executable, os.path.abspath(__file__), "-m", model_folder, "-i", args.images, "-f",
                str(args.fold), "-chk", args.chk, "--threads", str(args.threads), "--repeats", str(args.repeats),
-               "--_worker", v, "--_export", export, "--_out", out] + (["--disable_tta"] if args.disable_tta else [])
+               "--_worker", worker_variant, "--_export", export, "--_out", out] + \
+            (["--disable_tta"] if args.disable_tta else [])
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                    PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -186,6 +192,15 @@ def main() -> None:
              "max abs Δ prob vs PyTorch | Dice vs PyTorch seg |", "|---|---|---|---|---|---|---|---|"]
     for v, name, mb, par, ms, rss, diff, dice in rows:
         table.append(f"| {v} | `{name}` | {mb:.2f} | {par:,} | {ms:.1f} | {rss:.0f} | {diff:.1e} | {dice:.4f} |")
+    if "teacher_pytorch_fp32" in stats:
+        t = stats["teacher_pytorch_fp32"]
+        t_ms = 1000 * float(np.median(t["latency_s"]))
+        table.append(f"| teacher (PyTorch fp32) | `{os.path.basename(t['file'])}` | {t['file_mb']:.2f} | "
+                     f"{t['parameters']:,} | {t_ms:.1f} | {t['peak_rss_mb']:.0f} | - | - |")
+        speed = {v: t_ms / ms for v, _, _, _, ms, _, _, _ in rows}
+        table.append("")
+        table.append(f"Teacher `{os.path.basename(os.path.normpath(args.teacher_folder)).split('__')[0]}` / student "
+                     "latency per case: " + ", ".join(f"{v} {r:.1f}x" for v, r in speed.items()) + ".")
     notes = [
         "",
         f"ONNX fp32 max abs difference of probabilities {fp32_diff:.1e} "

@@ -4,8 +4,8 @@ and of students distilled from one of them (cached vs online KD).
 Each arm is ``nnUNetv2_train DATASET CONFIG FOLD -tr TRAINER -device DEVICE`` under one ``TSKD_SCHEDULE``, then
 ``nnUNetv2_predict`` on the raw dataset's imagesTs and ``tskd_evaluate`` against labelsTs. One JSON per arm lands
 in the output folder as soon as the arm finishes (a re-run skips arms whose JSON exists), and the Markdown table
-and the Dice-vs-minutes plot are rebuilt from those files alone. Peak memory = the largest summed RSS of the
-training process tree, sampled every second. Runs one arm at a time (2-core machines: never two torch jobs).
+and the Dice-vs-minutes plot are rebuilt from those files alone. Peak memory = the largest summed PSS (proportional set size)
+of the training process tree, sampled every second. Runs one arm at a time (2-core machines: never two torch jobs).
 
     python benchmarks/bench_teacher_study.py -d 501 -c 2d_128 -f 0 --schedule 20,15,4 \
         -o documentation/benchmarks/teacher_hc18 --arms plain lms_frozen lms_last
@@ -61,9 +61,9 @@ def run_measured(cmd: List[str], env: Dict[str, str], log: str) -> Dict[str, flo
         proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
         root = psutil.Process(proc.pid)
         while proc.poll() is None:
-            try:
+            try:  # proportional set size: pages shared by forked workers are counted once
                 procs = [root] + root.children(recursive=True)
-                peak = max(peak, sum(p.memory_info().rss for p in procs if p.is_running()))
+                peak = max(peak, sum(p.memory_full_info().pss for p in procs if p.is_running()))
             except psutil.Error:
                 pass
             time.sleep(1.0)
@@ -108,8 +108,8 @@ def run_arm(name: str, a: argparse.Namespace, out_dir: str) -> dict:
                             "-d", str(a.dataset), "-c", a.configuration, "-f", str(a.fold), "-tr", spec["trainer"],
                             "-device", a.device, "--disable_tta", "-npp", "1", "-nps", "1"], env_pred, log)
     csv = os.path.join(out_dir, f"{name}_cases.csv")
-    subprocess.run([sys.executable, "-m", "tskd_nnunet.evaluation.cli", "-ref", os.path.join(raw, "labelsTs"),
-                    "-pred", pred, "-djfile", os.path.join(raw, "dataset.json"), "-o", csv], env=env_pred, check=True,
+    subprocess.run([sys.executable, "-m", "tskd_nnunet.evaluation.cli", os.path.join(raw, "labelsTs"),
+                    pred, "-djfile", os.path.join(raw, "dataset.json"), "-o", csv], env=env_pred, check=True,
                    stdout=subprocess.DEVNULL)
     result = dict(arm=name, trainer=spec["trainer"], what=spec["what"] + (f" ({a.teacher})" if spec.get("teacher_from")
                                                                           else ""), schedule=a.schedule, fold=a.fold,
@@ -135,8 +135,11 @@ def write_report(out_dir: str) -> None:
              f"({rows[0]['n_cases']} cases), no test-time mirroring; device {rows[0]['device']}.", "",
              "| arm | trainer | what | test Dice (mean) | median | train min | peak GB |", "|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: -r["dice"]):
+        note = " (RSS)" if r.get("peak_note") else ""
         lines.append(f"| {r['arm']} | {r['trainer']} | {r['what']} | {r['dice']:.3f} | {r['dice_median']:.3f} | "
-                     f"{r['train_minutes']:.1f} | {r['train_peak_gb']:.2f} |")
+                     f"{r['train_minutes']:.1f} | {r['train_peak_gb']:.2f}{note} |")
+    if any(r.get("peak_note") for r in rows):
+        lines += ["", "(RSS): " + next(r["peak_note"] for r in rows if r.get("peak_note"))]
     atomic_write_text(os.path.join(out_dir, "report.md"), "\n".join(lines) + "\n")
     import matplotlib
     matplotlib.use("Agg")
