@@ -51,7 +51,7 @@ def read_fold_split(dataset_name_or_id: Union[int, str], fold: int) -> Tuple[Lis
     if not os.path.isfile(splits_file):
         raise ExtensionError(f"{splits_file} does not exist, so the fold's training/validation cases are unknown. "
                              f"Fix: run nnUNetv2_plan_and_preprocess then nnUNetv2_train once (it writes the split), "
-                             f"or set a label budget with tskd_label_budget -d {name} -n N")
+                             f"or set a label budget with tskd_label_budget -d {name} --n-labeled N")
     splits = _load_json(splits_file, "delete it and re-run nnUNetv2_train once, or re-run tskd_label_budget")
     if fold >= len(splits):
         raise ExtensionError(f"fold {fold} does not exist in {splits_file} ({len(splits)} folds). "
