@@ -12,7 +12,6 @@ same exam as NNN_HC and share its patient id, so they never straddle the test sp
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import re
 from pathlib import Path
@@ -21,9 +20,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from scipy.ndimage import binary_fill_holes
 
-from dataset_conversion.common import (CaseSource, ConversionError, add_common_args, read_2d_array, read_2d_mask,
-                                       resolve_raw_root, run_cli, slice_as_volume, write_dataset)
-from tskd_nnunet.cli_args import NNUNetStyleParser
+from dataset_conversion.common import (CaseSource, ConversionError, add_common_args, converter_parser, read_2d_array,
+                                       read_2d_mask, run_cli, slice_as_volume, write_dataset_from_args)
 
 NAME_RE = re.compile(r"^(\d+)_(\d*)HC$")
 
@@ -110,20 +108,20 @@ def _loader(img: Path, mask: Path, pixel_mm: float, outlines: bool):
 
 
 def _main(argv: Optional[Sequence[str]] = None) -> None:
-    p = NNUNetStyleParser(prog="tskd_convert_hc18", description=__doc__,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = converter_parser("tskd_convert_hc18", __doc__)
     p.add_argument("-i", "--input", required=True, type=Path, help="HC18 folder (staged or official layout)")
     add_common_args(p, 501, "HC18")
     a = p.parse_args(argv)
-    raw_root = resolve_raw_root(a.output_root)
-    if not a.input.is_dir():
-        raise ConversionError(f"input folder {a.input} does not exist: pass the HC18 folder with --input")
-    write_dataset(build_cases(a.input), raw_root=raw_root, dataset_id=a.dataset_id, dataset_name=a.name,
-                  channel_names={0: "US"}, labels={"background": 0, "fetal_head": 1}, file_ending=".nii.gz",
-                  test_fraction=a.test_fraction, seed=a.seed, overwrite=a.overwrite,
-                  extra_json={"licence": "CC BY 4.0",
-                              "reference": "van den Heuvel et al., PLoS ONE 13(8):e0200412, 2018; "
-                                           "doi:10.5281/zenodo.1327317"})
+
+    def cases() -> List[CaseSource]:
+        if not a.input.is_dir():
+            raise ConversionError(f"input folder {a.input} does not exist: pass the HC18 folder with --input")
+        return build_cases(a.input)
+
+    write_dataset_from_args(a, cases, channel_names={0: "US"}, labels={"background": 0, "fetal_head": 1},
+                            file_ending=".nii.gz", licence="CC BY 4.0",
+                            reference="van den Heuvel et al., PLoS ONE 13(8):e0200412, 2018; "
+                                      "doi:10.5281/zenodo.1327317")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -10,17 +10,16 @@ the test split and label budgets keep all slices of a patient together. Spacing:
 """
 from __future__ import annotations
 
-import argparse
 import re
 from pathlib import Path
 from typing import List, Optional, Sequence
 
 import numpy as np
 
-from dataset_conversion.common import (CaseSource, ConversionError, add_common_args, check_spacing, read_2d_array,
-                                       read_2d_mask, remap_labels, resolve_raw_root, run_cli, slice_as_volume,
-                                       write_dataset)
-from tskd_nnunet.cli_args import NNUNetStyleParser
+from dataset_conversion.chaos_official import CHAOS_LICENCE, CHAOS_REFERENCE
+from dataset_conversion.common import (CaseSource, ConversionError, add_common_args, check_spacing, converter_parser,
+                                       read_2d_array, read_2d_mask, remap_labels, run_cli, slice_as_volume,
+                                       write_dataset_from_args)
 
 NAME_RE = re.compile(r"^chaos_t2_p(\d+)_s(\d+)$")
 LABELS = {"background": 0, "liver": 1, "right_kidney": 2, "left_kidney": 3, "spleen": 4}
@@ -64,8 +63,7 @@ def _loader(img: Path, mask: Path, spacing_yx):
 
 
 def _main(argv: Optional[Sequence[str]] = None) -> None:
-    p = NNUNetStyleParser(prog="tskd_convert_chaos_slices", description=__doc__,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = converter_parser("tskd_convert_chaos_slices", __doc__)
     p.add_argument("-i", "--input", required=True, type=Path, help="folder with images/ and masks/")
     add_common_args(p, 502, "CHAOS_MR_T2SPIR")
     p.add_argument("--spacing", type=float, nargs=2, default=(1.25, 1.25), metavar=("SY", "SX"),
@@ -73,13 +71,9 @@ def _main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--only-with-organs", action="store_true", help="drop slices whose mask is empty")
     a = p.parse_args(argv)
     check_spacing(a.spacing)
-    raw_root = resolve_raw_root(a.output_root)
-    write_dataset(build_cases(a.input, a.spacing, a.only_with_organs), raw_root=raw_root,
-                  dataset_id=a.dataset_id, dataset_name=a.name, channel_names={0: "T2SPIR"}, labels=LABELS,
-                  file_ending=".nii.gz", test_fraction=a.test_fraction, seed=a.seed, overwrite=a.overwrite,
-                  extra_json={"licence": "CC BY-NC-SA 4.0",
-                              "reference": "Kavur et al., Medical Image Analysis 69:101950, 2021; "
-                                           "doi:10.5281/zenodo.3362844"})
+    write_dataset_from_args(a, lambda: build_cases(a.input, a.spacing, a.only_with_organs),
+                            channel_names={0: "T2SPIR"}, labels=LABELS, file_ending=".nii.gz",
+                            licence=CHAOS_LICENCE, reference=CHAOS_REFERENCE)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

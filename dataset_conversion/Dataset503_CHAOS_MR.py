@@ -10,15 +10,13 @@ as ``.nii.gz``, so both nnU-Net's 2d and 3d_fullres configurations can be planne
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from dataset_conversion.chaos_official import (MR_LABELS, MR_RANGES, case_id_for, load_series_with_ground,
-                                               load_t1dual, modality_dir, patient_dirs)
-from dataset_conversion.common import (CaseSource, ConversionError, add_common_args, resolve_raw_root, run_cli,
-                                       write_dataset)
-from tskd_nnunet.cli_args import NNUNetStyleParser
+from dataset_conversion.chaos_official import (CHAOS_LICENCE, CHAOS_REFERENCE, MR_LABELS, MR_RANGES, case_id_for,
+                                               load_series_with_ground, load_t1dual, modality_dir, patient_dirs)
+from dataset_conversion.common import (CaseSource, ConversionError, add_common_args, converter_parser, run_cli,
+                                       write_dataset_from_args)
 
 
 def build_cases(root: Path, sequence: str) -> List[CaseSource]:
@@ -46,21 +44,15 @@ def build_cases(root: Path, sequence: str) -> List[CaseSource]:
 
 
 def _main(argv: Optional[Sequence[str]] = None) -> None:
-    p = NNUNetStyleParser(prog="tskd_convert_chaos_mr", description=__doc__,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = converter_parser("tskd_convert_chaos_mr", __doc__)
     p.add_argument("-i", "--input", required=True, type=Path, help="unpacked CHAOS_Train_Sets (holding Train_Sets/MR)")
     p.add_argument("--sequence", choices=("T2SPIR", "T1DUAL"), default="T2SPIR")
     add_common_args(p, 503, None, name_help="dataset name (default CHAOS_MR_<sequence>)")
     a = p.parse_args(argv)
-    name = a.name or f"CHAOS_MR_{a.sequence}"
-    raw_root = resolve_raw_root(a.output_root)
     channels = {0: "T2SPIR"} if a.sequence == "T2SPIR" else {0: "T1_InPhase", 1: "T1_OutPhase"}
-    write_dataset(build_cases(a.input, a.sequence), raw_root=raw_root, dataset_id=a.dataset_id,
-                  dataset_name=name, channel_names=channels, labels=MR_LABELS, file_ending=".nii.gz",
-                  test_fraction=a.test_fraction, seed=a.seed, overwrite=a.overwrite,
-                  extra_json={"licence": "CC BY-NC-SA 4.0",
-                              "reference": "Kavur et al., Medical Image Analysis 69:101950, 2021; "
-                                           "doi:10.5281/zenodo.3362844"})
+    write_dataset_from_args(a, lambda: build_cases(a.input, a.sequence), channel_names=channels, labels=MR_LABELS,
+                            file_ending=".nii.gz", licence=CHAOS_LICENCE, reference=CHAOS_REFERENCE,
+                            dataset_name=a.name or f"CHAOS_MR_{a.sequence}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -9,14 +9,12 @@ name ``CT`` selects nnU-Net's CT normalisation. Output ``.nii.gz`` with the DICO
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from dataset_conversion.chaos_official import (CT_LABELS, CT_RANGES, case_id_for, load_series_with_ground,
-                                               modality_dir, patient_dirs)
-from dataset_conversion.common import CaseSource, add_common_args, resolve_raw_root, run_cli, write_dataset
-from tskd_nnunet.cli_args import NNUNetStyleParser
+from dataset_conversion.chaos_official import (CHAOS_LICENCE, CHAOS_REFERENCE, CT_LABELS, CT_RANGES, case_id_for,
+                                               load_series_with_ground, modality_dir, patient_dirs)
+from dataset_conversion.common import CaseSource, add_common_args, converter_parser, run_cli, write_dataset_from_args
 
 
 def build_cases(root: Path) -> List[CaseSource]:
@@ -33,18 +31,12 @@ def build_cases(root: Path) -> List[CaseSource]:
 
 
 def _main(argv: Optional[Sequence[str]] = None) -> None:
-    p = NNUNetStyleParser(prog="tskd_convert_chaos_ct", description=__doc__,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = converter_parser("tskd_convert_chaos_ct", __doc__)
     p.add_argument("-i", "--input", required=True, type=Path, help="unpacked CHAOS_Train_Sets (holding Train_Sets/CT)")
     add_common_args(p, 504, "CHAOS_CT")
     a = p.parse_args(argv)
-    raw_root = resolve_raw_root(a.output_root)
-    write_dataset(build_cases(a.input), raw_root=raw_root, dataset_id=a.dataset_id, dataset_name=a.name,
-                  channel_names={0: "CT"}, labels=CT_LABELS, file_ending=".nii.gz",
-                  test_fraction=a.test_fraction, seed=a.seed, overwrite=a.overwrite,
-                  extra_json={"licence": "CC BY-NC-SA 4.0",
-                              "reference": "Kavur et al., Medical Image Analysis 69:101950, 2021; "
-                                           "doi:10.5281/zenodo.3362844"})
+    write_dataset_from_args(a, lambda: build_cases(a.input), channel_names={0: "CT"}, labels=CT_LABELS,
+                            file_ending=".nii.gz", licence=CHAOS_LICENCE, reference=CHAOS_REFERENCE)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -14,16 +14,14 @@ or a shared image part form one patient group, so copies never straddle a split.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import SimpleITK as sitk
 
-from dataset_conversion.common import (CaseSource, ConversionError, add_common_args, read_2d_array, read_2d_mask,
-                                       remap_labels, resolve_raw_root, run_cli, sanitize_case_id, write_dataset)
-from tskd_nnunet.cli_args import NNUNetStyleParser
+from dataset_conversion.common import (CaseSource, ConversionError, add_common_args, converter_parser, read_2d_array,
+                                       read_2d_mask, remap_labels, run_cli, sanitize_case_id, write_dataset_from_args)
 
 TASK_LABELS = {
     "capsule": {"background": 0, "capsule": 1},
@@ -105,8 +103,7 @@ def build_cases(images: Path, labels: Path, task: str, rater: int, channels: str
 
 
 def _main(argv: Optional[Sequence[str]] = None) -> None:
-    p = NNUNetStyleParser(prog="tskd_convert_kidneyus", description=__doc__,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = converter_parser("tskd_convert_kidneyus", __doc__)
     p.add_argument("--images", required=True, type=Path, help="folder of the released KidneyUS image PNGs")
     p.add_argument("--labels", required=True, type=Path, help="the labels/ folder of the kidneyUS repository")
     p.add_argument("--task", choices=("capsule", "regions"), default="capsule")
@@ -115,15 +112,12 @@ def _main(argv: Optional[Sequence[str]] = None) -> None:
                    help="gray: one channel (R=G=B kept losslessly, colour → luminance); rgb: three channels")
     add_common_args(p, 505, None, name_help="dataset name (default KidneyUS_<task>_r<rater>)")
     a = p.parse_args(argv)
-    raw_root = resolve_raw_root(a.output_root)
-    name = a.name or f"KidneyUS_{a.task}_r{a.rater}"
     channel_names = {0: "US"} if a.channels == "gray" else {0: "R", 1: "G", 2: "B"}
-    write_dataset(build_cases(a.images, a.labels, a.task, a.rater, a.channels), raw_root=raw_root,
-                  dataset_id=a.dataset_id, dataset_name=name, channel_names=channel_names,
-                  labels=TASK_LABELS[a.task], file_ending=".png", test_fraction=a.test_fraction, seed=a.seed,
-                  overwrite=a.overwrite,
-                  extra_json={"licence": "CC BY-NC-SA 4.0",
-                              "reference": "Singla et al., The Open Kidney Ultrasound Data Set, arXiv:2206.06657"})
+    write_dataset_from_args(a, lambda: build_cases(a.images, a.labels, a.task, a.rater, a.channels),
+                            channel_names=channel_names, labels=TASK_LABELS[a.task], file_ending=".png",
+                            licence="CC BY-NC-SA 4.0",
+                            reference="Singla et al., The Open Kidney Ultrasound Data Set, arXiv:2206.06657",
+                            dataset_name=a.name or f"KidneyUS_{a.task}_r{a.rater}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -17,6 +17,10 @@ import SimpleITK as sitk
 
 from dataset_conversion.common import ConversionError, read_2d_mask, read_image, sanitize_case_id
 
+# the dataset.json licence and reference of every CHAOS conversion (Dataset502/503/504)
+CHAOS_LICENCE = "CC BY-NC-SA 4.0"
+CHAOS_REFERENCE = "Kavur et al., Medical Image Analysis 69:101950, 2021; doi:10.5281/zenodo.3362844"
+
 # CHAOS grey-level ranges of the MR ground truth (challenge data description): liver 63 (55-70), right kidney
 # 126 (110-135), left kidney 189 (175-200), spleen 252 (240-255).
 MR_RANGES = ((0, 0, 0), (55, 70, 1), (110, 135, 2), (175, 200, 3), (240, 255, 4))

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -513,6 +514,23 @@ def add_common_args(parser: NNUNetStyleParser, default_id: Optional[int], defaul
                         help="fraction of PATIENTS moved to imagesTs/labelsTs (default 0.2; 0 = no test set)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the test split (default 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output dataset")
+
+
+def converter_parser(prog: str, doc: str) -> NNUNetStyleParser:
+    """The parser of a converter: its module docstring as the description, kept as written."""
+    return NNUNetStyleParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def write_dataset_from_args(args, cases: Callable[[], Sequence[CaseSource]], *, channel_names: Mapping[int, str],
+                            labels: Mapping[str, int], file_ending: str, licence: str, reference: str,
+                            dataset_name: Optional[str] = None) -> Path:
+    """``write_dataset`` with the arguments of ``add_common_args``. ``$nnUNet_raw`` / --output-root is checked
+    before ``cases()`` reads any input, so a missing setting is reported first."""
+    raw_root = resolve_raw_root(args.output_root)
+    return write_dataset(cases(), raw_root=raw_root, dataset_id=args.dataset_id,
+                         dataset_name=dataset_name or args.name, channel_names=channel_names, labels=labels,
+                         file_ending=file_ending, test_fraction=args.test_fraction, seed=args.seed,
+                         overwrite=args.overwrite, extra_json={"licence": licence, "reference": reference})
 
 
 def run_cli(fn: Callable[[Optional[Sequence[str]]], None], argv: Optional[Sequence[str]] = None) -> int:

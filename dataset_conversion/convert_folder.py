@@ -15,7 +15,6 @@ store spacing.
 """
 from __future__ import annotations
 
-import argparse
 import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -25,9 +24,8 @@ import SimpleITK as sitk
 
 from dataset_conversion.common import (MEDICAL_IMAGE_ENDINGS, NATURAL_IMAGE_ENDINGS, SUPPORTED_ENDINGS,
                                        CaseSource, ConversionError, add_common_args, channels_from_array, check_spacing,
-                                       read_image, remap_labels, resolve_raw_root, run_cli, sanitize_case_id, slice_as_volume,
-                                       strip_ending, write_dataset)
-from tskd_nnunet.cli_args import NNUNetStyleParser
+                                       converter_parser, read_image, remap_labels, resolve_raw_root, run_cli,
+                                       sanitize_case_id, slice_as_volume, strip_ending, write_dataset)
 
 
 def parse_label_spec(spec: str) -> Tuple[Dict[int, int], Dict[str, int]]:
@@ -253,8 +251,7 @@ def choose_ending(images: Sequence[Path], spacing: Optional[Sequence[float]], re
 
 
 def _main(argv: Optional[Sequence[str]] = None) -> None:
-    p = NNUNetStyleParser(prog="tskd_convert_folder", description=__doc__,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = converter_parser("tskd_convert_folder", __doc__)
     p.add_argument("--images", required=True, type=Path, help="folder of images")
     p.add_argument("--masks", required=True, type=Path, help="folder of masks (same names as the images)")
     add_common_args(p, None, None)

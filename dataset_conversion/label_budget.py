@@ -17,15 +17,13 @@ Writes ``$nnUNet_preprocessed/DatasetXXX_*/splits_final.json`` (nnU-Net's format
 """
 from __future__ import annotations
 
-import argparse
 import random
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from dataset_conversion.common import (CASE_PATIENT_MAP, ConversionError, find_dataset_folder,
+from dataset_conversion.common import (CASE_PATIENT_MAP, ConversionError, converter_parser, find_dataset_folder,
                                        resolve_preprocessed_root, resolve_raw_root, run_cli)
 from tskd_nnunet.atomic_io import atomic_write_json, read_json
-from tskd_nnunet.cli_args import NNUNetStyleParser
 from tskd_nnunet.data.preprocessed_files import POOL_FILE
 
 
@@ -139,8 +137,7 @@ def write_label_budget(dataset_id: int, n_labeled: int, num_folds: int = 5, seed
 
 
 def _main(argv: Optional[Sequence[str]] = None) -> None:
-    p = NNUNetStyleParser(prog="tskd_label_budget", description=__doc__,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = converter_parser("tskd_label_budget", __doc__)
     p.add_argument("-d", "--dataset-id", type=int, required=True, help="nnU-Net dataset id")
     p.add_argument("--n-labeled", type=int, default=None, help="labeled training cases per fold (required)")
     p.add_deprecated_alias("-n", "n_labeled", "--n-labeled", type=int)
