@@ -43,21 +43,22 @@ class ConversionError(Exception):
 
 
 # ----------------------------------------------------------------------------------------------- paths
-def resolve_raw_root(output_root: Optional[str]) -> Path:
-    """``--output-root`` if given, else ``$nnUNet_raw``; neither → ConversionError naming the fix."""
-    root = output_root or os.environ.get("nnUNet_raw")
+def _root(given: Optional[str], env_var: str, alternative: str = "") -> Path:
+    """``given`` if set, else ``$env_var``; neither → ConversionError naming the fix."""
+    root = given or os.environ.get(env_var)
     if not root:
-        raise ConversionError("nnUNet_raw is not set: export nnUNet_raw=/path/to/nnUNet_raw "
-                              "(see nnU-Net's documentation/setting_up_paths.md) or pass --output-root DIR")
+        raise ConversionError(f"{env_var} is not set: export {env_var}=/path/to/{env_var} "
+                              f"(see nnU-Net's documentation/setting_up_paths.md){alternative}")
     return Path(root)
+
+
+def resolve_raw_root(output_root: Optional[str]) -> Path:
+    """``--output-root`` if given, else ``$nnUNet_raw``."""
+    return _root(output_root, "nnUNet_raw", " or pass --output-root DIR")
 
 
 def resolve_preprocessed_root(preprocessed_root: Optional[str]) -> Path:
-    root = preprocessed_root or os.environ.get("nnUNet_preprocessed")
-    if not root:
-        raise ConversionError("nnUNet_preprocessed is not set: export nnUNet_preprocessed=/path/to/"
-                              "nnUNet_preprocessed (see nnU-Net's documentation/setting_up_paths.md)")
-    return Path(root)
+    return _root(preprocessed_root, "nnUNet_preprocessed")
 
 
 def dataset_folder_name(dataset_id: int, name: str) -> str:
