@@ -121,14 +121,16 @@ def test_report_is_complete_and_failed_method_shows_failed(bench):
 
 def test_dry_run_lists_the_matrix_and_runs_nothing(nnunet_env, tmp_path):
     cfg = tmp_path / "c.json"
-    cfg.write_text(json.dumps({**CONFIG, "budgets": [2, 4], "methods": ["nnUNetTrainer", "tskd", "mae_ft"],
+    cfg.write_text(json.dumps({**CONFIG, "budgets": [2, 4], "methods": ["nnUNetTrainer", "tskd", "tskd_vit", "mae_ft"],
                                "foundation": {"kind": "mae", "arch": "vit_tiny", "steps": 5}}))
     proc = subprocess.run(_runner([str(cfg), "--workdir", str(tmp_path / "w"), "--dry-run"], nnunet_env),
                           env=nnunet_env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    # tskd pulls in the teacher it needs; 2 budgets x 4 methods
-    assert "runs (8):" in out
+    # tskd pulls in the LiteMedSAM teacher (the CPU profile's trainer), tskd_vit the in-house ViT teacher and its
+    # pretraining stage; 2 budgets x 6 methods
+    assert "runs (12):" in out
+    assert "-tr LiteMedSAMTeacherTrainer_last" in out
     assert "teacher_lora" in out and "TSKD_TEACHER_WEIGHTS=" in out and "stage foundation fold 0: pending" in out
     assert "-pretrained_weights" in out and "-tr DistillTrainer" in out
     assert not (tmp_path / "w").exists()
