@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
-from batchgenerators.utilities.file_and_folder_operations import join
 from torch import autocast, nn
 
 from nnunetv2.paths import nnUNet_raw, nnUNet_results
@@ -46,9 +45,6 @@ from tskd_nnunet.trainers.base import ScheduledTrainer
 from tskd_nnunet.trainers.teacher import WarmupPolyLRScheduler
 
 HEADS_KEY = "tskd_kd_heads"  # checkpoint key of the training-only feature-KD projection
-
-
-_unwrap = unwrap_network  # DDP / torch.compile wrapper -> the student module
 
 
 class DistillTrainer(ScheduledTrainer):
@@ -107,7 +103,7 @@ class DistillTrainer(ScheduledTrainer):
             self.load_teacher()  # the projection's size depends on the teacher
         super().initialize()
         self.pixel_kd = DeepSupervisionKD(self.kd_temperature, multilabel=self.label_manager.has_regions)
-        self.print_to_log_file(f"Student {type(_unwrap(self.network)).__name__} (width {self.student_width}): "
+        self.print_to_log_file(f"Student {type(unwrap_network(self.network)).__name__} (width {self.student_width}): "
                                f"{count_parameters(self.network):,} parameters")
 
     def load_teacher(self) -> nn.Module:
@@ -177,7 +173,7 @@ class DistillTrainer(ScheduledTrainer):
         return logits, feats
 
     def _build_feature_heads(self) -> nn.ModuleDict:
-        student = _unwrap(self.network)
+        student = unwrap_network(self.network)
         self._taps = {"student": feature_tap_for(student)}
         if self.feature_source_is_teacher:
             self._taps["teacher"] = feature_tap_for(self.load_teacher())
@@ -446,7 +442,7 @@ class DistillTrainer_vittiny(DistillTrainer):
         super().initialize()
         if not was_initialized:  # a --c / --val checkpoint is loaded after this and overrides these weights
             s = self.student_spec
-            loaded = load_vit_student_weights(_unwrap(self.network), s)
+            loaded = load_vit_student_weights(unwrap_network(self.network), s)
             self.print_to_log_file(f"ViT student: {s.backbone} (overrides {s.arch_overrides}) from "
                                    f"{s.checkpoint if loaded else 'RANDOM INIT'} at {s.img_size[0]}x{s.img_size[1]}, "
                                    f"decoder channels {s.decoder_channels}, all weights trained",

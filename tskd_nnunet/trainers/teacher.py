@@ -27,6 +27,7 @@ from torch.optim.lr_scheduler import _LRScheduler
 
 from tskd_nnunet import config
 from tskd_nnunet.models.lora import LoraSettings, trainable_fraction
+from tskd_nnunet.models.util import unwrap_network
 from tskd_nnunet.models.teacher_net import (TeacherSpec, TeacherSpecConflictError, adamw_param_groups,  # noqa: F401
                                             build_teacher_network, check_channels, deep_supervision_scales,
                                             resolve_recorded_spec, resolve_teacher_spec)
@@ -136,7 +137,7 @@ class ViTLoRATeacherTrainer(ScheduledTrainer):
                      if self.preprocessed_dataset_folder_base else "dataset.json")
             check_channels(self.teacher_spec, n, where)
         super().initialize()
-        net = self.network._orig_mod if hasattr(self.network, "_orig_mod") else self.network
+        net = unwrap_network(self.network)
         n_all = sum(p.numel() for p in net.parameters())
         self.print_to_log_file(f"Teacher parameters: {n_all / 1e6:.2f} M, trainable "
                                f"{100 * trainable_fraction(net):.2f} %")
