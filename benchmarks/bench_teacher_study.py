@@ -43,11 +43,14 @@ ARMS: Dict[str, Dict] = {
 }
 
 
-def link_models(src_results: str, dst_results: str) -> None:
-    """Make every trained model folder of ``src_results`` visible in ``dst_results`` (teachers for a student
-    trained into another results root)."""
+def link_teachers(src_results: str, dst_results: str, teachers: List[str]) -> None:
+    """Make the teachers' model folders (only those) of ``src_results`` visible in ``dst_results``, for a
+    student trained into another results root. Linking anything else would let a student find a finished
+    run of its own trainer name there and resume it."""
     for ds in os.listdir(src_results):
         for model in os.listdir(os.path.join(src_results, ds)):
+            if model.split("__")[0] not in teachers:
+                continue
             dst = os.path.join(dst_results, ds, model)
             if not os.path.exists(dst):
                 os.makedirs(os.path.dirname(dst), exist_ok=True)
@@ -95,12 +98,17 @@ def run_arm(name: str, a: argparse.Namespace, out_dir: str) -> dict:
         env["nnUNet_results"] = os.environ["nnUNet_results"] + spec["results_suffix"]
         os.makedirs(env["nnUNet_results"], exist_ok=True)
         if spec.get("teacher_from"):
-            link_models(os.environ["nnUNet_results"], env["nnUNet_results"])
+            link_teachers(os.environ["nnUNet_results"], env["nnUNet_results"], a.teacher.split(","))
     log = os.path.join(a.work, f"{name}.log")
-    train = run_measured([os.path.join(bin_dir, "nnUNetv2_train"), str(a.dataset), a.configuration, str(a.fold),
-                          "-tr", spec["trainer"], "-device", a.device], env, log)
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
     ds = maybe_convert_to_dataset_name(str(a.dataset))
+    fold_dir = os.path.join(env["nnUNet_results"], ds, f"{spec['trainer']}__nnUNetPlans__{a.configuration}",
+                            f"fold_{a.fold}")
+    # an interrupted arm continues from its last epoch (our trainers save checkpoint_latest every epoch);
+    # its minutes then count only this invocation, which the JSON says
+    resumed = any(os.path.isfile(os.path.join(fold_dir, c)) for c in ("checkpoint_latest.pth", "checkpoint_final.pth"))
+    train = run_measured([os.path.join(bin_dir, "nnUNetv2_train"), str(a.dataset), a.configuration, str(a.fold),
+                          "-tr", spec["trainer"], "-device", a.device] + (["--c"] if resumed else []), env, log)
     raw = os.path.join(os.environ["nnUNet_raw"], ds)
     pred = os.path.join(a.work, f"pred_{name}")
     env_pred = {k: v for k, v in env.items() if k != "nnUNet_n_proc_DA"}
@@ -114,7 +122,7 @@ def run_arm(name: str, a: argparse.Namespace, out_dir: str) -> dict:
     result = dict(arm=name, trainer=spec["trainer"], what=spec["what"] + (f" ({a.teacher})" if spec.get("teacher_from")
                                                                           else ""), schedule=a.schedule, fold=a.fold,
                   configuration=a.configuration, dataset=ds, device=a.device, train_minutes=train["minutes"],
-                  train_peak_gb=train["peak_gb"], predict_minutes=predict["minutes"],
+                  train_peak_gb=train["peak_gb"], predict_minutes=predict["minutes"], resumed=resumed,
                   commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                         cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip(),
                   **mean_dice(csv))
