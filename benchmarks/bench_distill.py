@@ -117,10 +117,11 @@ def measure(trainer_name: str, iters: int, device_name: str) -> dict:
         build = trainer.prepare_target_cache
 
         def timed(identifiers, load_case):
-            from tskd_nnunet.distill.target_cache import cache_folder, disk_bytes  # noqa: F401
+            from tskd_nnunet.distill.target_cache import disk_bytes
             t = time.perf_counter()
             folder = build(identifiers, load_case)
-            cache.update(seconds=time.perf_counter() - t, cases=len(identifiers), **disk_bytes(folder))
+            cache.update(seconds=time.perf_counter() - t, cases=len(identifiers),
+                         bytes_per_case=disk_bytes(folder)["bytes_per_case"])
             return folder
         trainer.prepare_target_cache = timed
         shutil.rmtree(os.path.join(base, "tskd_targets"), ignore_errors=True)  # every row pays its own cache
@@ -151,13 +152,68 @@ def measure(trainer_name: str, iters: int, device_name: str) -> dict:
     return out
 
 
+def interleaved(rows: List[tuple], iters: int, device_name: str) -> Dict[str, float]:
+    """All rows' trainers in this one process, their timed steps alternating (A B C A B C ...), so load that
+    changes over time (another job on the machine) hits every row alike. Median seconds per step."""
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    base = os.path.join(os.fspath(nnUNet_preprocessed), DATASET)
+    plans, dataset_json = load_json(os.path.join(base, "nnUNetPlans.json")), load_json(os.path.join(base, "dataset.json"))
+    trainers, batches = {}, {}
+    for label, trainer_name, teacher, mode in rows:
+        for k in ("TSKD_TEACHER_TRAINER", "TSKD_KD_MODE"):
+            os.environ.pop(k, None)
+        os.environ.update(dict(mode, **({"TSKD_TEACHER_TRAINER": teacher} if teacher else {})))
+        t = recursive_find_trainer_class_by_name(trainer_name)(dict(plans, continue_training=False), "2d", 0, dataset_json,
+                                                               torch.device(device_name))
+        t.on_train_start()
+        t.on_train_epoch_start()
+        trainers[label] = t
+        batches[label] = [next(t.dataloader_train) for _ in range(iters + 2)]
+        for b in batches[label][:2]:
+            t.train_step(b)
+    times: Dict[str, List[float]] = {label: [] for label in trainers}
+    for i in range(2, iters + 2):
+        for label, t in trainers.items():
+            t0 = time.perf_counter()
+            t.train_step(batches[label][i])
+            times[label].append(time.perf_counter() - t0)
+    return {label: float(sorted(v)[len(v) // 2]) for label, v in times.items()}
+
+
+INTERLEAVED_ROWS = [ROWS[0], ROWS[2], ROWS[8], ROWS[9]]  # plain, cached (LiteMedSAM teacher), cached _small, _tiny
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--root", help="work folder (kept; default: a new temporary folder)")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--device", default="cpu")
     p.add_argument("--measure", help=argparse.SUPPRESS)
+    p.add_argument("--interleave", action="store_true",
+                   help="plain vs cached KD in one process, steps alternating (robust to other load on the machine)")
     args = p.parse_args()
+    if args.interleave and args.root and os.environ.get("nnUNet_preprocessed"):
+        res = interleaved(INTERLEAVED_ROWS, args.iters, args.device)
+        plain = res[INTERLEAVED_ROWS[0][0]]
+        print(f"\nInterleaved in one process, {args.iters} alternating steps per row after 2 warm-up, median s/step\n")
+        print("| setting | s/iter | ratio vs plain |\n|---|---|---|")
+        for label, v in res.items():
+            print(f"| {label} | {v:.3f} | {v / plain:.2f}x |")
+        return
+    if args.interleave:
+        root = args.root or tempfile.mkdtemp(prefix="bench_distill_")
+        prepare(root)
+        # the cached rows need their caches: one ordinary measurement each builds it
+        for label, trainer, teacher, mode in INTERLEAVED_ROWS[1:2]:
+            _run([sys.executable, os.path.abspath(__file__), "--measure", trainer, "--iters", "1", "--device",
+                  args.device], _env(root, dict(mode, TSKD_TEACHER_TRAINER=teacher)))
+        print(_run([sys.executable, os.path.abspath(__file__), "--interleave", "--root", root, "--iters",
+                    str(args.iters), "--device", args.device], _env(root)))
+        return
     if args.measure:
         print("RESULT " + json.dumps(measure(args.measure, args.iters, args.device)))
         return
