@@ -167,8 +167,8 @@ def interleaved(rows: List[tuple], iters: int, device_name: str) -> Dict[str, fl
         for k in ("TSKD_TEACHER_TRAINER", "TSKD_KD_MODE"):
             os.environ.pop(k, None)
         os.environ.update(dict(mode, **({"TSKD_TEACHER_TRAINER": teacher} if teacher else {})))
-        t = recursive_find_trainer_class_by_name(trainer_name)(dict(plans, continue_training=False), "2d", 0, dataset_json,
-                                                               torch.device(device_name))
+        trainer_class = recursive_find_trainer_class_by_name(trainer_name)
+        t = trainer_class(dict(plans, continue_training=False), "2d", 0, dataset_json, torch.device(device_name))
         t.on_train_start()
         t.on_train_epoch_start()
         trainers[label] = t
