@@ -207,3 +207,29 @@ def test_vit_student_weights_env_and_builder(tmp_path, monkeypatch):
     assert set(net.state_dict()) == set(dict(net.named_parameters())) | set(dict(net.named_buffers()))
     outs = net(torch.zeros(2, 1, 64, 64))
     assert [tuple(o.shape) for o in outs] == [(2, 2, 64, 64), (2, 2, 32, 32)]
+
+
+def test_cache_command_builds_the_trainers_cache_and_ingests_the_teachers_own_predictions(teacher_env, tmp_path):
+    """tskd_cache_targets computes exactly the cache training would use; a folder the teacher predicted with
+    nnUNetv2_predict --save_probabilities is taken instead of a second teacher pass, and agrees with it."""
+    import numpy as np
+    import sys
+    env = dict(teacher_env, TSKD_TEACHER_TRAINER=TEACHER)
+    cmd = [sys.executable, "-m", "tskd_nnunet.distill.cache_cli", str(PHANTOM_ID), "2d", "0", "-t", TEACHER]
+    out = run_cmd(cmd, env).stdout
+    folder = out.strip().splitlines()[-1].split("teacher targets ready: ")[1]
+    direct = {f: np.load(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".npy")}
+    assert len(direct) == 11  # 4 labeled + 5 pool + 1 synthetic + 1 real-unlabeled
+    shutil.rmtree(folder)
+
+    pred = str(tmp_path / "teacher_pred")
+    run_cmd([os.path.join(BIN, "nnUNetv2_predict"), "-i", os.path.join(env["nnUNet_raw"], DATASET, "imagesTr"), "-o",
+             pred, "-d", str(PHANTOM_ID), "-c", "2d", "-tr", TEACHER, "-f", "0", "-device", "cpu",
+             "--save_probabilities", "-npp", "1", "-nps", "1"], env)
+    out = run_cmd(cmd + ["--from_predictions", pred], env).stdout
+    taken = int(out.split(" case(s) taken from the predictions")[0].split("Teacher targets: ")[-1])
+    assert taken == 9  # the training images; the two extension cases are not in imagesTr and are computed
+    for name, ref in direct.items():
+        got = np.load(os.path.join(folder, name))
+        assert got.shape == ref.shape
+        assert np.abs(got.astype(np.float32) - ref.astype(np.float32)).max() < 2e-2, name

@@ -1,10 +1,13 @@
 """``tskd_cache_targets``: compute a student's cached teacher targets ahead of training.
 
     tskd_cache_targets DATASET CONFIGURATION FOLD [-tr DistillTrainer] [-p nnUNetPlans] [-t TEACHER ...] [-device cpu]
+                       [--from_predictions FOLDER]
 
 Builds exactly the cache ``nnUNetv2_train DATASET CONFIGURATION FOLD -tr DistillTrainer`` would build on its
 first start (same transfer set, same key), e.g. on a GPU machine before CPU training, or with several
-teachers (``-t LiteMedSAMTeacherTrainer TSKDPlainTrainer``: probabilities averaged, an ensemble).
+teachers (``-t LiteMedSAMTeacherTrainer TSKDPlainTrainer``: probabilities averaged, an ensemble). With
+``--from_predictions FOLDER`` the cases the teacher already predicted (``nnUNetv2_predict -i imagesTr -o FOLDER -tr
+TEACHER --save_probabilities``) are converted back to nnU-Net's preprocessed geometry instead of recomputed.
 """
 from __future__ import annotations
 
@@ -25,7 +28,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("-t", nargs="+", default=None, help="teacher trainer(s); default TSKD_TEACHER_TRAINER or the "
                                                         "student's default (LiteMedSAMTeacherTrainer)")
     p.add_argument("-device", default="cpu", choices=("cpu", "cuda", "mps"))
+    p.add_argument("--from_predictions", default=None, metavar="FOLDER",
+                   help="take cases from the teacher's own `nnUNetv2_predict ... --save_probabilities` output "
+                        "(predict imagesTr with the one teacher named by -t, mirroring on unless TSKD_TEACHER_TTA=0); "
+                        "cases not found there are computed")
     a = p.parse_args(argv)
+    if a.from_predictions and not os.path.isdir(a.from_predictions):
+        p.error(f"--from_predictions {a.from_predictions}: no such folder")
     if a.t:
         os.environ["TSKD_TEACHER_TRAINER"] = ",".join(a.t)
     os.environ["TSKD_KD_MODE"] = "cached"
@@ -40,7 +49,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                                         device=torch.device(a.device))
         if not hasattr(trainer, "build_target_cache"):
             raise TSKDConfigError(f"-tr {a.tr} is not a distillation trainer. Fix: -tr DistillTrainer (or a variant)")
-        folder = trainer.build_target_cache()
+        folder = trainer.build_target_cache(a.from_predictions)
     except (TSKDConfigError, TargetCacheError, TeacherError) as e:
         print(f"tskd_cache_targets: error: {e}", file=sys.stderr)
         raise SystemExit(2)

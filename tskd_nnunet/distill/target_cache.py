@@ -84,11 +84,43 @@ def probabilities(logits: torch.Tensor, multilabel: bool) -> torch.Tensor:
     return torch.sigmoid(logits.float()) if multilabel else torch.softmax(logits.float(), 0)
 
 
+def probabilities_from_prediction(npz_file: str, spatial_shape: Sequence[int], plans_manager,
+                                  configuration_manager) -> np.ndarray:
+    """What ``nnUNetv2_predict --save_probabilities`` wrote for a case (original geometry: ``<case>.npz`` and
+    ``<case>.pkl``) brought back to nnU-Net's preprocessed geometry: the inverse of nnU-Net's export
+    (transpose forward, crop to the preprocessing bounding box, resample to the preprocessed shape)."""
+    import pickle
+    pkl = npz_file[:-len(".npz")] + ".pkl"
+    try:
+        with np.load(npz_file) as f:
+            probs = f["probabilities"].astype(np.float32)
+        with open(pkl, "rb") as f:
+            props = pickle.load(f)
+    except (OSError, KeyError, ValueError, pickle.UnpicklingError) as e:
+        raise TargetCacheError(f"{npz_file} (+ .pkl) is not a probability file of nnUNetv2_predict "
+                               f"--save_probabilities ({type(e).__name__}). Fix: predict again with "
+                               f"--save_probabilities, or leave the case out of the folder.") from None
+    tf = list(plans_manager.transpose_forward)
+    probs = probs.transpose([0] + [i + 1 for i in tf])
+    probs = probs[(slice(None),) + tuple(slice(int(lo), int(hi)) for lo, hi in props["bbox_used_for_cropping"])]
+    spacing = [props["spacing"][i] for i in tf]
+    target = list(configuration_manager.spacing)
+    if len(target) < len(spacing):  # 2d configuration of a 3d-shaped case: the first axis keeps its spacing
+        target = [spacing[0], *target]
+    if tuple(probs.shape[1:]) != tuple(spatial_shape):
+        probs = np.asarray(configuration_manager.resampling_fn_probabilities(probs, list(spatial_shape), spacing,
+                                                                            target))
+    probs = np.clip(probs, 0, None)
+    return probs / np.clip(probs.sum(0, keepdims=True), 1e-8, None)
+
+
 def build_cache(folder: str, teachers: Sequence[TeacherForCache], load_case, identifiers: Sequence[str],
                 device: torch.device, use_mirroring: bool = True, multilabel: bool = False,
-                manifest_extra: Optional[dict] = None, log=print) -> int:
+                manifest_extra: Optional[dict] = None, log=print, predictions: Optional[str] = None) -> int:
     """Write ``<case>.npy`` (fp16 probabilities, averaged over ``teachers``) for every identifier that has none.
-    ``load_case(identifier)`` returns nnU-Net's preprocessed (data, ...). Returns the number of cases written."""
+    ``load_case(identifier)`` returns nnU-Net's preprocessed (data, ...). With ``predictions`` (a folder that
+    ``nnUNetv2_predict -tr <the one teacher> --save_probabilities`` wrote), cases found there are taken from it
+    instead of running the teacher again. Returns the number of cases written."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from tqdm import tqdm
 
@@ -99,8 +131,24 @@ def build_cache(folder: str, teachers: Sequence[TeacherForCache], load_case, ide
     manifest.update(manifest_extra or {})
     atomic_write_text(os.path.join(folder, "manifest.json"), json.dumps(manifest, indent=1))
     todo = missing_cases(folder, identifiers)
+    n_before = len(todo)
+    if predictions is not None:
+        if len(teachers) != 1:
+            raise TargetCacheError(f"{predictions}: predictions can stand for one teacher, not an ensemble of "
+                                   f"{len(teachers)}. Fix: name a single teacher.")
+        t = teachers[0]
+        found = [i for i in todo if os.path.isfile(os.path.join(predictions, f"{i}.npz"))]
+        for identifier in found:
+            shape = np.asarray(load_case(identifier)[0]).shape[1:]
+            probs = probabilities_from_prediction(os.path.join(predictions, f"{identifier}.npz"), shape,
+                                                  t.plans_manager, t.configuration_manager)
+            with atomic_path(target_file(folder, identifier)) as tmp:
+                with open(tmp, "wb") as f:
+                    np.save(f, probs.astype(np.float16))
+        log(f"Teacher targets: {len(found)} case(s) taken from the predictions in {predictions}")
+        todo = [i for i in todo if i not in set(found)]
     if not todo:
-        return 0
+        return n_before
     predictors = []
     for t in teachers:
         p = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=use_mirroring,
@@ -118,7 +166,7 @@ def build_cache(folder: str, teachers: Sequence[TeacherForCache], load_case, ide
         with atomic_path(target_file(folder, identifier)) as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, probs.numpy().astype(np.float16))
-    return len(todo)
+    return n_before
 
 
 def read_target(folder: str, identifier: str, spatial_shape: Sequence[int]) -> np.ndarray:

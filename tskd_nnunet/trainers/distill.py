@@ -124,8 +124,10 @@ class DistillTrainer(ScheduledTrainer):
         return self.teacher
 
     # ---- cached teacher targets (tskd_nnunet/distill/target_cache.py) ------------------------------
-    def prepare_target_cache(self, identifiers: List[str], load_case) -> str:
-        """Build (or reuse) the cache of the teacher(s) for these cases; returns its folder. Rank 0 builds."""
+    def prepare_target_cache(self, identifiers: List[str], load_case, predictions: Optional[str] = None) -> str:
+        """Build (or reuse) the cache of the teacher(s) for these cases; returns its folder. Rank 0 builds.
+        ``predictions``: a folder of the teacher's ``nnUNetv2_predict --save_probabilities`` output to take
+        cases from (tskd_cache_targets --from_predictions)."""
         from tskd_nnunet.distill.target_cache import build_cache, cache_folder, cache_key
         from tskd_nnunet.distill.teacher_io import load_teacher_for_cache
         teachers = [load_teacher_for_cache(os.fspath(nnUNet_results), self.plans_manager.plans, self.configuration_name,
@@ -139,7 +141,8 @@ class DistillTrainer(ScheduledTrainer):
         if self.local_rank == 0:
             n = build_cache(folder, teachers, load_case, identifiers, self.device, tta, self.label_manager.has_regions,
                             {"key": key, "fold": self.fold, "configuration": self.configuration_name},
-                            log=lambda m: self.print_to_log_file(m, also_print_to_console=True))
+                            log=lambda m: self.print_to_log_file(m, also_print_to_console=True),
+                            predictions=predictions)
             self.print_to_log_file(f"Teacher targets: {folder} ({n} computed now, {len(identifiers) - n} reused; key "
                                    f"{key} = teacher checkpoint(s) + plans + fold + TTA {tta})",
                                    also_print_to_console=True)
@@ -218,10 +221,10 @@ class DistillTrainer(ScheduledTrainer):
         return TransferDataset(self.transfer_set, self.dataset_class, self.folder_with_segs_from_previous_stage,
                                self.label_manager.has_ignore_label, tuple([-1] + self.label_manager.all_labels)), val_keys
 
-    def build_target_cache(self) -> str:
+    def build_target_cache(self, predictions: Optional[str] = None) -> str:
         """What ``tskd_cache_targets`` runs: the cache for this fold's whole transfer set, without training."""
         dataset, _ = self.transfer_dataset()
-        self.target_cache_folder = self.prepare_target_cache(dataset.identifiers, dataset.load_case)
+        self.target_cache_folder = self.prepare_target_cache(dataset.identifiers, dataset.load_case, predictions)
         return self.target_cache_folder
 
     def get_dataloaders(self):
