@@ -38,6 +38,8 @@ ARMS: Dict[str, Dict] = {
     # students (transfer set = labeled + the unlabeled pool): cached vs online KD from the same teacher
     "kd_cached": {"trainer": "DistillTrainer", "env": {"TSKD_KD_MODE": "cached"}, "teacher_from": "--teacher",
                   "what": "TS-KD student, cached teacher targets"},
+    "kd_twostage": {"trainer": "DistillTrainer_twostage", "env": {"TSKD_KD_MODE": "cached"}, "teacher_from": "--teacher",
+                    "what": "TS-KD student, two-stage (KD on all, then fine-tune on labeled), cached targets"},
     "kd_online": {"trainer": "DistillTrainer", "env": {"TSKD_KD_MODE": "online"}, "teacher_from": "--teacher",
                   "results_suffix": "_online", "what": "TS-KD student, online teacher"},
 }

@@ -57,6 +57,8 @@ def test_distill_trains_validates_and_predicts_with_plain_nnunet(teacher_env, tm
     debug = json.load(open(os.path.join(_fold(env, "DistillTrainer_test"), "debug.json")))
     assert debug["kd_mode"] == "cached" and "tskd_targets" in debug["target_cache_folder"]
     assert "'pool': 5" in debug["transfer_set_counts"]
+    assert debug["teacher_checkpoint_name"] == "checkpoint_final.pth" and debug["teacher_plans"] == "nnUNetPlans"
+    assert debug["teacher_tta"] == "True" and debug["unlabeled_fraction"] == "None"
     out = _train(env, "DistillTrainer_test").stdout  # a second run reuses every cached target
     assert "(0 computed now, 11 reused" in out
     drawn = [l for l in out.splitlines() if "cases drawn this epoch" in l]

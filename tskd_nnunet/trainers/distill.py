@@ -74,6 +74,10 @@ class DistillTrainer(ScheduledTrainer):
         self.transfer_set_counts: Dict[str, int] = {}
         self.unlabeled_fraction = unlabeled_fraction_from_env()
         self.teacher_trainers = [t.strip() for t in teacher_trainer_from_env(self.teacher_trainer_name).split(",")]
+        # every setting that changes training is an attribute, so nnU-Net's debug.json records it
+        self.teacher_plans = teacher_plans_from_env(self.plans_manager.plans_name)
+        self.teacher_checkpoint_name = teacher_checkpoint_from_env()
+        self.teacher_tta = config.teacher_tta_from_env()
         self.print_to_log_file(f"Distillation: KD mode {self.kd_mode}, teacher(s) {', '.join(self.teacher_trainers)}, "
                                f"KD weight {self.kd_weight}, T {self.kd_temperature}, feature KD {self.feature_kd}, "
                                f"unlabeled fraction {self.unlabeled_fraction}", also_print_to_console=True)
@@ -115,9 +119,8 @@ class DistillTrainer(ScheduledTrainer):
                                              f"TSKD_KD_MODE=cached.")
             trainer = self.teacher_trainers[0]
             network, loc = load_teacher(os.fspath(nnUNet_results), self.plans_manager.plans, self.configuration_name,
-                                        self.dataset_json, self.fold, trainer,
-                                        teacher_plans_from_env(self.plans_manager.plans_name),
-                                        teacher_checkpoint_from_env())
+                                        self.dataset_json, self.fold, trainer, self.teacher_plans,
+                                        self.teacher_checkpoint_name)
             self.teacher = network.to(self.device)
             self.print_to_log_file(f"Teacher {trainer} from {loc.checkpoint}: {count_parameters(network):,} parameters "
                                    f"(frozen, eval mode)")
@@ -131,10 +134,9 @@ class DistillTrainer(ScheduledTrainer):
         from tskd_nnunet.distill.target_cache import build_cache, cache_folder, cache_key
         from tskd_nnunet.distill.teacher_io import load_teacher_for_cache
         teachers = [load_teacher_for_cache(os.fspath(nnUNet_results), self.plans_manager.plans, self.configuration_name,
-                                           self.dataset_json, self.fold, t,
-                                           teacher_plans_from_env(self.plans_manager.plans_name),
-                                           teacher_checkpoint_from_env()) for t in self.teacher_trainers]
-        tta = config.teacher_tta_from_env()
+                                           self.dataset_json, self.fold, t, self.teacher_plans,
+                                           self.teacher_checkpoint_name) for t in self.teacher_trainers]
+        tta = self.teacher_tta
         key = cache_key(teachers, self.plans_manager.plans, self.configuration_name, self.fold, tta)
         folder = cache_folder(self.preprocessed_dataset_folder_base, self.plans_manager.plans_name,
                               self.configuration_name, self.fold, key)
