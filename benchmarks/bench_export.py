@@ -126,6 +126,7 @@ def main() -> None:
     ap.add_argument("--_out", dest="out", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--teacher_folder", default=None,
                     help="trained teacher model folder: its PyTorch latency on the same cases (speed ratio row)")
+    ap.add_argument("--teacher_chk", default="checkpoint_final.pth", help="the teacher's checkpoint file")
     args = ap.parse_args()
     args.fold = args.fold if args.fold == "all" else int(args.fold)
     if args.variant:
@@ -143,13 +144,13 @@ def main() -> None:
                                int8_method=args.int8_method, preprocessed_dataset_folder=args.preprocessed)
     export_s = time.perf_counter() - t
     stats, arrays = {}, {}
-    runs = [(v, v, args.model_folder) for v in VARIANTS]
+    runs = [(v, v, args.model_folder, args.chk) for v in VARIANTS]
     if args.teacher_folder:
-        runs.append(("teacher_pytorch_fp32", "pytorch_fp32", args.teacher_folder))
-    for v, worker_variant, model_folder in runs:
+        runs.append(("teacher_pytorch_fp32", "pytorch_fp32", args.teacher_folder, args.teacher_chk))
+    for v, worker_variant, model_folder, chk in runs:
         out = os.path.join(work, v)
         cmd = [sys.executable, os.path.abspath(__file__), "-m", model_folder, "-i", args.images, "-f",
-               str(args.fold), "-chk", args.chk, "--threads", str(args.threads), "--repeats", str(args.repeats),
+               str(args.fold), "-chk", chk, "--threads", str(args.threads), "--repeats", str(args.repeats),
                "--_worker", worker_variant, "--_export", export, "--_out", out] + \
             (["--disable_tta"] if args.disable_tta else [])
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
