@@ -109,10 +109,18 @@ def test_another_teacher_plans_fold_or_tta_never_reads_the_same_cache(tmp_path):
     with pytest.raises(TargetCacheError, match="delete"):
         read_target(folder, "case_1", (1, 9, 8))
 
-    class OneCase:
-        identifiers = ["case_1"]
-
-        def load_case(self, identifier):
-            return np.ones((1, 1, 8, 8), np.float32), np.zeros((1, 1, 8, 8), np.int16), None, {}
     data = CachedTargetDataset(OneCase(), folder).load_case("case_1")[0]
     assert data.shape == (4, 1, 8, 8) and np.all(data[-1] == 1)  # image, 2 target channels, validity
+    # nnU-Net's data-augmentation workers receive the dataset pickled
+    import pickle
+    copy = pickle.loads(pickle.dumps(CachedTargetDataset(OneCase(), folder)))
+    assert copy.load_case("case_1")[0].shape == (4, 1, 8, 8) and copy.source == "one-case"
+
+
+class OneCase:
+    """A one-case stand-in for nnU-Net's dataset classes (module level: picklable)."""
+    identifiers = ["case_1"]
+    source = "one-case"
+
+    def load_case(self, identifier):
+        return np.ones((1, 1, 8, 8), np.float32), np.zeros((1, 1, 8, 8), np.int16), None, {}

@@ -192,6 +192,8 @@ class CachedTargetDataset:
         self.identifiers = dataset.identifiers
 
     def __getattr__(self, name):  # everything else (source_folder, unlabeled, ...) as the wrapped dataset
+        if name.startswith("__") or name == "_dataset":  # unpickling in a DA worker: no _dataset yet
+            raise AttributeError(name)
         return getattr(self._dataset, name)
 
     def load_case(self, identifier):
