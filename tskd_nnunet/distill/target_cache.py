@@ -54,11 +54,6 @@ class TeacherForCache:
     dataset_json: dict
 
 
-def file_sha256(path: str) -> str:
-    from tskd_nnunet.models.vit_backbones import sha256_of
-    return sha256_of(path)
-
-
 def cache_key(teachers: Sequence[TeacherForCache], plans: dict, configuration: str, fold, use_mirroring: bool) -> str:
     """16 hex digits that change with any teacher checkpoint, the configuration's plans, the fold or TTA."""
     ident = {"teachers": sorted([t.trainer_name, t.checkpoint_sha256] for t in teachers),
@@ -146,7 +141,8 @@ def build_cache(folder: str, teachers: Sequence[TeacherForCache], load_case, ide
                 with open(tmp, "wb") as f:
                     np.save(f, probs.astype(np.float16))
         log(f"Teacher targets: {len(found)} case(s) taken from the predictions in {predictions}")
-        todo = [i for i in todo if i not in set(found)]
+        taken = set(found)
+        todo = [i for i in todo if i not in taken]
     if not todo:
         return n_before
     predictors = []

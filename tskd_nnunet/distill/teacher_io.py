@@ -208,7 +208,8 @@ def load_teacher_for_cache(results_root: str, student_plans: dict, configuration
     """Locate, validate and rebuild a teacher with what nnU-Net's predictor needs to run it over whole cases
     (its own plans, mirroring axes) and the checkpoint's sha256 for the target cache's key."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    from tskd_nnunet.distill.target_cache import TeacherForCache, file_sha256
+    from tskd_nnunet.distill.target_cache import TeacherForCache
+    from tskd_nnunet.models.vit_backbones import sha256_of
 
     loc = locate_teacher(results_root, student_plans["dataset_name"], trainer_name,
                          plans_name or student_plans["plans_name"], configuration, fold, checkpoint_name)
@@ -217,7 +218,7 @@ def load_teacher_for_cache(results_root: str, student_plans: dict, configuration
     plans_manager = PlansManager(_load_json(os.path.join(loc.model_dir, "plans.json")))
     axes = checkpoint.get("inference_allowed_mirroring_axes")
     return TeacherForCache(network=build_teacher_network(loc, checkpoint), trainer_name=trainer_name,
-                           checkpoint=loc.checkpoint, checkpoint_sha256=file_sha256(loc.checkpoint),
+                           checkpoint=loc.checkpoint, checkpoint_sha256=sha256_of(loc.checkpoint),
                            mirror_axes=tuple(axes) if axes is not None else None, plans_manager=plans_manager,
                            configuration_manager=plans_manager.get_configuration(configuration),
                            dataset_json=_load_json(os.path.join(loc.model_dir, "dataset.json")))
