@@ -29,6 +29,8 @@ ARMS: Dict[str, Dict] = {
     "lms_sam_frozen": {"trainer": "LiteMedSAMTeacherTrainer_frozen", "what": "LiteMedSAM, SAM head, frozen encoder"},
     "lms_unetr_frozen": {"trainer": "LiteMedSAMTeacherTrainer_unetr_frozen",
                          "what": "LiteMedSAM, pyramid (UNETR-style) head, frozen encoder"},
+    "lms_unetr_last": {"trainer": "LiteMedSAMTeacherTrainer_unetr_last",
+                       "what": "LiteMedSAM, pyramid head, LoRA on stages 2-3"},
     "lms_unetr_lora": {"trainer": "LiteMedSAMTeacherTrainer_unetr", "what": "LiteMedSAM, pyramid head, LoRA all stages"},
     "lms_sam_last_random": {"trainer": "LiteMedSAMTeacherTrainer_last", "env": {"TSKD_ALLOW_RANDOM_TEACHER": "1"},
                             "results_suffix": "_random",
@@ -125,6 +127,7 @@ def run_arm(name: str, a: argparse.Namespace, out_dir: str) -> dict:
                                                                           else ""), schedule=a.schedule, fold=a.fold,
                   configuration=a.configuration, dataset=ds, device=a.device, train_minutes=train["minutes"],
                   train_peak_gb=train["peak_gb"], predict_minutes=predict["minutes"], resumed=resumed,
+                  omp_threads=os.environ.get("OMP_NUM_THREADS", "default"),
                   commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                         cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip(),
                   **mean_dice(csv))
@@ -143,11 +146,12 @@ def write_report(out_dir: str) -> None:
     lines = [f"# Teacher study: {rows[0]['dataset']}, configuration {rows[0]['configuration']}, fold {rows[0]['fold']}",
              "", f"Schedule (epochs, train iterations, val iterations): {rows[0]['schedule']}; test = imagesTs "
              f"({rows[0]['n_cases']} cases), no test-time mirroring; device {rows[0]['device']}.", "",
-             "| arm | trainer | what | test Dice (mean) | median | train min | peak GB |", "|---|---|---|---|---|---|---|"]
+             "| arm | trainer | what | test Dice (mean) | median | train min | threads | peak GB |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: -r["dice"]):
         note = " (RSS)" if r.get("peak_note") else ""
         lines.append(f"| {r['arm']} | {r['trainer']} | {r['what']} | {r['dice']:.3f} | {r['dice_median']:.3f} | "
-                     f"{r['train_minutes']:.1f} | {r['train_peak_gb']:.2f}{note} |")
+                     f"{r['train_minutes']:.1f} | {r.get('omp_threads', 2)} | {r['train_peak_gb']:.2f}{note} |")
     if any(r.get("peak_note") for r in rows):
         lines += ["", "(RSS): " + next(r["peak_note"] for r in rows if r.get("peak_note"))]
     atomic_write_text(os.path.join(out_dir, "report.md"), "\n".join(lines) + "\n")

@@ -12,6 +12,11 @@ Reads the case ids of ``$nnUNet_raw/DatasetXXX_*/imagesTr`` (works before prepro
    gets closer); the exact count is printed;
 3. unlabeled pool = the remaining training cases (never validation cases, never test cases).
 
+With ``--spread`` (slice datasets such as CHAOS, where one patient holds ~35 slices), step 2 draws single cases
+instead of whole patients, one per patient in a seeded patient order, round after round, so N labeled slices come
+from min(N, #patients) distinct patients; the other slices of those patients join the unlabeled pool (same
+patients, never validation). Validation stays patient-level either way.
+
 Writes ``$nnUNet_preprocessed/DatasetXXX_*/splits_final.json`` (nnU-Net's format) and
 ``tskd_unlabeled_pool.json`` (list per fold of case ids), both atomically.
 """
@@ -65,13 +70,26 @@ def _draw_labeled(patients: List[str], cases_of: Dict[str, List[str]], n: int, r
         rest = [p for p in order if p not in chosen]
         if rest:
             best = min(rest, key=lambda p: len(cases_of[p]))
-            if count + len(cases_of[best]) - n < n - count:
+            if not chosen or count + len(cases_of[best]) - n < n - count:  # never zero labeled cases
                 chosen.append(best)
     return chosen
 
 
+def _draw_spread(patients: List[str], cases_of: Dict[str, List[str]], n: int, rng: random.Random) -> List[str]:
+    """n single cases, one per patient per round (seeded patient and case order): as many patients as possible."""
+    order = list(patients)
+    rng.shuffle(order)
+    queues = {p: rng.sample(cases_of[p], len(cases_of[p])) for p in order}
+    chosen: List[str] = []
+    while len(chosen) < n:
+        for p in order:
+            if queues[p] and len(chosen) < n:
+                chosen.append(queues[p].pop())
+    return chosen
+
+
 def make_label_budget_splits(cases: Sequence[str], patient_of: Dict[str, str], n_labeled: int, num_folds: int,
-                             seed: int, val_fraction: Optional[float] = None
+                             seed: int, val_fraction: Optional[float] = None, spread: bool = False
                              ) -> Tuple[List[Dict[str, List[str]]], List[List[str]]]:
     """Pure split logic: returns (splits [{'train', 'val'}] per fold, unlabeled pool per fold)."""
     if n_labeled < 1:
@@ -107,10 +125,14 @@ def make_label_budget_splits(cases: Sequence[str], patient_of: Dict[str, str], n
         if n_labeled > available:
             raise ConversionError(f"label budget {n_labeled} exceeds the {available} training cases outside "
                                   f"validation in fold {k}: choose a smaller --n-labeled or fewer --folds")
-        labeled_p = set(_draw_labeled(train_p, cases_of, n_labeled, random.Random(f"{seed}-{k}")))
-        train = sorted(c for p in labeled_p for c in cases_of[p])
+        fold_rng = random.Random(f"{seed}-{k}")
+        if spread:
+            train = sorted(_draw_spread(train_p, cases_of, n_labeled, fold_rng))
+        else:
+            train = sorted(c for p in _draw_labeled(train_p, cases_of, n_labeled, fold_rng) for c in cases_of[p])
+        labeled = set(train)
         val = sorted(c for p in val_p for c in cases_of[p])
-        pool = sorted(c for p in train_p if p not in labeled_p for c in cases_of[p])
+        pool = sorted(c for p in train_p for c in cases_of[p] if c not in labeled)
         splits.append({"train": train, "val": val})
         pools.append(pool)
     return splits, pools
@@ -118,11 +140,12 @@ def make_label_budget_splits(cases: Sequence[str], patient_of: Dict[str, str], n
 
 def write_label_budget(dataset_id: int, n_labeled: int, num_folds: int = 5, seed: int = 0,
                        val_fraction: Optional[float] = None, raw_root: Optional[str] = None,
-                       preprocessed_root: Optional[str] = None, verbose: bool = True) -> List[Dict[str, List[str]]]:
+                       preprocessed_root: Optional[str] = None, verbose: bool = True,
+                       spread: bool = False) -> List[Dict[str, List[str]]]:
     """Write splits_final.json and tskd_unlabeled_pool.json for ``dataset_id``; return the splits."""
     raw_folder = find_dataset_folder(resolve_raw_root(raw_root), dataset_id)
     cases, patient_of = read_training_cases(raw_folder)
-    splits, pools = make_label_budget_splits(cases, patient_of, n_labeled, num_folds, seed, val_fraction)
+    splits, pools = make_label_budget_splits(cases, patient_of, n_labeled, num_folds, seed, val_fraction, spread)
     out = resolve_preprocessed_root(preprocessed_root) / raw_folder.name
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "splits_final.json", splits)
@@ -146,10 +169,14 @@ def _main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.add_argument("--val-fraction", type=float, default=None,
                    help="validation patients as a fraction of all training patients (default: one fold, 1/folds)")
+    p.add_argument("--spread", action="store_true",
+                   help="draw single cases (slices) from as many distinct patients as possible instead of whole "
+                        "patients; the rest of their slices join the unlabeled pool")
     p.add_argument("--raw-root", default=None, help="default: $nnUNet_raw")
     p.add_argument("--preprocessed-root", default=None, help="default: $nnUNet_preprocessed")
     a = p.parse_args(argv)
-    write_label_budget(a.dataset_id, a.n_labeled, a.folds, a.seed, a.val_fraction, a.raw_root, a.preprocessed_root)
+    write_label_budget(a.dataset_id, a.n_labeled, a.folds, a.seed, a.val_fraction, a.raw_root, a.preprocessed_root,
+                       spread=a.spread)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -120,3 +120,24 @@ def test_cli_writes_split_and_reports_errors(env):
     r = subprocess.run([sys.executable, "-m", "dataset_conversion.label_budget", "-d", "542", "--n-labeled", "30"],
                        cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith("error: label budget 30 exceeds") and "Traceback" not in r.stderr
+
+
+def test_spread_draws_slices_from_distinct_patients(env, capsys):
+    """Slice datasets: --spread takes one slice per patient per round; the rest of those patients go to the pool."""
+    sizes = [35] * 10
+    _, cmap = fake_raw(env, sizes)
+    r = subprocess.run([sys.executable, "-m", "dataset_conversion.label_budget", "-d", "540", "--n-labeled", "12",
+                        "--folds", "5", "--seed", "0", "--spread"], cwd=REPO, capture_output=True, text=True,
+                       env={**__import__("os").environ})
+    assert r.returncode == 0, r.stderr
+    pre = env / "nnUNet_preprocessed" / "Dataset540_Budget"
+    splits = json.loads((pre / "splits_final.json").read_text())
+    pools = json.loads((pre / "tskd_unlabeled_pool.json").read_text())
+    for s, pool in zip(splits, pools):
+        tr, va, po = set(s["train"]), set(s["val"]), set(pool)
+        assert len(tr) == 12 and not (tr & po) and not (tr & va) and not (va & po)
+        assert len({cmap[c] for c in tr}) == 8  # 8 training patients (2 in validation): all used, 4 twice
+        assert not ({cmap[c] for c in va} & {cmap[c] for c in tr | po})  # validation stays patient-level
+        assert len(tr | po) == 8 * 35
+    whole = label_budget.make_label_budget_splits(list(cmap)[:-1], cmap, 12, num_folds=5, seed=0)[0]
+    assert all(len(s["train"]) == 35 for s in whole)  # without --spread: one whole patient (never zero)

@@ -16,6 +16,7 @@ from tskd_nnunet.trainers.teacher import (ViTFullFTTeacherTrainer, ViTFullFTTeac
 from tskd_nnunet.trainers.teacher import (LiteMedSAMTeacherTrainer, LiteMedSAMTeacherTrainer_frozen,  # noqa: F401
                                           LiteMedSAMTeacherTrainer_fullft, LiteMedSAMTeacherTrainer_last,
                                           LiteMedSAMTeacherTrainer_demo, LiteMedSAMTeacherTrainer_test, LiteMedSAMTeacherTrainer_unetr,
-                                          LiteMedSAMTeacherTrainer_unetr_frozen, LiteMedSAMTeacherTrainer_unetr_test)
+                                          LiteMedSAMTeacherTrainer_unetr_frozen, LiteMedSAMTeacherTrainer_unetr_last,
+                                          LiteMedSAMTeacherTrainer_unetr_test)
 from tskd_nnunet.trainers.distill_synthetic import (DistillTrainer_nosyn, DistillTrainer_syn, DistillTrainer_syn_test,  # noqa: F401
                                                    DistillTrainer_unl)

@@ -202,6 +202,11 @@ class LiteMedSAMTeacherTrainer_unetr_frozen(LiteMedSAMTeacherTrainer_unetr):
     frozen = True
 
 
+class LiteMedSAMTeacherTrainer_unetr_last(LiteMedSAMTeacherTrainer_unetr):
+    """The pyramid head with the CPU path's LoRA placement (stages 2-3), for a like-for-like head comparison."""
+    lora_stages = (2, 3)
+
+
 class LiteMedSAMTeacherTrainer_fullft(LiteMedSAMTeacherTrainer):
     """Every weight trained (checkpoints hold the whole network)."""
     lora_rank = None
