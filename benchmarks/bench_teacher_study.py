@@ -42,6 +42,12 @@ ARMS: Dict[str, Dict] = {
                   "what": "TS-KD student, cached teacher targets"},
     "kd_twostage": {"trainer": "DistillTrainer_twostage", "env": {"TSKD_KD_MODE": "cached"}, "teacher_from": "--teacher",
                     "what": "TS-KD student, two-stage (KD on all, then fine-tune on labeled), cached targets"},
+    # the same students from the foundation teacher, into their own results root (the names above are taken)
+    "kd_cached_lms": {"trainer": "DistillTrainer", "env": {"TSKD_KD_MODE": "cached"}, "teacher_from": "--teacher",
+                      "results_suffix": "_kdlms", "what": "TS-KD student, cached teacher targets"},
+    "kd_twostage_lms": {"trainer": "DistillTrainer_twostage", "env": {"TSKD_KD_MODE": "cached"},
+                        "teacher_from": "--teacher", "results_suffix": "_kdlms",
+                        "what": "TS-KD student, two-stage, cached targets"},
     "kd_online": {"trainer": "DistillTrainer", "env": {"TSKD_KD_MODE": "online"}, "teacher_from": "--teacher",
                   "results_suffix": "_online", "what": "TS-KD student, online teacher"},
 }
