@@ -106,12 +106,14 @@ def test_training_writes_checkpoints_grid_and_resumes_exactly(in_env, tmp_path, 
     assert not [f for f in os.listdir(folder) if f.startswith(".tmp")]
 
     # resume 3 -> 5 steps vs. 5 steps straight in another results folder: same weights
+    seconds_before = load_checkpoint(os.path.join(folder, "checkpoint_latest.pth"))["train_seconds"]  # resumed from
     resumed = load_checkpoint(train_diffusion(PHANTOM_ID, "2d", 0, progress=False,
                                               settings=DiffusionTrainSettings(**dict(TINY, steps=5))))
     monkeypatch.setenv("nnUNet_results", str(tmp_path))
     straight = load_checkpoint(train_diffusion(PHANTOM_ID, "2d", 0, progress=False,
                                                settings=DiffusionTrainSettings(**dict(TINY, steps=5))))
     assert resumed["step"] == straight["step"] == 5
+    assert resumed["train_seconds"] > seconds_before > 0  # training time adds up over invocations
     for k, v in straight["unet"].items():
         torch.testing.assert_close(resumed["unet"][k], v, msg=k)
     for a, b in zip(resumed["ema"]["shadow_params"], straight["ema"]["shadow_params"]):
@@ -126,7 +128,7 @@ def test_resume_refuses_other_architecture(in_env):
                         progress=False)
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "dpm"])
+@pytest.mark.parametrize("sampler", ["ddim", "dpm", "unipc"])
 def test_same_seed_gives_same_images_whatever_the_batching(in_env, sampler):
     from tskd_nnunet.synthetic.sample import SyntheticGenerator
     gen = SyntheticGenerator(in_env["final"], sampler, inference_steps=3)
@@ -162,7 +164,8 @@ def test_sample_command_writes_an_extension_nnunet_reads(in_env):
     assert (run["resize"], run["upsampled_to"], run["working_resolution"]) == ("bilinear", [64, 64], [64, 64])
     assert run["training_case_ids"] == sorted(in_env["labeled"] + in_env["pool"])
     q = manifest["quality"]
-    assert q["feature_extractor"] == "random_conv_v1" and np.isfinite(q["kid_mean"])
+    # default feature space: the packaged LiteMedSAM encoder (fixed, comparable across runs)
+    assert q["feature_extractor"] == "litemedsam_encoder" and np.isfinite(q["kid_mean"]) and q["fd"] >= 0
     assert os.path.isfile(os.path.join(folder, q["grid_png"]))
 
     # nnU-Net's own dataset class and dataloader read the cases; the images are the generator's

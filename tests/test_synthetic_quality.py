@@ -43,3 +43,56 @@ def test_kid_needs_two_images():
     from tskd_nnunet.synthetic.quality import kid
     with pytest.raises(ExtensionError, match="at least 2"):
         kid(np.zeros((1, 3)), np.zeros((5, 3)))
+
+
+def test_frechet_distance_zero_for_identical_sets_and_matches_the_gaussian_formula():
+    from tskd_nnunet.synthetic.quality import frechet_distance
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(4000, 3))
+    assert frechet_distance(a, a.copy()) == pytest.approx(0.0, abs=1e-8)
+    # N(0, I) vs N(m, s² I) in d dims: |m|² + d (1 - s)²
+    b = rng.normal(size=(4000, 3)) * 2.0 + np.array([1.0, 0.0, -1.0])
+    assert frechet_distance(a, b) == pytest.approx(2.0 + 3 * (1 - 2.0) ** 2, rel=0.08)
+
+
+def _blobs(n, seed, shift=0.0):
+    """Smooth bright ellipses on a dark background (an ultrasound-like toy), batch (n, 1, 64, 64)."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 64), torch.linspace(-1, 1, 64), indexing="ij")
+    out = []
+    for _ in range(n):
+        cy, cx, ry, rx = (torch.rand(4, generator=g) * torch.tensor([0.6, 0.6, 0.3, 0.3])
+                          + torch.tensor([-0.3, -0.3, 0.3, 0.3])).tolist()
+        ring = (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 - 1).abs() < 0.15
+        out.append(ring.float() + 0.05 * torch.randn(64, 64, generator=g) + shift)
+    return torch.stack(out)[:, None]
+
+
+def test_litemedsam_features_are_fixed_intensity_invariant_and_tell_images_from_noise():
+    """The default feature space: the packaged encoder, so the same images give the same features in every run;
+    per-image min-max makes nnU-Net's normalisation irrelevant; noise is far from images, images close to images."""
+    from tskd_nnunet.synthetic.quality import LiteMedSAMFeatures, frechet_distance
+    f = LiteMedSAMFeatures(size=64)
+    a, b = _blobs(12, 0), _blobs(12, 1)
+    noise = torch.randn(12, 1, 64, 64, generator=torch.Generator().manual_seed(2))
+    fa = f(a)
+    assert fa.shape == (12, 256)
+    torch.testing.assert_close(LiteMedSAMFeatures(size=64)(a[:3]), fa[:3])
+    torch.testing.assert_close(f(3.0 * a[:3] - 7.0), fa[:3], atol=1e-4, rtol=1e-4)
+    near = frechet_distance(fa.numpy(), f(b).numpy())
+    far = frechet_distance(fa.numpy(), f(noise).numpy())
+    assert far > 3 * near, (near, far)
+
+
+def test_unipc_sampler_is_deterministic_for_a_seed():
+    from tskd_nnunet.synthetic.model import build_sampling_scheduler, build_train_scheduler, build_unet
+    from tskd_nnunet.synthetic.train import sample_model_space
+    torch.manual_seed(0)
+    unet = build_unet(1, (16, 16), (8, 16), attention=False).eval()
+    cfg = build_train_scheduler().config
+    assert type(build_sampling_scheduler("unipc", cfg)).__name__ == "UniPCMultistepScheduler"
+    x1 = sample_model_space(unet, cfg, 2, seed=3, inference_steps=5, sampler="unipc")
+    x2 = sample_model_space(unet, cfg, 2, seed=3, inference_steps=5, sampler="unipc")
+    x3 = sample_model_space(unet, cfg, 2, seed=4, inference_steps=5, sampler="unipc")
+    torch.testing.assert_close(x1, x2)
+    assert not torch.allclose(x1, x3)

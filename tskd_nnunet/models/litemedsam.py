@@ -238,3 +238,12 @@ def box_prompt_masks(image01: torch.Tensor, boxes: torch.Tensor, path: Optional[
         low, _ = decoder(image_embeddings=emb, image_pe=prompt.get_dense_pe(), sparse_prompt_embeddings=sparse,
                          dense_prompt_embeddings=dense, multimask_output=False)
     return F.interpolate(low, size=image01.shape[2:], mode="bilinear", align_corners=False)
+
+
+def pretrained_encoder(size: int = 128) -> LiteMedSAMEncoder:
+    """The packaged LiteMedSAM image encoder at ``size``², frozen and in eval mode (a fixed feature space)."""
+    path, expected = packaged_checkpoint()
+    encoder, prompt, decoder = build_parts((size, size))
+    load_parts((encoder, prompt, decoder), path)
+    return LiteMedSAMEncoder(encoder, (size, size)).requires_grad_(False).eval()
+

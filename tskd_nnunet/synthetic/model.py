@@ -2,7 +2,7 @@
 
 * model: :class:`diffusers.UNet2DModel` predicting the noise (epsilon), all image channels jointly;
 * training scheduler: :class:`diffusers.DDPMScheduler` (cosine betas, 1000 steps);
-* sampling scheduler: DDIM or DPM-Solver++ built from the training scheduler's config;
+* sampling scheduler: DDIM, DPM-Solver++ or UniPC built from the training scheduler's config;
 * pipeline: :class:`NormalisedImagePipeline`, a short DDIM-pipeline-like loop that accepts either
   scheduler and returns samples in *model space* ([-1, 1]).
 
@@ -19,12 +19,13 @@ from typing import Dict, List, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, UNet2DModel
+from diffusers import (DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, UNet2DModel,
+                       UniPCMultistepScheduler)
 from diffusers.utils.torch_utils import randn_tensor
 from tskd_nnunet.atomic_io import atomic_torch_save as save_atomic  # noqa: E402
 
 DEFAULT_BLOCK_OUT_CHANNELS: Tuple[int, ...] = (32, 64, 64)
-SAMPLERS = ("ddim", "dpm")
+SAMPLERS = ("ddim", "dpm", "unipc")
 NUM_TRAIN_TIMESTEPS = 1000
 
 
@@ -55,12 +56,15 @@ def build_train_scheduler() -> DDPMScheduler:
 
 
 def build_sampling_scheduler(sampler: str, train_scheduler_config: dict):
-    """DDIM (eta=0, deterministic) or DPM-Solver++ (2nd order multistep) from the training config."""
+    """DDIM (eta=0, deterministic), DPM-Solver++ (2nd order multistep) or UniPC (bh2, 2nd order: made for
+    5-20 steps) from the training config."""
     if sampler == "ddim":
         return DDIMScheduler.from_config(train_scheduler_config)
     if sampler == "dpm":
         return DPMSolverMultistepScheduler.from_config(train_scheduler_config, algorithm_type="dpmsolver++",
                                                        solver_order=2)
+    if sampler == "unipc":
+        return UniPCMultistepScheduler.from_config(train_scheduler_config, solver_order=2, solver_type="bh2")
     raise ValueError(f"unknown sampler {sampler!r}. Fix: use one of {', '.join(SAMPLERS)}")
 
 
@@ -124,10 +128,18 @@ class NormalisedImagePipeline(DiffusionPipeline):
         # noise from per-image CPU generators, then moved: identical on CPU and GPU runs
         image = randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=torch.float32)
         image = image.to(self._execution_device, self.unet.dtype)
-        self.scheduler.set_timesteps(num_inference_steps)
-        for t in self.progress_bar(self.scheduler.timesteps):
-            eps = self.unet(image, t).sample
-            image = self.scheduler.step(eps, t, image).prev_sample
+        channels_last = image.device.type == "cpu"  # oneDNN's channels-last convolutions: ~1.3-1.5x faster on CPU
+        if channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+            image = image.contiguous(memory_format=torch.channels_last)
+        try:
+            self.scheduler.set_timesteps(num_inference_steps)
+            for t in self.progress_bar(self.scheduler.timesteps):
+                eps = self.unet(image, t).sample
+                image = self.scheduler.step(eps, t, image).prev_sample
+        finally:  # a model still in training (progress grids) must keep its layout: exact resume depends on it
+            if channels_last:
+                self.unet.to(memory_format=torch.contiguous_format)
         return image.float().clamp(-1, 1)
 
 

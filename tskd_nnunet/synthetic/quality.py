@@ -1,14 +1,18 @@
-"""Quality check of a synthetic extension: a grid PNG a person can read, and a KID number.
+"""Quality check of a synthetic extension: a grid PNG a person can read, and KID + Fréchet distance.
 
 * ``quality_grid.png`` in the extension folder: the upper rows are real training crops of the fold
   (the images the diffusion model learned from), the lower rows synthetic cases, both at the patch
   size and shown with the same intensity window (the checkpoint's intensity map).
 * KID (kernel inception distance, Binkowski et al. 2018): unbiased MMD² with the polynomial kernel
   ``k(x, y) = (x·y / d + 1)³`` between features of real and synthetic images, averaged over random
-  subsets. Features come from the fine-tuned teacher's encoder (``encode(x)``, global average pool of
-  its last token map) when the fold's teacher exists (found as DistillTrainer finds it), else from a
-  fixed, seeded random-conv network (``random_conv_v1``): a weaker but reproducible fallback, named
-  as such in the manifest. KID values are comparable only with the same feature extractor.
+  subsets; the Fréchet distance (FD, as in FID) between Gaussians fitted to the same features.
+* Features (``--features``): ``litemedsam`` (default) = the packaged, pretrained LiteMedSAM encoder
+  (MedSAM distilled; a real medical foundation model, the same file for every run, so numbers compare
+  across folds, datasets and generators): per-image min-max to [0, 1], channels averaged and repeated
+  to RGB, resized to 128², global average of the 256-channel neck map. ``teacher`` = the fold's
+  fine-tuned teacher's encoder (found as DistillTrainer finds it; comparable only within one teacher).
+  ``random`` = a fixed, seeded random-conv network (``random_conv_v1``), the fallback when neither is
+  available, named as such in the manifest. Distances compare only within one extractor.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tskd_nnunet.data.extension import (ExtensionError, dataset_name, extension_dataset_class, extension_folder,
@@ -28,6 +33,8 @@ from tskd_nnunet.synthetic.model import DiffusionCheckpointError, IntensityMap, 
 
 QUALITY_GRID = "quality_grid.png"
 RANDOM_FEATURES = "random_conv_v1"
+FEATURE_CHOICES = ("litemedsam", "teacher", "random")
+LITEMEDSAM_FEATURE_SIZE = 128  # 4x fewer encoder FLOPs than its native 256²; a fixed size keeps FD comparable
 
 
 def polynomial_mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
@@ -54,6 +61,39 @@ def kid(real: np.ndarray, fake: np.ndarray, num_subsets: int = 50, subset_size: 
     vals = [polynomial_mmd2_unbiased(real[rng.choice(len(real), m, replace=False)],
                                      fake[rng.choice(len(fake), m, replace=False)]) for _ in range(num_subsets)]
     return float(np.mean(vals)), float(np.std(vals))
+
+
+def frechet_distance(real: np.ndarray, fake: np.ndarray) -> float:
+    """||mu_r - mu_f||² + Tr(S_r + S_f - 2 (S_r S_f)^½) between Gaussians fitted to two feature sets."""
+    from scipy import linalg
+    real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+    if min(len(real), len(fake)) < 2:
+        raise ExtensionError(f"the Fréchet distance needs at least 2 real and 2 synthetic images, got {len(real)} "
+                             f"and {len(fake)}. Fix: sample more images (-n)")
+    mu_r, mu_f = real.mean(0), fake.mean(0)
+    cov_r, cov_f = np.cov(real, rowvar=False), np.cov(fake, rowvar=False)
+    covmean, _ = linalg.sqrtm(cov_r @ cov_f, disp=False)
+    if not np.isfinite(covmean).all():  # near-singular product (fewer images than dimensions): regularise
+        eps = 1e-6 * np.eye(len(mu_r))
+        covmean = linalg.sqrtm((cov_r + eps) @ (cov_f + eps))
+    return float(((mu_r - mu_f) ** 2).sum() + np.trace(cov_r) + np.trace(cov_f) - 2 * np.trace(covmean.real))
+
+
+class LiteMedSAMFeatures(nn.Module):
+    """The packaged LiteMedSAM encoder as a fixed feature extractor: (B, C, H, W) normalised images -> (B, 256)."""
+
+    def __init__(self, size: int = LITEMEDSAM_FEATURE_SIZE):
+        super().__init__()
+        from tskd_nnunet.models.litemedsam import pretrained_encoder
+        self.size = int(size)
+        self.encoder = pretrained_encoder(self.size)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from tskd_nnunet.models.teacher_net import LiteMedSAMInputAdapter
+        x = LiteMedSAMInputAdapter.unit_range(x.float()).mean(1, keepdim=True).expand(-1, 3, -1, -1)
+        x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        return self.encoder(x)[-1].flatten(2).mean(2)
 
 
 class RandomConvFeatures(nn.Module):
@@ -120,6 +160,28 @@ def teacher_features(dataset_name_or_id: Union[int, str], plans: str, configurat
     return fn, f"teacher encoder: {loc.checkpoint}"
 
 
+def feature_extractor(kind: str, name: str, plans: str, configuration: str, fold: int, in_channels: int,
+                      device: torch.device) -> Tuple[Callable[[torch.Tensor], torch.Tensor], str, str]:
+    """(feature function, extractor name, description) for ``kind`` in FEATURE_CHOICES; an unavailable choice
+    falls back to the seeded random-conv features, and the description says why."""
+    if kind not in FEATURE_CHOICES:
+        raise ExtensionError(f"unknown feature extractor {kind!r}. Fix: use one of {', '.join(FEATURE_CHOICES)}")
+    why = "random features chosen"
+    if kind == "litemedsam":
+        from tskd_nnunet.models.vit_backbones import TeacherCheckpointError
+        try:
+            net = LiteMedSAMFeatures().to(device)
+            return net, "litemedsam_encoder", f"packaged LiteMedSAM encoder at {net.size}², neck map averaged"
+        except TeacherCheckpointError as e:
+            why = f"LiteMedSAM unavailable: {str(e).splitlines()[0]}"
+    elif kind == "teacher":
+        fn, why = teacher_features(name, plans, configuration, fold, device)
+        if fn is not None:
+            return fn, "teacher_encoder", why
+    return (RandomConvFeatures(in_channels).to(device), RANDOM_FEATURES,
+            f"fallback {RANDOM_FEATURES} (fixed seeded random conv features; {why})")
+
+
 def features(fn: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, batch_size: int = 32,
              device: torch.device = torch.device("cpu")) -> np.ndarray:
     out = []
@@ -148,7 +210,7 @@ def load_extension_images(folder: str, dataset_class, limit: Optional[int] = Non
 
 def assess_extension(dataset_name_or_id: Union[int, str], configuration: str, fold: int,
                      plans: str = "nnUNetPlans", device: Union[str, torch.device] = "cpu", max_images: int = 256,
-                     grid_images: int = 16, force_random_features: bool = False) -> dict:
+                     grid_images: int = 16, features_from: str = "litemedsam") -> dict:
     """Write ``quality_grid.png`` and ``manifest['quality']`` for the fold's synthetic extension."""
     from tskd_nnunet.synthetic.train import save_grid_png
     device = torch.device(device)
@@ -163,14 +225,10 @@ def assess_extension(dataset_name_or_id: Union[int, str], configuration: str, fo
     patch = fake.shape[2:]
     real = real_crops(name, plans, configuration, run["training_case_ids"], patch, min(max_images, max(len(fake), 16)))
 
-    fn, desc = (None, "random features forced") if force_random_features else \
-        teacher_features(name, plans, configuration, fold, device)
-    extractor = "teacher_encoder"
-    if fn is None:
-        net = RandomConvFeatures(fake.shape[1]).to(device)
-        fn, extractor = net, RANDOM_FEATURES
-        desc = f"fallback {RANDOM_FEATURES} (fixed seeded random conv features; {desc})"
-    kid_mean, kid_std = kid(features(fn, real, device=device), features(fn, fake, device=device))
+    fn, extractor, desc = feature_extractor(features_from, name, plans, configuration, fold, fake.shape[1], device)
+    real_f, fake_f = features(fn, real, device=device), features(fn, fake, device=device)
+    kid_mean, kid_std = kid(real_f, fake_f)
+    fd = frechet_distance(real_f, fake_f)
 
     imap = IntensityMap(**ckpt["intensity_map"]) if ckpt else IntensityMap.fit([real[:, c].ravel() for c in
                                                                                 range(real.shape[1])])
@@ -178,14 +236,14 @@ def assess_extension(dataset_name_or_id: Union[int, str], configuration: str, fo
     cols = min(8, k)
     grid = torch.cat([imap.to_model(torch.from_numpy(real[:k])), imap.to_model(torch.from_numpy(fake[:k]))])
     save_grid_png(grid, os.path.join(folder, QUALITY_GRID), columns=cols)
-    quality = {"kid_mean": kid_mean, "kid_std": kid_std, "feature_extractor": extractor, "feature_source": desc,
+    quality = {"kid_mean": kid_mean, "kid_std": kid_std, "fd": fd, "feature_extractor": extractor, "feature_source": desc,
                "num_real": int(len(real)), "num_synthetic": int(len(fake)), "grid_png": QUALITY_GRID,
                "grid_layout": f"top {(k + cols - 1) // cols} row(s): real training crops; bottom: synthetic",
                "created": datetime.datetime.now().isoformat(timespec="seconds")}
     manifest = read_manifest(folder)
     manifest["quality"] = quality
     write_manifest(folder, manifest)
-    print(f"KID ({extractor}) = {kid_mean:.5f} ± {kid_std:.5f}; grid: {os.path.join(folder, QUALITY_GRID)}")
+    print(f"KID ({extractor}) = {kid_mean:.5f} ± {kid_std:.5f}, FD = {fd:.4f}; grid: {os.path.join(folder, QUALITY_GRID)}")
     return quality
 
 
@@ -197,13 +255,16 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("fold", type=int)
     p.add_argument("-p", "--plans", default="nnUNetPlans")
     p.add_argument("--max-images", type=int, default=256)
-    p.add_argument("--random-features", action="store_true", help="use the random-conv fallback even with a teacher")
+    p.add_argument("--features", choices=FEATURE_CHOICES, default="litemedsam",
+                   help="feature space of KID/FD (default: the packaged LiteMedSAM encoder)")
+    p.add_argument("--random-features", action="store_const", const="random", dest="features",
+                   help="deprecated: --features random")
     p.add_argument("-device", "--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    choices=("cpu", "cuda", "mps"))
     a = p.parse_args(argv)
     try:
         assess_extension(a.dataset_name_or_id, a.configuration, a.fold, a.plans, a.device, a.max_images,
-                         force_random_features=a.random_features)
+                         features_from=a.features)
     except (ExtensionError, DiffusionCheckpointError) as e:
         raise SystemExit(f"tskd_synthetic_quality: {e}") from None
 

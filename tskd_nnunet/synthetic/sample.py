@@ -208,7 +208,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--checkpoint", default="final", help="final, latest or a path to a diffusion checkpoint")
-    p.add_argument("--no-quality", action="store_true", help="skip the quality check (grid PNG + KID in the manifest)")
+    p.add_argument("--no-quality", action="store_true", help="skip the quality check (grid PNG, KID, FD in the manifest)")
+    p.add_argument("--features", default="litemedsam", choices=("litemedsam", "teacher", "random"),
+                   help="feature space of the quality check's KID/FD")
     p.add_argument("-device", "--device", default=default_device(), choices=("cpu", "cuda", "mps"))
     a = p.parse_args(argv)
     for k in ("num_images", "steps", "batch_size"):
@@ -219,7 +221,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                                      a.steps, a.seed, a.batch_size, a.checkpoint, a.device)
         if not a.no_quality:
             from tskd_nnunet.synthetic.quality import assess_extension
-            assess_extension(a.dataset_name_or_id, a.configuration, a.fold, a.plans, device=a.device)
+            assess_extension(a.dataset_name_or_id, a.configuration, a.fold, a.plans, device=a.device,
+                             features_from=a.features)
     except (ExtensionError, DiffusionCheckpointError) as e:
         raise SystemExit(f"tskd_sample_diffusion: {e}") from None
     print(f"Synthetic extension: {folder}")

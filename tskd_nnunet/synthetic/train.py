@@ -199,6 +199,7 @@ def train_diffusion(dataset_name_or_id: Union[int, str], configuration: str, fol
         noise_gen.set_state(resume["rng"]["torch_noise"])
         start, log = int(resume["step"]), list(resume.get("log", []))
         print(f"Resuming from {latest} at step {start}")
+    seconds_before = float(resume.get("train_seconds", 0.0)) if resume is not None else 0.0
     ema.to(device)
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
@@ -214,7 +215,8 @@ def train_diffusion(dataset_name_or_id: Union[int, str], configuration: str, fol
                 "sample_shape": list(sample_shape), "patch_size": list(patch_size), "scale": scale,
                 "dataset": name, "plans": plans, "configuration": configuration, "fold": int(fold),
                 "case_ids": case_ids, "labeled_case_ids": ids["train"], "pool_case_ids": ids["pool"],
-                "val_case_ids": ids["val"], "settings": _settings_dict(s)}
+                "val_case_ids": ids["val"], "settings": _settings_dict(s),
+                "train_seconds": seconds_before + time.time() - t0}  # all invocations together
 
     def write_grid(step: int) -> None:
         ema.store(unet.parameters())

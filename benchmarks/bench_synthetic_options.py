@@ -1,0 +1,148 @@
+"""Speed vs quality of synthetic-image options at the task's working resolution (documentation/synthetic.md).
+
+For each generator architecture (``--archs``) the fold's diffusion model is trained with ``tskd_train_diffusion``'s
+own code (``train_diffusion``; resumable, its own ``nnUNet_results`` under ``--work``), then every sampler setting
+(``--samplers`` as ``name:steps``) generates ``--images`` images with the sampling command's own generator class:
+
+* speed: images/s of the measured generation (batch ``--batch-size``) and the minutes 1,000 images take at that
+  rate; the generator's training minutes are a separate column;
+* quality: Fréchet distance (FD) and KID between the synthetic images and **held-out real images** (patch-size
+  crops of the fold's validation cases, which no generator saw) in the feature space of the packaged LiteMedSAM
+  encoder. The row ``real (train crops)`` is the floor: real training crops against the same held-out crops.
+
+One JSON per (arch, sampler) lands in the output folder as soon as it is measured (a re-run skips it), plus
+``report.md`` and ``grid.png`` (one row of samples per option, the real rows first). Run on a quiet machine: the
+timings are wall-clock.
+
+    python benchmarks/bench_synthetic_options.py -d 501 -c 2d_128 -f 0 --train-steps 2000 \\
+        --archs base lean --samplers ddim:50 ddim:20 dpm:10 unipc:10 unipc:5 -o documentation/benchmarks/synthetic_hc18
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Dict, List
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tskd_nnunet.atomic_io import atomic_path, atomic_write_text  # noqa: E402
+from tskd_nnunet.data.extension import dataset_name  # noqa: E402
+from tskd_nnunet.synthetic import cases as fold_cases  # noqa: E402
+from tskd_nnunet.synthetic.quality import LiteMedSAMFeatures, features, frechet_distance, kid, real_crops  # noqa: E402
+from tskd_nnunet.synthetic.sample import SyntheticGenerator  # noqa: E402
+from tskd_nnunet.synthetic.train import DiffusionTrainSettings, save_grid_png, train_diffusion  # noqa: E402
+
+FLOOR = "real_floor.json"
+# generator architectures (UNet2DModel block widths, attention at the lowest level)
+ARCHS: Dict[str, Dict] = {
+    "base": {"block_out_channels": (32, 64, 64), "attention": True},      # the default generator
+    "lean": {"block_out_channels": (16, 32, 64, 64), "attention": False},  # a level deeper, half the width at 1/1
+    "tiny": {"block_out_channels": (16, 32, 32), "attention": False},
+}
+
+
+def train_arch(arch: str, a: argparse.Namespace) -> str:
+    """Train (or resume) ``arch``'s generator into its own results root; the final checkpoint's path."""
+    os.environ["nnUNet_results"] = os.path.join(a.work, arch)
+    os.makedirs(os.environ["nnUNet_results"], exist_ok=True)
+    settings = DiffusionTrainSettings(steps=a.train_steps, batch_size=a.train_batch_size, seed=0,
+                                      checkpoint_every=max(1, a.train_steps // 10), grid_every=a.train_steps,
+                                      **ARCHS[arch])
+    return train_diffusion(a.dataset, a.configuration, a.fold, a.plans, settings, device=a.device)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("-d", dest="dataset", required=True)
+    p.add_argument("-c", dest="configuration", required=True)
+    p.add_argument("-f", dest="fold", type=int, default=0)
+    p.add_argument("-p", dest="plans", default="nnUNetPlans")
+    p.add_argument("-device", dest="device", default="cpu")
+    p.add_argument("--archs", nargs="+", default=["base", "lean"], choices=list(ARCHS))
+    p.add_argument("--samplers", nargs="+", default=["ddim:50", "ddim:20", "dpm:10", "unipc:10", "unipc:5"])
+    p.add_argument("--train-steps", type=int, default=2000)
+    p.add_argument("--train-batch-size", type=int, default=16)
+    p.add_argument("--images", type=int, default=256, help="synthetic images per option (speed and quality)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("-o", dest="out", required=True)
+    p.add_argument("--work", default="/tmp/tskd_synthetic_options", help="generators' results roots")
+    a = p.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    name = dataset_name(a.dataset)
+    _, val_ids, _ = fold_cases.read_fold_split(name, a.fold)
+    pool = fold_cases.fold_case_ids(name, a.plans, a.configuration, a.fold, True)["used"]
+    device = torch.device(a.device)
+    feat = LiteMedSAMFeatures().to(device)
+    grid_rows: List[torch.Tensor] = []
+    held_f = None
+    for arch in a.archs:
+        ckpt_path = train_arch(arch, a)
+        for spec in a.samplers:
+            sampler, steps = spec.split(":")
+            g = SyntheticGenerator(ckpt_path, sampler, int(steps), a.device)
+            if held_f is None:  # held-out real crops (validation cases) and the real-vs-real floor, once
+                held_out = real_crops(name, a.plans, a.configuration, val_ids, g.patch_size, a.images, seed=1)
+                held_f = features(feat, held_out, device=device)
+                grid_rows.append(g.imap.to_model(torch.from_numpy(held_out[:8])))
+                train_f = features(feat, real_crops(name, a.plans, a.configuration, pool, g.patch_size, a.images,
+                                                    seed=2), device=device)
+                atomic_write_text(os.path.join(a.out, FLOOR), json.dumps(
+                    {"fd": frechet_distance(train_f, held_f), "kid": kid(train_f, held_f)[0], "images": a.images},
+                    indent=1))
+            target = os.path.join(a.out, f"{arch}_{sampler}{steps}.json")
+            if os.path.isfile(target):
+                print(f"[{arch} {spec}] done before: {target}")
+                grid_rows.append(g.imap.to_model(torch.from_numpy(g.generate(0, range(8)))))
+                continue
+            t0 = time.perf_counter()
+            imgs = np.concatenate([g.generate(0, range(i, min(i + a.batch_size, a.images)))
+                                   for i in range(0, a.images, a.batch_size)])
+            sec = time.perf_counter() - t0
+            f = features(feat, imgs, device=device)
+            row = {"arch": arch, "block_out_channels": list(ARCHS[arch]["block_out_channels"]),
+                   "attention": ARCHS[arch]["attention"], "parameters": sum(x.numel() for x in g.unet.parameters()),
+                   "sampler": sampler, "steps": int(steps), "images": a.images, "resolution": list(g.patch_size),
+                   "images_per_s": a.images / sec, "minutes_per_1000": 1000 * sec / a.images / 60,
+                   "train_steps": int(g.ckpt["step"]), "train_batch_size": a.train_batch_size,
+                   "train_minutes_total": float(g.ckpt.get("train_seconds", 0.0)) / 60 or None,
+                   "fd": frechet_distance(f, held_f), "kid": kid(f, held_f)[0],
+                   "torch_threads": torch.get_num_threads(), "load_average_1min": os.getloadavg()[0],
+                   "held_out_cases": len(val_ids), "generator_training_cases": len(pool)}
+            atomic_write_text(target, json.dumps(row, indent=1))
+            print(f"[{arch} {spec}] {row['minutes_per_1000']:.1f} min/1000, FD {row['fd']:.3f}", flush=True)
+            grid_rows.append(g.imap.to_model(torch.from_numpy(imgs[:8])))
+    write_report(a.out)
+    with atomic_path(os.path.join(a.out, "grid.png")) as tmp:
+        save_grid_png(torch.cat(grid_rows), tmp, columns=8)
+
+
+def write_report(out: str) -> None:
+    rows = [json.load(open(os.path.join(out, f))) for f in sorted(os.listdir(out))
+            if f.endswith(".json") and f != FLOOR]
+    floor = json.load(open(os.path.join(out, FLOOR)))
+    lines = ["# Synthetic images: speed vs quality", "",
+             "FD / KID: LiteMedSAM-encoder features of the option's images vs patch crops of the fold's validation "
+             "cases (held out from every generator). Lower is better; the first row is the floor (real training "
+             "crops vs the same held-out crops).", "",
+             "| option | params | sampler | steps | min / 1,000 images | generator training min | FD | KID |",
+             "|---|---|---|---|---|---|---|---|",
+             f"| real (train crops) | - | - | - | - | - | {floor['fd']:.3f} | {floor['kid']:.4f} |"]
+    for r in sorted(rows, key=lambda r: (r["arch"], r["minutes_per_1000"])):
+        tm = f"{r['train_minutes_total']:.0f}" if r.get("train_minutes_total") else "-"
+        lines.append(f"| {r['arch']} {tuple(r['block_out_channels'])}{' +attn' if r['attention'] else ''} | "
+                     f"{r['parameters'] / 1e6:.2f} M | {r['sampler']} | {r['steps']} | {r['minutes_per_1000']:.1f} | "
+                     f"{tm} ({r['train_steps']} steps) | {r['fd']:.3f} | {r['kid']:.4f} |")
+    if rows:
+        lines += ["", f"Resolution {rows[0]['resolution']}, {rows[0]['images']} images per option, "
+                      f"{rows[0]['torch_threads']} torch threads; grid.png: held-out real rows, then one row per option."]
+    atomic_write_text(os.path.join(out, "report.md"), "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
