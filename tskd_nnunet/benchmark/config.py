@@ -20,7 +20,13 @@ Strings in commands, env values and outputs are ``str.format`` templates. Fields
 Python's bin folder), ``{python}``, ``{dataset_id}``, ``{dataset_name}``, ``{configuration}``,
 ``{plans}``, ``{fold}``, ``{budget}``, ``{device}``, ``{output}`` / ``{stage_dir}`` (stages),
 ``{stages[NAME]}`` (a stage's output for this fold), ``{foundation[KEY]}``, ``{params[KEY]}`` (profile
-parameters), ``{config_dir}`` (folder of the config file), ``{workdir}``.
+parameters), ``{config_dir}`` (folder of the config file), ``{workdir}``, ``{name}``, ``{profile}`` and, in
+``plan_commands``, ``{plan_batch}`` (the config's ``batch_size``, or ``auto`` when a method is planned on its
+labeled images alone: nnU-Net's own batch rule).
+
+Budgets are numbers of labeled training cases, or ``"all"``: every training case outside the fold's
+validation set (the reference run "plain nnU-Net on all training labels" of the gap closed). ``"methods"``
+is a list (every budget runs every method) or an object ``{"10": [...], "20": [...], "all": [...]}``.
 """
 from __future__ import annotations
 
@@ -28,11 +34,12 @@ import copy
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 from tskd_nnunet.atomic_io import read_json
 
 BASELINE_LABEL = "nnUNetTrainer"
+ALL = "all"  # the budget "every training case outside validation"
 
 # Transfer-set scopes: which unlabeled cases a method's nnU-Net preprocessed root exposes.
 # "pool" = tskd_unlabeled_pool.json of the label budget; "synthetic" = the fold's sampled extension.
@@ -77,6 +84,12 @@ METHODS: Dict[str, Dict[str, Any]] = {
     "moco_ft": {"trainer": "TSKDPlainTrainer", "data": "labeled", "stages": ["cnn_moco"],
                 "train_args": ["-pretrained_weights", "{stages[cnn_moco]}"],
                 "description": "nnU-Net CNN pretrained by MoCo v3, then fine-tuned"},
+    # what a user has today: a dataset of the labeled images alone, planned by nnU-Net (its own batch rule:
+    # at most 5% of the dataset), instead of the plans every other arm shares (planned on labeled + pool,
+    # batch fixed by the config)
+    "plain_labeled_only": {"trainer": "TSKDPlainTrainer", "data": "labeled", "plan_on": "labeled",
+                           "description": "plain nnU-Net planned on the labeled images alone (nnU-Net's own "
+                                          "batch size): what a user has today"},
 }
 
 STAGES: Dict[str, Dict[str, Any]] = {
@@ -90,14 +103,15 @@ STAGES: Dict[str, Dict[str, Any]] = {
     "diffusion": {"output": "{results}/{dataset_name}/tskd_diffusion__{plans}__{configuration}/fold_{fold}/"
                             "checkpoint_final.pth", "commands": [[
         "{bin}/tskd_train_diffusion", "{dataset_id}", "{configuration}", "{fold}", "-p", "{plans}",
-        "--steps", "{params[diffusion_steps]}", "--resolution", "{params[diffusion_resolution]}",
-        "-device", "{device}"]]},
+        "--steps", "{params[diffusion_steps]}", "-device", "{device}"]]},  # at the patch size (working resolution)
     # sampled into a root of its own, so no pretraining corpus ever sees synthetic cases by accident
     "synthetic": {"root": "synthetic", "stages": ["diffusion"],
                   "output": "{preprocessed}/{dataset_name}/tskd_extension/{plans}_{configuration}/fold_{fold}/synthetic",
                   "commands": [[
                       "{bin}/tskd_sample_diffusion", "{dataset_id}", "{configuration}", "{fold}", "-p", "{plans}",
-                      "-n", "{params[num_synthetic]}", "--checkpoint", "{stages[diffusion]}", "-device", "{device}"]]},
+                      "-n", "{params[num_synthetic]}", "--sampler", "{params[diffusion_sampler]}",
+                      "--steps", "{params[diffusion_sampling_steps]}", "--checkpoint", "{stages[diffusion]}",
+                      "-device", "{device}"]]},
     "cnn_mim": {"output": "{stage_dir}/cnn_mim.pth", "commands": [[
         "{bin}/tskd_pretrain_cnn_mim", "{dataset_id}", "{configuration}", "{fold}", "-p", "{plans}",
         "-tr", "TSKDPlainTrainer", "--steps", "{params[pretrain_steps]}", "-o", "{output}", "-device", "{device}"]]},
@@ -107,18 +121,23 @@ STAGES: Dict[str, Dict[str, Any]] = {
 }
 
 PROFILES: Dict[str, Dict[str, Any]] = {
-    # short schedule on 2-16 CPU cores: every method gets the same epochs x iterations
-    "cpu": {"device": "cpu", "schedule": "10,25,5",
+    # the CPU profile of the HC18/CHAOS benchmarks: 50 epochs x 50 iterations (+5 validation) for every method
+    "cpu": {"device": "cpu", "schedule": "50,50,5",
             "env": {"nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1"},
-            "params": {"pretrain_steps": 300, "diffusion_steps": 1000, "diffusion_resolution": 32,
-                       "num_synthetic": 100, "latency_cases": 3, "preprocess_processes": 2,
+            "params": {"pretrain_steps": 300, "diffusion_steps": 1000, "diffusion_sampler": "unipc",
+                       "diffusion_sampling_steps": 10, "num_synthetic": 1000, "latency_cases": 3,
+                       "preprocess_processes": 2,
                        "teacher_trainer": "LiteMedSAMTeacherTrainer_last"}},
     # nnU-Net's own schedule (1000 epochs x 250 iterations): TSKD_SCHEDULE unset
     "gpu": {"device": "cuda", "schedule": None, "env": {},
-            "params": {"pretrain_steps": 20000, "diffusion_steps": 30000, "diffusion_resolution": 64,
+            "params": {"pretrain_steps": 20000, "diffusion_steps": 30000, "diffusion_sampler": "ddim",
+                       "diffusion_sampling_steps": 50,
                        "num_synthetic": 1000, "latency_cases": 10, "preprocess_processes": 8,
                        "teacher_trainer": "LiteMedSAMTeacherTrainer"}},
 }
+# the HC18 teacher study's schedule (20 x 15): allowed for the real benchmark only once it ranks the arms as the
+# cpu profile does (its results go to a committed folder of their own, <name>_cpu_short)
+PROFILES["cpu_short"] = {**copy.deepcopy(PROFILES["cpu"]), "schedule": "20,15,4"}
 
 FOUNDATION_DEFAULTS = {"kind": "mae", "arch": "vit_tiny", "backbone": None, "steps": 300, "resolution": 224,
                        "batch_size": 16, "weights": None, "arch_overrides": "", "img_size": ""}
@@ -126,6 +145,14 @@ FOUNDATION_DEFAULTS = {"kind": "mae", "arch": "vit_tiny", "backbone": None, "ste
 
 class BenchmarkConfigError(ValueError):
     """The config file is invalid; the message names the file, the key and the fix."""
+
+
+Budget = Union[int, str]
+
+
+def budget_tag(budget: Budget) -> str:
+    """``b20`` / ``ball``: the budget's part of folder names."""
+    return f"b{budget}"
 
 
 @dataclass
@@ -138,7 +165,7 @@ class BenchmarkConfig:
     preprocessed_root: Optional[str]
     configuration: str
     plans: str
-    budgets: List[int]
+    budgets: List[Budget]
     folds: List[int]
     num_folds: int
     seed: int
@@ -150,6 +177,15 @@ class BenchmarkConfig:
     tolerance_mm: float = 2.0
     hc18_csv: Optional[str] = None
     raw: Dict[str, Any] = field(default_factory=dict)
+    # methods listed per budget (before adding what they need); every budget lists ``methods`` when the config
+    # gives a plain list
+    budget_methods: Dict[Budget, List[str]] = field(default_factory=dict)
+    spread: bool = False
+    plan_commands: Optional[List[List[str]]] = None
+    batch_size: Optional[int] = None
+    committed: Optional[str] = None
+    slice_thickness_mm: Optional[float] = None
+    notes: List[str] = field(default_factory=list)
 
     @property
     def config_dir(self) -> str:
@@ -179,6 +215,11 @@ class BenchmarkConfig:
             visit(m, ())
         return order
 
+    def methods_at(self, budget: Budget, only: Optional[Sequence[str]] = None) -> List[str]:
+        """The methods run at ``budget`` (those listed there, restricted to ``only``), plus what they need."""
+        listed = self.budget_methods.get(budget, [])
+        return self.method_closure([m for m in listed if only is None or m in only])
+
 
 def _merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
     out = copy.deepcopy(base)
@@ -191,13 +232,32 @@ def _err(path: str, msg: str) -> BenchmarkConfigError:
     return BenchmarkConfigError(f"{path}: {msg}")
 
 
-def _int_list(path: str, d: dict, key: str, default=None) -> List[int]:
+def _int_list(path: str, d: dict, key: str, default=None, allow_all: bool = False) -> List[Any]:
     v = d.get(key, default)
-    if not isinstance(v, list) or not v or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
-        raise _err(path, f"\"{key}\" must be a non-empty list of integers, e.g. \"{key}\": [20, 80]")
+    ok = isinstance(v, list) and v and all((isinstance(x, int) and not isinstance(x, bool)) or (allow_all and x == ALL)
+                                           for x in v)
+    if not ok:
+        extra = f" (and \"{ALL}\")" if allow_all else ""
+        raise _err(path, f"\"{key}\" must be a non-empty list of integers{extra}, e.g. \"{key}\": [20, 80]")
     if len(set(v)) != len(v):
         raise _err(path, f"\"{key}\" lists a value twice: {v}")
     return list(v)
+
+
+def _budget_key(path: str, key: str, budgets: Sequence[Budget]) -> Budget:
+    for b in budgets:
+        if str(b) == str(key).strip():
+            return b
+    raise _err(path, f"\"methods\" names budget {key!r}, which is not in \"budgets\" {budgets}")
+
+
+def _command_list(path: str, value: Any, key: str) -> Optional[List[List[str]]]:
+    if value is None:
+        return None
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(c, list) and c and all(isinstance(x, str) for x in c) for c in value)):
+        raise _err(path, f"\"{key}\" must be null or a list of commands, each a list of strings")
+    return [list(c) for c in value]
 
 
 def load_config(path: str) -> BenchmarkConfig:
@@ -212,7 +272,8 @@ def load_config(path: str) -> BenchmarkConfig:
     if not isinstance(d, dict):
         raise _err(path, "the top level must be a JSON object")
     known = {"name", "dataset", "configuration", "plans", "budgets", "folds", "num_folds", "seed", "methods",
-             "method_defs", "stage_defs", "foundation", "profiles", "tolerance_mm", "hc18_csv", "comment"}
+             "method_defs", "stage_defs", "foundation", "profiles", "tolerance_mm", "hc18_csv", "comment",
+             "spread", "plan_commands", "batch_size", "committed", "slice_thickness_mm", "notes"}
     unknown = sorted(set(d) - known)
     if unknown:
         raise _err(path, f"unknown key(s) {unknown}; known keys are {sorted(known)}")
@@ -227,45 +288,99 @@ def load_config(path: str) -> BenchmarkConfig:
     method_defs = _merge(METHODS, d.get("method_defs", {}))
     stage_defs = _merge(STAGES, d.get("stage_defs", {}))
     profiles = _merge(PROFILES, d.get("profiles", {}))
-    methods = d.get("methods")
-    if not isinstance(methods, list) or not methods or not all(isinstance(m, str) for m in methods):
-        raise _err(path, f"\"methods\" must be a non-empty list of names from {sorted(method_defs)}")
-    if len(set(methods)) != len(methods):
-        raise _err(path, f"\"methods\" lists a method twice: {methods}")
     for m, spec in method_defs.items():
         if not isinstance(spec, dict) or not isinstance(spec.get("trainer"), str):
             raise _err(path, f"method {m!r} needs a \"trainer\" (an nnU-Net trainer class name)")
         if spec.get("data", "labeled") not in DATA_SCOPES:
             raise _err(path, f"method {m!r}: \"data\" must be one of {sorted(DATA_SCOPES)}")
+        if spec.get("plan_on", "all") not in ("all", "labeled"):
+            raise _err(path, f"method {m!r}: \"plan_on\" must be \"all\" (the shared plans, default) or "
+                             f"\"labeled\" (a dataset of the labeled images alone, planned by nnU-Net)")
+        if spec.get("plan_on") == "labeled" and (spec.get("data", "labeled") != "labeled" or spec.get("needs")
+                                                 or spec.get("stages")):
+            raise _err(path, f"method {m!r}: \"plan_on\": \"labeled\" is for plain methods (data \"labeled\", "
+                             f"no needs, no stages)")
         for dep in spec.get("needs", []):
             if dep not in method_defs:
                 raise _err(path, f"method {m!r} needs unknown method {dep!r}")
         for st in spec.get("stages", []):
             if st not in stage_defs:
                 raise _err(path, f"method {m!r} needs unknown stage {st!r}; stages: {sorted(stage_defs)}")
-    for m in methods:
-        if m not in method_defs:
-            raise _err(path, f"unknown method {m!r}; known: {sorted(method_defs)} "
-                             f"(or define it under \"method_defs\")")
+    budgets = _int_list(path, d, "budgets", allow_all=True)
+    if any(b != ALL and b < 1 for b in budgets):
+        raise _err(path, "\"budgets\" must be positive numbers of labeled cases (or \"all\")")
+    budgets = sorted([b for b in budgets if b != ALL]) + [b for b in budgets if b == ALL]
+    if budgets == [ALL]:
+        raise _err(path, "\"budgets\" needs at least one number of labeled cases besides \"all\"")
+    raw_methods = d.get("methods")
+    if isinstance(raw_methods, dict):
+        budget_methods = {}
+        for key, lst in raw_methods.items():
+            b = _budget_key(path, key, budgets)
+            if not isinstance(lst, list) or not all(isinstance(m, str) for m in lst):
+                raise _err(path, f"\"methods\" for budget {key!r} must be a list of method names")
+            budget_methods[b] = list(lst)
+        missing = [b for b in budgets if b not in budget_methods]
+        if missing:
+            raise _err(path, f"\"methods\" lists no methods for budget(s) {missing}; give each budget a list "
+                             f"(or remove the budget)")
+    elif isinstance(raw_methods, list) and raw_methods:
+        budget_methods = {b: list(raw_methods) for b in budgets}
+    else:
+        raise _err(path, f"\"methods\" must be a non-empty list of names from {sorted(method_defs)}, or an object "
+                         f"{{\"<budget>\": [names]}}")
+    methods: List[str] = []
+    for b, lst in budget_methods.items():
+        if not lst or not all(isinstance(m, str) for m in lst):
+            raise _err(path, f"\"methods\" for budget {b} must be a non-empty list of method names")
+        if len(set(lst)) != len(lst):
+            raise _err(path, f"\"methods\" lists a method twice at budget {b}: {lst}")
+        for m in lst:
+            if m not in method_defs:
+                raise _err(path, f"unknown method {m!r}; known: {sorted(method_defs)} "
+                                 f"(or define it under \"method_defs\")")
+            if m not in methods:
+                methods.append(m)
     foundation = dict(FOUNDATION_DEFAULTS)
     foundation.update(d.get("foundation") or {})
     if foundation.get("backbone") is None:
         foundation["backbone"] = foundation["arch"]
     if isinstance(foundation.get("arch_overrides"), dict):
         foundation["arch_overrides"] = json.dumps(foundation["arch_overrides"])
-    budgets = _int_list(path, d, "budgets")
-    if min(budgets) < 1:
-        raise _err(path, "\"budgets\" must be positive numbers of labeled cases")
     num_folds = d.get("num_folds", 5)
     folds = _int_list(path, d, "folds", [0])
     if not isinstance(num_folds, int) or num_folds < 1 or any(not 0 <= f < num_folds for f in folds):
         raise _err(path, f"\"folds\" {folds} must lie in 0..num_folds-1 (num_folds = {num_folds})")
+    batch = d.get("batch_size")
+    if batch is not None and (not isinstance(batch, int) or isinstance(batch, bool) or batch < 1):
+        raise _err(path, "\"batch_size\" must be null or a positive integer (the batch of the plans variant, "
+                         "filled into {plan_batch} of \"plan_commands\")")
+    thickness = d.get("slice_thickness_mm")
+    if thickness is not None and (not isinstance(thickness, (int, float)) or isinstance(thickness, bool)
+                                  or thickness <= 0):
+        raise _err(path, "\"slice_thickness_mm\" must be null or a positive number (mm between 2D slices, for "
+                         "organ volumes summed over a patient's slices)")
+    committed = d.get("committed")
+    if committed is not None and not isinstance(committed, str):
+        raise _err(path, "\"committed\" must be null or a folder (template), e.g. "
+                         "\"{config_dir}/../../documentation/benchmarks/{name}_{profile}\"")
+    notes = d.get("notes", [])
+    if isinstance(notes, str):
+        notes = [notes]
+    if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
+        raise _err(path, "\"notes\" must be a list of strings (printed at the top of the report)")
+    if not isinstance(d.get("spread", False), bool):
+        raise _err(path, "\"spread\" must be true or false (labeled cases from as many patients as possible)")
     cfg = BenchmarkConfig(
         path=os.path.abspath(path), name=str(d.get("name", os.path.splitext(os.path.basename(path))[0])),
         dataset_id=ds["id"], convert=convert, raw_root=ds.get("raw_root"), preprocessed_root=ds.get("preprocessed_root"),
         configuration=str(d.get("configuration", "2d")), plans=str(d.get("plans", "nnUNetPlans")),
         budgets=budgets, folds=folds, num_folds=num_folds, seed=int(d.get("seed", 0)), methods=methods,
         method_defs=method_defs, stage_defs=stage_defs, foundation=foundation, profiles=profiles,
-        tolerance_mm=float(d.get("tolerance_mm", 2.0)), hc18_csv=d.get("hc18_csv"), raw=d)
-    cfg.method_closure(methods)  # rejects cycles early
+        tolerance_mm=float(d.get("tolerance_mm", 2.0)), hc18_csv=d.get("hc18_csv"), raw=d,
+        budget_methods=budget_methods, spread=bool(d.get("spread", False)),
+        plan_commands=_command_list(path, d.get("plan_commands"), "plan_commands"), batch_size=batch,
+        committed=committed, slice_thickness_mm=None if thickness is None else float(thickness), notes=list(notes))
+    for b in budgets:
+        cfg.methods_at(b)  # rejects cycles early
     return cfg

@@ -70,6 +70,8 @@ def plot_label_efficiency(summary: pd.DataFrame, out_png: PathLike, metric: str 
         s = summary[summary["dataset"] == ds]
         budgets = sorted_budgets(s["budget"])
         xpos = {b: i for i, b in enumerate(budgets)}
+        # methods side by side at each budget (a small horizontal offset), so overlapping CIs stay readable
+        dodge = {m: (i - (len(methods) - 1) / 2) * min(0.06, 0.3 / max(1, len(methods))) for i, m in enumerate(methods)}
         for m in methods:
             g = s[s["method"] == m]
             g = g.iloc[sorted(range(len(g)), key=lambda k: budget_sort_key(g["budget"].iloc[k]))]
@@ -77,7 +79,7 @@ def plot_label_efficiency(summary: pd.DataFrame, out_png: PathLike, metric: str 
             failed = g[g["status"].astype(str).str.startswith("FAILED") & ~np.isfinite(g[f"{metric}_mean"].astype(float))]
             label = m + (f" (FAILED at n={', '.join(map(str, failed['budget']))})" if len(failed) else "")
             if len(ok):
-                x = [xpos[b] for b in ok["budget"]]
+                x = [xpos[b] + dodge[m] for b in ok["budget"]]
                 y = ok[f"{metric}_mean"].to_numpy(float)
                 err = np.vstack([y - ok[f"{metric}_ci_lo"].to_numpy(float), ok[f"{metric}_ci_hi"].to_numpy(float) - y])
                 ax.errorbar(x, y, yerr=np.nan_to_num(err), marker="o", capsize=3, color=colors[m], label=label)

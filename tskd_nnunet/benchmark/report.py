@@ -10,14 +10,22 @@ Statistics use the test case as the unit: each case's value is the mean over cla
 the runs (folds/seeds) of a (dataset, method, budget). A (method, budget) whose runs failed is
 reported as FAILED with its error, never dropped and never scored as zero; results rows of
 failed runs are ignored because a crashed run's partial output is not trustworthy.
+
+Also, when the data allow it:
+* gap closed (:func:`gap_closed`): (method@b - baseline@b) / (baseline@all - baseline@b) per budget b,
+  when the baseline has results at the reference budget ``"all"`` (every training label);
+* organ volume error (:func:`volume_errors`): |predicted - reference| volume in ml per patient and class,
+  from ``ref_volume_ml`` / ``pred_volume_ml`` summed over a patient's cases (``patient`` column; slices of one
+  patient add up to the organ's volume), else per case.
 """
 from __future__ import annotations
 
 import argparse
 import math
 import os
+import sys
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
@@ -34,7 +42,9 @@ METRICS = ("dice", "nsd", "hd95")
 RUN_ID_COLUMNS = ("fold", "seed")
 STATUSES = ("done", "failed", "missing")
 # numeric result columns that are bookkeeping, not endpoints
-_NOT_CLINICAL = {"ref_voxels", "pred_voxels", "fold", "seed", "budget"}
+_NOT_CLINICAL = {"ref_voxels", "pred_voxels", "fold", "seed", "budget", "ref_volume_ml", "pred_volume_ml",
+                 "hc_pred_mm", "hc_ref_mm", "patient"}
+REFERENCE_BUDGET = "all"  # the budget of "every training label", the top of the gap closed
 LOWER_IS_BETTER = {"hd95"}
 
 OverlayLoader = Callable[[Dict[str, object]], Optional[OverlayItem]]
@@ -155,12 +165,126 @@ def summarize(results: pd.DataFrame, runs: pd.DataFrame, run_ids: Sequence[str],
     return pd.DataFrame(rows)
 
 
-def per_class_summary(results: pd.DataFrame, metrics: Sequence[str] = METRICS) -> pd.DataFrame:
-    """Per (dataset, budget, method, class): mean and sd over cases (case value = mean over runs)."""
-    per_case = results.groupby(["dataset", "budget", "method", "class", "case"], sort=False)[list(metrics)].mean()
-    agg = per_case.groupby(level=[0, 1, 2, 3], sort=False).agg(["mean", "std"])
-    agg.columns = [f"{m}_{s if s == 'mean' else 'sd'}" for m, s in agg.columns]
-    return agg.reset_index()
+def per_class_summary(results: pd.DataFrame, metrics: Sequence[str] = METRICS, n_resamples: int = 10000,
+                      seed: int = 0) -> pd.DataFrame:
+    """Per (dataset, budget, method, class): n cases, mean, sd and 95% bootstrap CI over cases (case value =
+    mean over runs)."""
+    per_case = (results.groupby(["dataset", "budget", "method", "class", "case"], sort=False)[list(metrics)]
+                .mean().reset_index())
+    rows = []
+    for (ds, b, m, cls), g in per_case.groupby(["dataset", "budget", "method", "class"], sort=False):
+        row = {"dataset": ds, "budget": b, "method": m, "class": cls, "n_cases": int(g["case"].nunique())}
+        for c in metrics:
+            x = g[c].to_numpy(float)
+            mu, sd = mean_sd(x)
+            lo, hi = bootstrap_ci(x, n_resamples=n_resamples, seed=seed)
+            row.update({f"{c}_mean": mu, f"{c}_sd": sd, f"{c}_ci_lo": lo, f"{c}_ci_hi": hi})
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["dataset", "budget", "method", "class", "n_cases"]
+                        + [f"{c}_{k}" for c in metrics for k in ("mean", "sd", "ci_lo", "ci_hi")])
+
+
+def gap_closed(cv: pd.DataFrame, summary: pd.DataFrame, metrics: Sequence[str] = ("dice", "nsd"),
+               baseline: str = BASELINE, reference_budget=REFERENCE_BUDGET, n_resamples: int = 10000,
+               seed: int = 0) -> pd.DataFrame:
+    """Gap closed = (method@b - baseline@b) / (baseline@reference - baseline@b), per dataset, budget b, method.
+
+    Means over the test cases all three share (case values: mean over classes and runs); the 95% CI is a
+    percentile bootstrap resampling those cases jointly (paired). 1 = the method reaches the baseline
+    trained on every label, 0 = no better than the baseline at b. Undefined (NaN, with a note) when the
+    baseline at the reference budget is not better than at b.
+    """
+    cols = ["dataset", "budget", "method", "metric", "status", "n_cases", "method_mean", "baseline_mean",
+            "reference_mean", "gap_closed", "ci_lo", "ci_hi", "note"]
+    rows = []
+    ref_key = _norm_budget(reference_budget)
+    for ds in dict.fromkeys(summary["dataset"]):
+        ref = cv[(cv["dataset"] == ds) & (cv["method"] == baseline) & (cv["budget"] == ref_key)].set_index("case")
+        if ref.empty:
+            continue
+        s_ds = summary[summary["dataset"] == ds]
+        for b in sorted_budgets(s_ds["budget"]):
+            if b == ref_key:
+                continue
+            base = cv[(cv["dataset"] == ds) & (cv["method"] == baseline) & (cv["budget"] == b)].set_index("case")
+            for _, srow in s_ds[s_ds["budget"] == b].iterrows():
+                m = srow["method"]
+                if m == baseline:
+                    continue
+                other = cv[(cv["dataset"] == ds) & (cv["method"] == m) & (cv["budget"] == b)].set_index("case")
+                common = ref.index.intersection(base.index).intersection(other.index)
+                for metric in metrics:
+                    row = {"dataset": ds, "budget": b, "method": m, "metric": metric, "status": srow["status"],
+                           "n_cases": len(common), "method_mean": np.nan, "baseline_mean": np.nan,
+                           "reference_mean": np.nan, "gap_closed": np.nan, "ci_lo": np.nan, "ci_hi": np.nan,
+                           "note": ""}
+                    if base.empty:
+                        row["note"] = f"no {baseline} results at {b}"
+                    elif other.empty:
+                        row["note"] = "no results (" + str(srow["status"]) + ")"
+                    elif len(common) == 0:
+                        row["note"] = "no shared test cases"
+                    else:
+                        x = np.stack([other.loc[common, metric].to_numpy(float), base.loc[common, metric].to_numpy(float),
+                                      ref.loc[common, metric].to_numpy(float)])
+                        x = x[:, np.isfinite(x).all(axis=0)]
+                        mm, mb, mr = x.mean(axis=1)
+                        row.update({"n_cases": x.shape[1], "method_mean": mm, "baseline_mean": mb, "reference_mean": mr})
+                        if not mr > mb:
+                            row["note"] = (f"undefined: {baseline} on all labels ({mr:.3f}) is not better than at "
+                                           f"{b} ({mb:.3f})")
+                        else:
+                            row["gap_closed"] = (mm - mb) / (mr - mb)
+                            rng = np.random.default_rng(seed)
+                            idx = rng.integers(0, x.shape[1], size=(n_resamples, x.shape[1]))
+                            bm, bb, br = (x[k][idx].mean(axis=1) for k in range(3))
+                            denom = br - bb
+                            ok = denom > 0
+                            g = (bm[ok] - bb[ok]) / denom[ok]
+                            if g.size:
+                                row["ci_lo"], row["ci_hi"] = (float(v) for v in np.percentile(g, [2.5, 97.5]))
+                            if ok.mean() < 0.95:
+                                row["note"] = (f"in {100 * (1 - ok.mean()):.0f}% of resamples {baseline} on all labels "
+                                               f"was not better than at {b}: CI unreliable")
+                    rows.append(row)
+    return pd.DataFrame(rows, columns=cols)
+
+
+def volume_errors(results: pd.DataFrame, run_ids: Sequence[str], n_resamples: int = 10000, seed: int = 0
+                  ) -> Tuple[pd.DataFrame, pd.DataFrame]:
+    """Organ volume error (ml): (per patient and class, summary per dataset/budget/method/class).
+
+    A patient's volume = sum of ``ref_volume_ml`` / ``pred_volume_ml`` over its cases in one run (slices of a
+    patient add up; without a ``patient`` column each case is a patient), then the mean over runs. Summary:
+    mean absolute error with a 95% bootstrap CI over patients, and the mean signed error (prediction -
+    reference). Empty tables when the results hold no volumes (2D data without a slice thickness)."""
+    cols_p = ["dataset", "budget", "method", "patient", "class", "ref_volume_ml", "pred_volume_ml", "abs_err_ml",
+              "signed_err_ml"]
+    cols_s = ["dataset", "budget", "method", "class", "n_patients", "abs_err_ml_mean", "abs_err_ml_ci_lo",
+              "abs_err_ml_ci_hi", "signed_err_ml_mean", "ref_volume_ml_mean"]
+    if not {"ref_volume_ml", "pred_volume_ml"} <= set(results.columns):
+        return pd.DataFrame(columns=cols_p), pd.DataFrame(columns=cols_s)
+    r = results[np.isfinite(pd.to_numeric(results["ref_volume_ml"], errors="coerce"))
+                & np.isfinite(pd.to_numeric(results["pred_volume_ml"], errors="coerce"))].copy()
+    if r.empty:
+        return pd.DataFrame(columns=cols_p), pd.DataFrame(columns=cols_s)
+    if "patient" not in r.columns:
+        r["patient"] = r["case"]
+    r["patient"] = r["patient"].fillna(r["case"]).astype(str)
+    keys = ["dataset", "budget", "method", "patient", "class"]
+    per_run = r.groupby(keys + list(run_ids), sort=False)[["ref_volume_ml", "pred_volume_ml"]].sum().reset_index()
+    per_patient = per_run.groupby(keys, sort=False)[["ref_volume_ml", "pred_volume_ml"]].mean().reset_index()
+    per_patient["signed_err_ml"] = per_patient["pred_volume_ml"] - per_patient["ref_volume_ml"]
+    per_patient["abs_err_ml"] = per_patient["signed_err_ml"].abs()
+    rows = []
+    for (ds, b, m, cls), g in per_patient.groupby(["dataset", "budget", "method", "class"], sort=False):
+        x = g["abs_err_ml"].to_numpy(float)
+        lo, hi = bootstrap_ci(x, n_resamples=n_resamples, seed=seed)
+        rows.append({"dataset": ds, "budget": b, "method": m, "class": cls, "n_patients": len(g),
+                     "abs_err_ml_mean": float(np.mean(x)), "abs_err_ml_ci_lo": lo, "abs_err_ml_ci_hi": hi,
+                     "signed_err_ml_mean": float(g["signed_err_ml"].mean()),
+                     "ref_volume_ml_mean": float(g["ref_volume_ml"].mean())})
+    return per_patient[cols_p], pd.DataFrame(rows, columns=cols_s)
 
 
 def wilcoxon_vs_baseline(cv: pd.DataFrame, summary: pd.DataFrame, metrics: Sequence[str] = METRICS,
@@ -238,10 +362,23 @@ def _params_cell(p) -> str:
     return "–" if not (isinstance(p, (int, float)) and math.isfinite(p)) else f"{p / 1e6:.2f} M"
 
 
+def _ci_cell(row: Mapping, c: str, digits: int = 3) -> str:
+    mu = row.get(f"{c}_mean", np.nan)
+    if not (isinstance(mu, (int, float, np.floating)) and math.isfinite(mu)):
+        return "–"
+    return f"{mu:.{digits}f} [{_fmt(row.get(f'{c}_ci_lo'), digits)}, {_fmt(row.get(f'{c}_ci_hi'), digits)}]"
+
+
 def render_markdown(summary: pd.DataFrame, runs: pd.DataFrame, run_ids: Sequence[str], wilcoxon: pd.DataFrame,
                     per_class: pd.DataFrame, value_columns: Sequence[str], figures: Mapping[str, str],
-                    baseline: str, title: str, n_resamples: int, seed: int) -> str:
+                    baseline: str, title: str, n_resamples: int, seed: int,
+                    gap: Optional[pd.DataFrame] = None, volumes: Optional[pd.DataFrame] = None,
+                    notes: Sequence[str] = (), extra_sections: Sequence[str] = ()) -> str:
     out = [f"# {title}", ""]
+    for n in notes:
+        out += [f"- {n}"]
+    if notes:
+        out += [""]
     n_failed = int((runs["status"] == "failed").sum())
     out += [f"Runs: {len(runs)} ({int((runs['status'] == 'done').sum())} done, {n_failed} {'FAILED' if n_failed else 'failed'}, "
             f"{int((runs['status'] == 'missing').sum())} missing). Values are mean ± sd over test cases "
@@ -269,12 +406,35 @@ def render_markdown(summary: pd.DataFrame, runs: pd.DataFrame, run_ids: Sequence
                                  [[r["method"], labels.get(r["metric"], r["metric"]), str(r["n_pairs"]),
                                    _fmt(r["median_diff"], 4), _fmt(r["p_value"], 4), _fmt(r["p_holm"], 4),
                                    _fmt(r["rank_biserial"], 3), r["note"] or ""] for _, r in w.iterrows()]), ""]
-    if len(per_class) and per_class["class"].nunique() > 1:
-        out += ["## Per class", ""]
-        out += [md_table(["dataset", "labels", "method", "class", "Dice", "NSD", "HD95 (mm)"],
-                         [[str(r["dataset"]), str(r["budget"]), r["method"], str(r["class"]),
-                           f"{_fmt(r['dice_mean'])} ± {_fmt(r['dice_sd'])}", f"{_fmt(r['nsd_mean'])} ± {_fmt(r['nsd_sd'])}",
-                           f"{_fmt(r['hd95_mean'], 2)} ± {_fmt(r['hd95_sd'], 2)}"] for _, r in per_class.iterrows()]), ""]
+    if gap is not None and len(gap):
+        out += ["## Gap closed", "",
+                f"(method@n − {baseline}@n) / ({baseline}@all − {baseline}@n): 0 = no better than {baseline} with the "
+                f"same labels, 1 = as good as {baseline} trained on every training label. Means over shared test "
+                f"cases; 95% CI: paired percentile bootstrap over cases ({n_resamples} resamples, seed {seed}).", ""]
+        out += [md_table(["dataset", "labels", "method", "metric", "value", f"{baseline}@n", f"{baseline}@all",
+                          "gap closed [95% CI]", "note"],
+                         [[str(r["dataset"]), str(r["budget"]), r["method"], labels.get(r["metric"], r["metric"]),
+                           _fmt(r["method_mean"]), _fmt(r["baseline_mean"]), _fmt(r["reference_mean"]),
+                           (f"{r['gap_closed']:.2f} [{_fmt(r['ci_lo'], 2)}, {_fmt(r['ci_hi'], 2)}]"
+                            if math.isfinite(r["gap_closed"]) else "–"), r["note"] or ""]
+                          for _, r in gap.iterrows()]), ""]
+    if volumes is not None and len(volumes):
+        out += ["## Organ volume error (ml)", "",
+                "Per patient: volume = sum over the patient's test cases (slices) of voxels × voxel volume; "
+                "|predicted − reference| in ml, mean over patients [95% bootstrap CI over patients]; signed = "
+                "mean of predicted − reference.", ""]
+        out += [md_table(["dataset", "labels", "method", "class", "patients", "|error| ml [95% CI]", "signed ml",
+                          "reference ml"],
+                         [[str(r["dataset"]), str(r["budget"]), r["method"], str(r["class"]), str(r["n_patients"]),
+                           f"{r['abs_err_ml_mean']:.1f} [{_fmt(r['abs_err_ml_ci_lo'], 1)}, {_fmt(r['abs_err_ml_ci_hi'], 1)}]",
+                           _fmt(r["signed_err_ml_mean"], 1), _fmt(r["ref_volume_ml_mean"], 1)]
+                          for _, r in volumes.iterrows()]), ""]
+    if len(per_class):
+        out += ["## Per class", "", "Mean [95% bootstrap CI over test cases].", ""]
+        out += [md_table(["dataset", "labels", "method", "class", "cases", "Dice", "NSD", "HD95 (mm)"],
+                         [[str(r["dataset"]), str(r["budget"]), r["method"], str(r["class"]), str(r["n_cases"]),
+                           _ci_cell(r, "dice"), _ci_cell(r, "nsd"), _ci_cell(r, "hd95", 2)]
+                          for _, r in per_class.iterrows()]), ""]
     out += ["## Runs", ""]
     id_cols = ["dataset", "method", "budget", *run_ids]
     out += [md_table(id_cols + ["status", "params", "latency (ms)", "error"],
@@ -286,6 +446,8 @@ def render_markdown(summary: pd.DataFrame, runs: pd.DataFrame, run_ids: Sequence
         out += ["## Figures", ""]
         for caption, name in figures.items():
             out += [f"![{caption}]({name})", ""]
+    for section in extra_sections:
+        out += [section, ""]
     return "\n".join(out)
 
 
@@ -327,8 +489,10 @@ def _safe(x) -> str:
 
 def write_report(results: pd.DataFrame, runs: Optional[pd.DataFrame], out_dir: PathLike, baseline: str = BASELINE,
                  overlay_loader: Optional[OverlayLoader] = None, clinical_columns: Optional[Sequence[str]] = None,
-                 n_resamples: int = 10000, seed: int = 0, title: str = "Benchmark report") -> Dict[str, Path]:
-    """Write report.md, summary/per_class/wilcoxon/case_values/runs CSVs and PNGs into ``out_dir``.
+                 n_resamples: int = 10000, seed: int = 0, title: str = "Benchmark report",
+                 notes: Sequence[str] = (), extra_sections: Sequence[str] = ()) -> Dict[str, Path]:
+    """Write report.md, summary/per_class/wilcoxon/case_values/runs (+ gap_closed, organ_volume_error) CSVs and
+    PNGs into ``out_dir``. ``notes``: bullet lines under the title; ``extra_sections``: Markdown appended.
 
     ``overlay_loader`` receives {dataset, method, budget, case, fold/seed} and returns an
     :class:`~tskd_nnunet.benchmark.plots.OverlayItem` (arrays or nnU-Net-readable paths) or None.
@@ -341,11 +505,18 @@ def write_report(results: pd.DataFrame, runs: Optional[pd.DataFrame], out_dir: P
     value_columns = [*METRICS, *clinical]
     summary = summarize(results, runs, run_ids, value_columns, baseline, n_resamples, seed)
     cv = case_values(results, value_columns)
-    wil = wilcoxon_vs_baseline(cv, summary, METRICS, baseline)
-    per_class = per_class_summary(results) if len(results) else pd.DataFrame(columns=["class"])
+    wil = wilcoxon_vs_baseline(cv, summary, value_columns, baseline)
+    per_class = (per_class_summary(results, METRICS, n_resamples, seed) if len(results)
+                 else pd.DataFrame(columns=["class"]))
+    gap = gap_closed(cv, summary, ("dice", "nsd"), baseline, REFERENCE_BUDGET, n_resamples, seed)
+    vol_patients, vol_summary = volume_errors(results, run_ids, n_resamples, seed)
     written: Dict[str, Path] = {}
-    for name, df in (("summary", summary), ("wilcoxon", wil), ("per_class", per_class), ("case_values", cv),
-                     ("runs", runs)):
+    tables = [("summary", summary), ("wilcoxon", wil), ("per_class", per_class), ("case_values", cv), ("runs", runs)]
+    if len(gap):
+        tables.append(("gap_closed", gap))
+    if len(vol_summary):
+        tables += [("organ_volume_error", vol_summary), ("organ_volume_per_patient", vol_patients)]
+    for name, df in tables:
         written[f"{name}.csv"] = atomic_write_csv(df, out_dir / f"{name}.csv")
     figures: Dict[str, str] = {}
     if len(summary):
@@ -362,26 +533,42 @@ def write_report(results: pd.DataFrame, runs: Optional[pd.DataFrame], out_dir: P
     for name in figures.values():
         written[name] = out_dir / name
     md = render_markdown(summary, runs, run_ids, wil, per_class, value_columns, figures, baseline, title,
-                         n_resamples, seed)
+                         n_resamples, seed, gap=gap, volumes=vol_summary, notes=notes, extra_sections=extra_sections)
     written["report.md"] = atomic_write_text(out_dir / "report.md", md)
     return written
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="tskd_report", description="Benchmark report (Markdown, CSV, PNG) from result tables.")
-    p.add_argument("-results", required=True, help="long-format results CSV (dataset, method, budget, fold/seed, "
-                                                   "case, class, dice, nsd, hd95, optional clinical columns)")
+    p = argparse.ArgumentParser(prog="tskd_report", description="Benchmark report (Markdown, CSV, PNG) from result tables, "
+                                                               "or from a benchmark's committed results folder.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("-results", help="long-format results CSV (dataset, method, budget, fold/seed, "
+                                      "case, class, dice, nsd, hd95, optional clinical columns)")
+    src.add_argument("--from-committed", metavar="DIR", default=None,
+                     help="a committed results folder of tskd_benchmark (runs/*/cases.csv + settings.json + "
+                          "matrix.json, e.g. documentation/benchmarks/hc18_cpu); the report is rebuilt from these "
+                          "files alone, into DIR unless -o is given")
     p.add_argument("-runs", default=None, help="run status CSV (method, budget, fold/seed, status, params, "
                                                "latency_ms, error)")
-    p.add_argument("-o", "--output-dir", required=True)
+    p.add_argument("-o", "--output-dir", default=None)
     p.add_argument("--baseline", default=BASELINE)
     p.add_argument("--resamples", type=int, default=10000, help="bootstrap resamples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--title", default="Benchmark report")
     a = p.parse_args(argv)
-    runs = pd.read_csv(a.runs, keep_default_na=True) if a.runs else None
-    written = write_report(pd.read_csv(a.results), runs, a.output_dir, a.baseline, None, None, a.resamples,
-                           a.seed, a.title)
+    if a.from_committed:
+        from tskd_nnunet.benchmark.committed import write_committed_report
+        try:
+            written = write_committed_report(a.from_committed, a.output_dir, a.resamples, a.seed)
+        except FileNotFoundError as e:
+            print(f"tskd_report: error: {e}", file=sys.stderr)
+            return 2
+    else:
+        if not a.output_dir:
+            p.error("-o/--output-dir is required with -results")
+        runs = pd.read_csv(a.runs, keep_default_na=True) if a.runs else None
+        written = write_report(pd.read_csv(a.results), runs, a.output_dir, a.baseline, None, None, a.resamples,
+                               a.seed, a.title)
     print(f"wrote {written['report.md']} and {len(written) - 1} more files")
     return 0
 

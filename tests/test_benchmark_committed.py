@@ -1,0 +1,307 @@
+"""Committed benchmark results: a run finished on one machine is done on any other, and the report is rebuilt
+from the committed folder alone.
+
+The runner runs in-process on the phantom with nnU-Net's training, prediction and latency measurement replaced by
+fakes (a checkpoint of random bytes, predictions that are the reference or empty by design, fixed numbers), so
+every Dice value is known: the gap closed must come out as exactly 0.5. Planning the labeled-only dataset and the
+evaluation are real. The real configs are loaded and dry-run.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+import tskd_nnunet.benchmark.runner as runner_mod
+from conftest import PHANTOM_ID, REPO
+from tskd_nnunet.benchmark.committed import CommittedStore, write_committed_report
+from tskd_nnunet.benchmark.config import load_config
+from tskd_nnunet.benchmark.report import main as report_main
+from tskd_nnunet.benchmark.runner import BenchmarkError, BenchmarkRunner, committed_root
+
+CONFIG = {
+    "name": "phantom_committed", "dataset": {"id": PHANTOM_ID, "convert": None}, "configuration": "2d",
+    "budgets": [4, "all"], "folds": [0], "num_folds": 3, "batch_size": 2,
+    "methods": {"4": ["nnUNetTrainer", "tskd", "plain_labeled_only"], "all": ["nnUNetTrainer"]},
+    # the teacher is a plain nnU-Net here: training is faked, only names and files matter
+    "method_defs": {"teacher": {"trainer": "TSKDPlainTrainer_test"},
+                    "tskd": {"env": {"TSKD_TEACHER_TRAINER": "TSKDPlainTrainer_test"}}},
+    "profiles": {"cpu": {"schedule": "1,2,1", "params": {"latency_cases": 1, "preprocess_processes": 1}}},
+    "committed": "{config_dir}/committed/{name}_{profile}",
+    "notes": ["phantom, fake training"],
+}
+# test cases predicted perfectly (the rest empty: Dice 0): plain@4 1/3, tskd@4 2/3, plain@all 1 -> gap closed 0.5
+PERFECT = {("nnUNetTrainer", "b4"): 1, ("tskd", "b4"): 2, ("plain_labeled_only", "b4"): 0, ("teacher", "b4"): 3,
+           ("nnUNetTrainer", "ball"): 3}
+
+
+class Fakes:
+    """Stands in for nnUNetv2_train / nnUNetv2_predict / measure and for planning the labeled-only dataset (its
+    plans and data are linked from the phantom's; the real planning: test_labeled_only_planned_by_nnunet)."""
+
+    def __init__(self, real, base_pp):
+        self.real, self.base_pp, self.trained, self.planned = real, base_pp, [], []
+
+    def __call__(self, cmd, env, log_path, step):
+        name = os.path.basename(cmd[0])
+        if name == "nnUNetv2_plan_and_preprocess" and "labeled_only" in env["nnUNet_preprocessed"]:
+            src = os.path.join(self.base_pp, "Dataset990_Phantom")
+            dst = os.path.join(env["nnUNet_preprocessed"], "Dataset990_Phantom")
+            os.makedirs(dst, exist_ok=True)
+            plans = json.load(open(os.path.join(src, "nnUNetPlans.json")))
+            plans["configurations"]["2d"]["batch_size"] = 3
+            json.dump(plans, open(os.path.join(dst, "nnUNetPlans.json"), "w"))
+            os.symlink(os.path.join(src, "nnUNetPlans_2d"), os.path.join(dst, "nnUNetPlans_2d"))
+            self.planned.append(sorted(f for f in os.listdir(os.path.join(env["nnUNet_raw"], "Dataset990_Phantom",
+                                                                          "labelsTr"))))
+        elif name == "nnUNetv2_train":
+            trainer, fold = cmd[cmd.index("-tr") + 1], cmd[3]
+            ds = next(d for d in os.listdir(env["nnUNet_results"]) if d.startswith("Dataset"))
+            out = os.path.join(env["nnUNet_results"], ds, f"{trainer}__{cmd[cmd.index('-p') + 1]}__{cmd[2]}",
+                               f"fold_{fold}")
+            os.makedirs(out, exist_ok=True)
+            with open(os.path.join(out, "checkpoint_final.pth"), "wb") as f:
+                f.write(os.urandom(64))  # every training gives another checkpoint (sha256)
+            parts = env["nnUNet_results"].split(os.sep)
+            self.trained.append((parts[-2], parts[-3], trainer))  # (method, budget tag, trainer)
+        elif name == "nnUNetv2_predict":
+            images, out = cmd[cmd.index("-i") + 1], cmd[cmd.index("-o") + 1]
+            labels = os.path.join(os.path.dirname(images), "labelsTs")
+            parts = env["nnUNet_results"].split(os.sep)
+            n_perfect = PERFECT[(parts[-2], parts[-3])]
+            os.makedirs(out, exist_ok=True)
+            for i, f in enumerate(sorted(os.listdir(labels))):
+                ref = np.array(Image.open(os.path.join(labels, f)))
+                Image.fromarray(ref if i < n_perfect else np.zeros_like(ref)).save(os.path.join(out, f))
+        elif cmd[1:3] == ["-m", "tskd_nnunet.benchmark.measure"]:
+            out = cmd[cmd.index("-o") + 1]
+            with open(out, "w") as f:
+                json.dump({"params": 1234, "params_checkpoint": 1234, "latency_ms": 5.0, "latency_cases": 1,
+                           "torch_threads": 1}, f)
+        else:
+            self.real(cmd, env, log_path, step)
+
+
+@pytest.fixture(scope="module")
+def committed(nnunet_env, tmp_path_factory):
+    """One full matrix run (workdir 1), then a second runner on an empty workdir (2)."""
+    root = tmp_path_factory.mktemp("committed")
+    cfg_file = root / "phantom.json"
+    cfg_file.write_text(json.dumps(CONFIG))
+    old = {k: os.environ.get(k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "PYTHONPATH")}
+    os.environ.update({k: nnunet_env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "PYTHONPATH")})
+    fakes = Fakes(runner_mod.run_logged, nnunet_env["nnUNet_preprocessed"])
+    runner_mod.run_logged = fakes
+    try:
+        cfg = load_config(str(cfg_file))
+        store_dir = committed_root(cfg, "cpu", None, False)
+        first = BenchmarkRunner(cfg, "cpu", str(root / "work1"), committed=store_dir)
+        counts1 = first.run()
+        trained1 = list(fakes.trained)
+        report1 = first.report()
+        shutil.rmtree(root / "work1")
+        second = BenchmarkRunner(cfg, "cpu", str(root / "work2"), committed=store_dir)
+        counts2 = second.run()
+        trained2 = fakes.trained[len(trained1):]
+        yield {"root": root, "cfg": cfg, "cfg_file": cfg_file, "store": store_dir, "counts1": counts1,
+               "counts2": counts2, "trained1": trained1, "trained2": trained2, "report1": report1, "fakes": fakes}
+    finally:
+        runner_mod.run_logged = fakes.real
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def test_finished_runs_are_committed_with_their_settings(committed):
+    assert committed["counts1"] == {"done": 5, "failed": 0}
+    store = CommittedStore(committed["store"])
+    assert committed["store"] == str(committed["root"] / "committed" / "phantom_committed_cpu")
+    names = sorted(os.listdir(os.path.join(committed["store"], "runs")))
+    assert names == ["nnUNetTrainer_b4_f0", "nnUNetTrainer_ball_f0", "plain_labeled_only_b4_f0", "teacher_b4_f0",
+                     "tskd_b4_f0"]
+    for n in names:
+        for f in ("cases.csv", "settings.json", "overlays.npz"):
+            assert os.path.getsize(os.path.join(committed["store"], "runs", n, f)) > 0, (n, f)
+    teacher, tskd = store.settings("teacher", 4, 0), store.settings("tskd", 4, 0)
+    assert tskd["trainer"] == "DistillTrainer" and tskd["schedule"] == "1,2,1" and tskd["configuration"] == "2d"
+    assert tskd["transfer_set"] == {"labeled": 4, "validation": 4, "pool": 4, "synthetic": 0}
+    assert tskd["teacher"]["checkpoint_sha256"] == teacher["checkpoint_sha256"]
+    assert tskd["teacher"]["same_as_committed"] is True and len(teacher["checkpoint_sha256"]) == 64
+    assert tskd["params"] == 1234 and tskd["latency_ms"] == 5.0 and "train" in tskd["minutes"]
+    assert store.settings("nnUNetTrainer", "all", 0)["transfer_set"]["labeled"] == 8
+    # labeled-only reference: its own dataset of the 4 labeled cases, planned by nnU-Net (its own batch)
+    lo = store.settings("plain_labeled_only", 4, 0)
+    assert lo["plan_on"] == "labeled" and lo["plans_configuration"]["batch_size"] == 3
+    assert lo["labeled_cases"] == tskd["labeled_cases"]
+    assert committed["fakes"].planned == [[c + ".png" for c in tskd["labeled_cases"]]]
+    cases = pd.read_csv(os.path.join(committed["store"], "runs", "tskd_b4_f0", "cases.csv"))
+    assert sorted(cases["dice"]) == [0.0, 1.0, 1.0] and {"nsd", "hd95", "case", "class"} <= set(cases.columns)
+
+
+def test_committed_run_is_done_on_a_fresh_workdir(committed):
+    assert committed["counts2"] == {"done": 5, "failed": 0}
+    assert committed["trained2"] == []  # nothing trained, predicted or even planned
+    assert not os.path.exists(committed["root"] / "work2" / "runs")
+
+
+def test_committed_with_other_settings_is_refused(committed, tmp_path):
+    d = json.loads(committed["cfg_file"].read_text())
+    d["profiles"]["cpu"]["schedule"] = "2,2,1"
+    d["committed"] = committed["store"]
+    (tmp_path / "c.json").write_text(json.dumps(d))
+    runner = BenchmarkRunner(load_config(str(tmp_path / "c.json")), "cpu", str(tmp_path / "w"),
+                             committed=committed["store"])
+    with pytest.raises(BenchmarkError, match="schedule '1,2,1'.*delete that folder"):
+        runner.run()
+
+
+def test_student_retrains_a_committed_teacher_missing_here(committed, tmp_path):
+    store = CommittedStore(committed["store"])
+    teacher_sha = store.settings("teacher", 4, 0)["checkpoint_sha256"]
+    saved = tmp_path / "tskd_saved"
+    shutil.copytree(store.run_dir("tskd", 4, 0), saved)
+    shutil.rmtree(store.run_dir("tskd", 4, 0))
+    fakes, n0 = committed["fakes"], len(committed["fakes"].trained)
+    runner_mod.run_logged = fakes
+    try:
+        runner = BenchmarkRunner(committed["cfg"], "cpu", str(tmp_path / "w"), committed=committed["store"])
+        counts = runner.run(only=["tskd"])
+    finally:
+        runner_mod.run_logged = fakes.real
+        redone = store.settings("tskd", 4, 0)
+        shutil.rmtree(store.run_dir("tskd", 4, 0), ignore_errors=True)
+        shutil.copytree(saved, store.run_dir("tskd", 4, 0))  # the other tests see the first run's files
+    assert counts == {"done": 2, "failed": 0}
+    assert fakes.trained[n0:] == [("teacher", "b4", "TSKDPlainTrainer_test"), ("tskd", "b4", "DistillTrainer")]
+    assert store.settings("teacher", 4, 0)["checkpoint_sha256"] == teacher_sha  # committed teacher untouched
+    assert redone["teacher"]["committed_checkpoint_sha256"] == teacher_sha
+    assert redone["teacher"]["same_as_committed"] is False
+    assert os.path.isfile(tmp_path / "w" / "runs" / "b4" / "teacher" / "fold_0" / "retrained.json")
+
+
+def test_report_from_committed_folder_alone(committed, tmp_path):
+    out = tmp_path / "report"
+    shutil.rmtree(committed["root"] / "work2", ignore_errors=True)
+    assert report_main(["--from-committed", committed["store"], "-o", str(out), "--resamples", "200"]) == 0
+    for name in ("report.md", "summary.csv", "gap_closed.csv", "per_class.csv", "wilcoxon.csv",
+                 "label_efficiency_dice.png", "overlays_Dataset990_Phantom.png"):
+        assert os.path.getsize(out / name) > 0, name
+    gap = pd.read_csv(out / "gap_closed.csv")
+    row = gap[(gap.method == "tskd") & (gap.metric == "dice")].iloc[0]
+    assert row.baseline_mean == pytest.approx(1 / 3) and row.reference_mean == pytest.approx(1.0)
+    assert row.method_mean == pytest.approx(2 / 3) and row.gap_closed == pytest.approx(0.5)
+    lo = gap[(gap.method == "plain_labeled_only") & (gap.metric == "dice")].iloc[0]
+    assert lo.gap_closed == pytest.approx(-0.5)
+    md = (out / "report.md").read_text()
+    assert "## Gap closed" in md and "0.50 [" in md and "## Run settings" in md and "phantom, fake training" in md
+    pc = pd.read_csv(out / "per_class.csv")
+    assert {"dice_ci_lo", "dice_ci_hi", "hd95_ci_lo"} <= set(pc.columns)
+    runs = pd.read_csv(out / "runs.csv")
+    assert set(runs["status"]) == {"done"} and len(runs) == 5
+    # the runner writes the same report into the committed folder
+    assert os.path.isfile(committed["report1"]) and os.path.dirname(committed["report1"]) == committed["store"]
+
+
+def test_missing_and_failed_runs_from_matrix(tmp_path):
+    """matrix.json lists runs not committed yet: MISSING, or FAILED with the recorded error."""
+    store = CommittedStore(str(tmp_path / "c"))
+    cases = pd.DataFrame({"case": ["a", "b"], "class": ["x", "x"], "dice": [0.5, 0.7], "nsd": [0.4, 0.6],
+                          "hd95": [3.0, 2.0]})
+    store.write_run("nnUNetTrainer", 5, 0, cases, {"method": "nnUNetTrainer", "budget": 5, "fold": 0,
+                                                  "dataset": "DatasetX"})
+    store.write_failure("tskd", 5, 0, {"error": "nnUNetv2_train exited 1: boom"})
+    store.write_matrix({"dataset": "DatasetX", "runs": [{"method": m, "budget": 5, "fold": 0}
+                                                        for m in ("nnUNetTrainer", "tskd", "teacher")]})
+    written = write_committed_report(store.root, n_resamples=100)
+    runs = pd.read_csv(written["runs.csv"])
+    assert dict(zip(runs.method, runs.status)) == {"nnUNetTrainer": "done", "tskd": "failed", "teacher": "missing"}
+    assert "boom" in written["report.md"].read_text()
+
+
+def test_real_configs_load_and_dry_run(tmp_path):
+    for name, budgets, small in (("hc18_cpu", [10, 20, "all"], 10), ("chaos_t2_cpu", [20, 80, "all"], 20)):
+        path = os.path.join(REPO, "benchmarks", "configs", f"{name}.json")
+        cfg = load_config(path)
+        assert cfg.budgets == budgets and cfg.configuration == "2d_128" and cfg.batch_size == 8
+        assert cfg.profiles["cpu"]["schedule"] == "50,50,5"
+        assert cfg.profiles["cpu"]["params"]["teacher_trainer"] == "LiteMedSAMTeacherTrainer_last"
+        assert cfg.methods_at(small) == ["nnUNetTrainer", "teacher", "tskd", "tskd_syn", "task_agnostic", "mae_ft",
+                                         "moco_ft", "plain_labeled_only"]
+        assert cfg.methods_at(budgets[1]) == ["nnUNetTrainer", "teacher", "tskd"]
+        assert cfg.methods_at("all") == ["nnUNetTrainer"]
+        # paths relative to the config file, whatever the current folder
+        assert committed_root(cfg, "cpu", None, False) == os.path.join(
+            REPO, "documentation", "benchmarks", f"{cfg.name}_cpu")
+        data = os.path.normpath(os.path.join(REPO, "..", "shared", "datasets"))
+        conv = [os.path.normpath(a.format(config_dir=cfg.config_dir)) for a in cfg.convert if "config_dir" in a]
+        assert conv and all(c.startswith(data) for c in conv)
+        if cfg.hc18_csv:
+            assert os.path.normpath(cfg.hc18_csv.format(config_dir=cfg.config_dir)).startswith(data)
+        assert any("-b" in c and "{plan_batch}" in c for c in cfg.plan_commands)
+    assert load_config(os.path.join(REPO, "benchmarks", "configs", "chaos_t2_cpu.json")).spread is True
+    proc = subprocess.run([sys.executable, "-m", "tskd_nnunet.benchmark.runner",
+                           os.path.join(REPO, "benchmarks", "configs", "hc18_cpu.json"), "--workdir",
+                           str(tmp_path / "w"), "--committed", str(tmp_path / "c"), "--dry-run"],
+                          cwd=str(tmp_path), capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert "runs (12):" in proc.stdout and "-b 8 -c 2d_128" in proc.stdout and "TSKD_SCHEDULE=50,50,5" in proc.stdout
+    assert "plain_labeled_only [pending]" in proc.stdout and "budget  all fold 0 nnUNetTrainer" in proc.stdout
+    assert not (tmp_path / "w").exists() and not (tmp_path / "c").exists()
+
+
+@pytest.mark.slow  # about 70 s on 2 busy cores: nnU-Net plans and preprocesses twice
+def test_labeled_only_planned_by_nnunet(nnunet_env, tmp_path):
+    """The real plan commands of the configs (fingerprint, tskd_plan_cpu, preprocess) on a copy of the phantom: the
+    shared plans get the config's batch, the labeled-only dataset nnU-Net's own (at most 5% of the dataset)."""
+    raw, pp = tmp_path / "raw", tmp_path / "pp"
+    shutil.copytree(os.path.join(nnunet_env["nnUNet_raw"], "Dataset990_Phantom"), raw / "Dataset990_Phantom")
+    pp.mkdir()
+    real = json.loads(open(os.path.join(REPO, "benchmarks", "configs", "hc18_cpu.json")).read())["plan_commands"]
+    d = {**CONFIG, "dataset": {"id": PHANTOM_ID, "convert": None, "raw_root": str(raw), "preprocessed_root": str(pp)},
+         "configuration": "2d_32", "batch_size": 3,
+         "plan_commands": [[a.replace("128", "32") for a in c] for c in real], "committed": None}
+    (tmp_path / "c.json").write_text(json.dumps(d))
+    runner = BenchmarkRunner(load_config(str(tmp_path / "c.json")), "cpu", str(tmp_path / "w"))
+    runner.ensure_dataset()
+    lo_root = runner.prepare_labeled_only(4, 0)
+    assert runner.plans_configuration()["batch_size"] == 3
+    lo = runner.plans_configuration(lo_root)
+    assert lo["batch_size"] == 2  # nnU-Net's rule on 4 small images: its minimum
+    assert lo["patch_size"] == runner.plans_configuration()["patch_size"]
+    labeled = sorted(runner.splits()[4][0][0]["train"])
+    assert sorted(f[:-4] for f in os.listdir(os.path.join(lo_root, "Dataset990_Phantom", "gt_segmentations"))) == labeled
+
+
+def test_volume_errors_sum_slices_per_patient(tmp_path):
+    """CHAOS-style 2D slices: a patient's organ volume is the sum over its slices; HC error is a case endpoint."""
+    from tskd_nnunet.benchmark.report import write_report
+
+    rows = []
+    for method, extra in (("nnUNetTrainer", 2.0), ("tskd", 0.5)):
+        for patient in ("p1", "p2"):
+            for sl in range(3):
+                rows.append({"dataset": "D", "method": method, "budget": 20, "fold": 0, "case": f"{patient}_s{sl}",
+                             "patient": patient, "class": "liver", "dice": 0.8, "nsd": 0.7, "hd95": 3.0,
+                             "ref_volume_ml": 10.0, "pred_volume_ml": 10.0 + extra * (1 if patient == "p1" else -1),
+                             "hc_abs_diff_mm": extra})
+    written = write_report(pd.DataFrame(rows), None, tmp_path, n_resamples=100)
+    per_patient = pd.read_csv(written["organ_volume_per_patient.csv"])
+    p1 = per_patient[(per_patient.method == "tskd") & (per_patient.patient == "p1")].iloc[0]
+    assert p1.ref_volume_ml == pytest.approx(30.0) and p1.pred_volume_ml == pytest.approx(31.5)
+    vol = pd.read_csv(written["organ_volume_error.csv"]).set_index("method")
+    assert vol.loc["nnUNetTrainer", "abs_err_ml_mean"] == pytest.approx(6.0)
+    assert vol.loc["tskd", "abs_err_ml_mean"] == pytest.approx(1.5) and vol.loc["tskd", "signed_err_ml_mean"] == 0
+    assert vol.loc["tskd", "n_patients"] == 2
+    summary = pd.read_csv(written["summary.csv"]).set_index("method")
+    assert summary.loc["tskd", "hc_abs_diff_mm_mean"] == pytest.approx(0.5)
+    assert "ref_volume_ml_mean" not in summary.columns  # volumes are not per-case endpoints
+    md = written["report.md"].read_text()
+    assert "## Organ volume error (ml)" in md and "1.5 [" in md
