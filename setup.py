@@ -36,7 +36,9 @@ setup(
     cmdclass={"build_py": BuildPyWithPth},
     install_requires=[
         "torch>=2.1",
-        "nnunetv2>=2.8",
+        # the nnU-Net whose trainer hooks ours override (tests/test_nnunet_hooks.py; how to check a new release:
+        # documentation/conventions.md)
+        "nnunetv2>=2.8.1,<2.9",
         "timm>=1.0,<1.0.23",
         "peft>=0.11",
         "diffusers>=0.30",

@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from diffusers.training_utils import EMAModel  # noqa: E402
 
+from tskd_nnunet.models.util import backward_and_step  # noqa: E402
 from tskd_nnunet.synthetic.model import (DEFAULT_BLOCK_OUT_CHANNELS, NormalisedImagePipeline,  # noqa: E402
                                          build_sampling_scheduler, build_train_scheduler, build_unet, image_generators)
 
@@ -54,13 +55,7 @@ def bench_resolution(res: int, device: torch.device, batch_size: int, train_step
         with torch.autocast(device.type, enabled=amp):
             loss = F.mse_loss(unet(sched.add_noise(x0, noise, t), t).sample.float(), noise)
         opt.zero_grad(set_to_none=True)
-        if scaler:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            opt.step()
+        backward_and_step(loss, opt, scaler)
         ema.step(unet.parameters())
 
     step()

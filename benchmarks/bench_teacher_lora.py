@@ -36,6 +36,7 @@ def _worker(args: argparse.Namespace) -> Dict[str, float]:
     from nnunetv2.utilities.helpers import dummy_context
 
     from tskd_nnunet.models.lora import LoraSettings
+    from tskd_nnunet.models.util import backward_and_step
     from tskd_nnunet.models.teacher_net import (adamw_param_groups, build_teacher_network, deep_supervision_scales,
                                                 resolve_teacher_spec)
 
@@ -76,16 +77,7 @@ def _worker(args: argparse.Namespace) -> Dict[str, float]:
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, enabled=True) if cuda else dummy_context():
             loss = loss_fn(net(x), targets)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 12)
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 12)
-            opt.step()
+        backward_and_step(loss, opt, scaler, net.parameters(), 12)
         if cuda:
             torch.cuda.synchronize()
         if step >= args.warmup:

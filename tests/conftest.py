@@ -7,9 +7,10 @@ must not see each other's results get their own ``nnUNet_results`` through ``res
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import pytest
 
@@ -38,6 +39,24 @@ def run_cmd(args: List[str], env: Dict[str, str], timeout: int = 900, expect_ok:
     if expect_ok and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def predict_test_images(env: Dict[str, str], trainer: str, out: str, hidden: Optional[str] = None) -> List[str]:
+    """``nnUNetv2_predict`` (fold 0, CPU) of the phantom's imagesTs into ``out`` with the model folder of
+    ``trainer``, the folder ``hidden`` (e.g. a teacher the model must not need) moved away meanwhile. Asserts one
+    segmentation per image, named after its case; returns their names."""
+    images = os.path.join(env["nnUNet_raw"], f"Dataset{PHANTOM_ID}_Phantom", "imagesTs")
+    if hidden:
+        shutil.move(hidden, hidden + ".hidden")
+    try:
+        run_cmd([os.path.join(BIN, "nnUNetv2_predict"), "-i", images, "-o", out, "-d", str(PHANTOM_ID), "-c", "2d",
+                 "-tr", trainer, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1"], env)
+    finally:
+        if hidden:
+            shutil.move(hidden + ".hidden", hidden)
+    found = sorted(f for f in os.listdir(out) if f.endswith(".png"))
+    assert found == sorted(f.replace("_0000", "") for f in os.listdir(images))
+    return found
 
 
 def train_env(nnunet_env: Dict[str, str], results: str, extra: Dict[str, str] | None = None) -> Dict[str, str]:

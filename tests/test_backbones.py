@@ -8,8 +8,8 @@ from typing import Dict, List
 import pytest
 import torch
 
-from tskd_nnunet.models.vit_backbones import (REGISTRY, RandomTeacherWarning, TeacherCheckpointError,
-                                              WrongModelSizeError, create_backbone, read_checkpoint, sha256_of)
+from tskd_nnunet.models.vit_backbones import (REGISTRY, RandomTeacherWarning, TeacherCheckpointError, create_backbone,
+                                              read_checkpoint, sha256_of)
 
 # A reduced SAM: 2 blocks, block 0 windowed (window 4), block 1 global, trained at 128^2 (8x8 tokens).
 TINY_SAM = dict(embed_dim=64, depth=2, num_heads=2, window_size=4, global_attn_indexes=[1])
@@ -110,7 +110,7 @@ def test_missing_corrupt_and_absent_weights_are_clear(tmp_path):
 
 def test_wrong_model_size_and_wrong_format(ckpts):
     paths, _, _ = ckpts
-    with pytest.raises(WrongModelSizeError) as e:
+    with pytest.raises(TeacherCheckpointError) as e:
         create_backbone("sam_vit_b", paths["sam"], 64)  # tiny file, full-size name
     msg = str(e.value)
     assert "\n" not in msg and "tiny_sam.pth" in msg and "embed_dim 64 (expected 768)" in msg
@@ -125,7 +125,7 @@ def test_wrong_size_names_the_matching_registered_model(tmp_path):
     """A ViT-S-shaped file (random, 32^2) offered as vit_base is recognised as vit_small."""
     path = str(tmp_path / "vit_s.pth")
     write_tiny_timm_checkpoint(path, embed_dim=384, depth=12, num_heads=6, img_size=32)
-    with pytest.raises(WrongModelSizeError, match=r"look like vit_small"):
+    with pytest.raises(TeacherCheckpointError, match=r"look like vit_small"):
         create_backbone("vit_base", path, 32)
 
 

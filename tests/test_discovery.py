@@ -2,7 +2,7 @@
 import os
 
 import tskd_nnunet_autoregister as autoreg
-from conftest import BIN, PHANTOM_ID, REPO, run_cmd, train_env
+from conftest import BIN, PHANTOM_ID, predict_test_images, run_cmd, train_env
 
 
 def test_register_appends_once_and_can_be_disabled():
@@ -34,12 +34,7 @@ def test_nnunet_train_and_predict_find_our_trainer(nnunet_env, results_dir, tmp_
     assert os.path.isfile(os.path.join(fold, "checkpoint_final.pth"))
     assert os.path.isfile(os.path.join(fold, "validation", "summary.json"))
 
-    out = str(tmp_path / "pred")
-    images = os.path.join(nnunet_env["nnUNet_raw"], "Dataset990_Phantom", "imagesTs")
-    run_cmd([os.path.join(BIN, "nnUNetv2_predict"), "-i", images, "-o", out, "-d", str(PHANTOM_ID), "-c", "2d",
-             "-tr", "TSKDPlainTrainer_test", "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1"], env)
-    assert sorted(f for f in os.listdir(out) if f.endswith(".png")) == sorted(
-        f.replace("_0000", "") for f in os.listdir(images))
+    predict_test_images(env, "TSKDPlainTrainer_test", str(tmp_path / "pred"))
 
 
 def test_without_setup_nnunet_says_trainer_not_found(nnunet_env, results_dir):
@@ -49,3 +44,34 @@ def test_without_setup_nnunet_says_trainer_not_found(nnunet_env, results_dir):
                     "-device", "cpu"], env, expect_ok=False)
     assert proc.returncode != 0
     assert "Could not find requested nnunet trainer TSKDPlainTrainer_test" in proc.stderr
+
+
+def _subclasses(cls):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)
+
+
+def test_every_trainer_class_is_exported_with_its_identity_and_no_list():
+    """tskd_trainers.py keeps no list: every nnUNetTrainer subclass defined in a tskd_nnunet.trainers module is
+    exported, as the class itself; nnU-Net's own search finds one that was never listed by hand."""
+    import importlib
+    import pkgutil
+
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+
+    import tskd_nnunet.trainers
+    from tskd_nnunet.discovery import TRAINER_DIR, trainer_classes
+    from tskd_nnunet.nnunet_ext import tskd_trainers
+    from tskd_nnunet.trainers.distill import PhasedDistillTrainer
+    for info in pkgutil.iter_modules(tskd_nnunet.trainers.__path__):
+        importlib.import_module(f"tskd_nnunet.trainers.{info.name}")
+    ours = {c.__name__: c for c in _subclasses(nnUNetTrainer) if c.__module__.startswith("tskd_nnunet.trainers.")}
+    assert len(ours) > 30 and trainer_classes() == ours
+    assert all(getattr(tskd_trainers, name) is cls for name, cls in ours.items())
+    with open(tskd_trainers.__file__) as f:
+        assert "DistillTrainer" not in f.read()
+    found = recursive_find_python_class(TRAINER_DIR, "PhasedDistillTrainer", None, base_folder=TRAINER_DIR,
+                                        cleanup_imports_from_base_folder=True)
+    assert found is PhasedDistillTrainer

@@ -86,8 +86,9 @@ def test_cached_probabilities_give_the_same_kd_loss_as_online_logits(multilabel)
 
 
 def test_another_teacher_plans_fold_or_tta_never_reads_the_same_cache(tmp_path):
-    from tskd_nnunet.distill.target_cache import (CachedTargetDataset, TargetCacheError, TeacherForCache, cache_folder,
-                                                  cache_key, read_target, target_file)
+    from tskd_nnunet.distill.target_cache import (CachedTargetDataset, TeacherForCache, cache_folder, cache_key,
+                                                  read_target, target_file)
+    from tskd_nnunet.distill.teacher_io import TeacherError
 
     def teacher(sha, name="T"):
         return TeacherForCache(None, name, "/x/checkpoint_final.pth", sha, (0, 1), None, None, {})
@@ -106,7 +107,7 @@ def test_another_teacher_plans_fold_or_tta_never_reads_the_same_cache(tmp_path):
     # a target of the wrong shape (built for other data) is refused with the fix
     folder = str(tmp_path)
     np.save(target_file(folder, "case_1"), np.zeros((2, 1, 8, 8), dtype=np.float16))
-    with pytest.raises(TargetCacheError, match="delete"):
+    with pytest.raises(TeacherError, match="delete"):
         read_target(folder, "case_1", (1, 9, 8))
 
     data = CachedTargetDataset(OneCase(), folder).load_case("case_1")[0]

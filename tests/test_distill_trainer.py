@@ -10,21 +10,15 @@ import shutil
 import pytest
 import torch
 
-from conftest import BIN, PHANTOM_ID, run_cmd, train_env
-from test_distill_transfer_set import DATASET, make_distill_dataset
+from conftest import BIN, PHANTOM_ID, predict_test_images, run_cmd
+from test_distill_transfer_set import DATASET, distill_env_with_teacher
 
 TEACHER = "TSKDPlainTrainer_test"
 
 
 @pytest.fixture(scope="module")
 def teacher_env(nnunet_env, tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("distill"))
-    env = make_distill_dataset(nnunet_env, root)
-    results = os.path.join(root, "nnUNet_results")
-    os.makedirs(results)
-    env = train_env(env, results)
-    run_cmd([os.path.join(BIN, "nnUNetv2_train"), str(PHANTOM_ID), "2d", "0", "-tr", TEACHER, "-device", "cpu"], env)
-    return env
+    return distill_env_with_teacher(nnunet_env, str(tmp_path_factory.mktemp("distill")), TEACHER)
 
 
 def _train(env, trainer, *extra, expect_ok=True):
@@ -51,7 +45,7 @@ def test_distill_trains_validates_and_predicts_with_plain_nnunet(teacher_env, tm
     out = proc.stdout
     assert "Transfer set: 4 labeled, 5 pool, 1 synthetic, 1 real-unlabeled" in out
     # CPU default: cached teacher targets, computed once for all 11 transfer-set cases
-    assert f"KD mode cached, teacher(s) {TEACHER}" in out and "Student PlainConvUNet (width 1.0)" in out
+    assert f"TSKD_KD_MODE=cached, TSKD_TEACHER_TRAINER={TEACHER}," in out and "Student PlainConvUNet (width 1.0)" in out
     assert "Teacher targets:" in out and "(11 computed now, 0 reused" in out
     assert "loss terms: sup" in out and "kd " in out
     debug = json.load(open(os.path.join(_fold(env, "DistillTrainer_test"), "debug.json")))
@@ -59,6 +53,11 @@ def test_distill_trains_validates_and_predicts_with_plain_nnunet(teacher_env, tm
     assert "'pool': 5" in debug["transfer_set_counts"]
     assert debug["teacher_checkpoint_name"] == "checkpoint_final.pth" and debug["teacher_plans"] == "nnUNetPlans"
     assert debug["teacher_tta"] == "True" and debug["unlabeled_fraction"] == "None"
+    # every setting that changes training: printed, in debug.json and in the plans (plans.json, checkpoints)
+    assert "'TSKD_SCHEDULE': '1,2,1'" in debug["tskd_settings"]
+    assert "'TSKD_UNLABELED_FRACTION': None" in debug["tskd_settings"]
+    plans = json.load(open(os.path.join(os.path.dirname(_fold(env, "DistillTrainer_test")), "plans.json")))
+    assert plans["tskd_settings"]["TSKD_TEACHER_TRAINER"] == TEACHER and plans["tskd_settings"]["kd_weight"] == 1.0
     out = _train(env, "DistillTrainer_test").stdout  # a second run reuses every cached target
     assert "(0 computed now, 11 reused" in out
     drawn = [l for l in out.splitlines() if "cases drawn this epoch" in l]
@@ -70,17 +69,8 @@ def test_distill_trains_validates_and_predicts_with_plain_nnunet(teacher_env, tm
     assert HEADS_KEY not in ckpt and ckpt["trainer_name"] == "DistillTrainer_test"
     assert os.path.isfile(os.path.join(fold, "validation", "summary.json"))
 
-    # inference never needs the teacher: hide it, then predict
-    teacher_dir = os.path.dirname(_fold(env, TEACHER))
-    shutil.move(teacher_dir, teacher_dir + ".hidden")
-    try:
-        pred = str(tmp_path / "pred")
-        images = os.path.join(env["nnUNet_raw"], DATASET, "imagesTs")
-        run_cmd([os.path.join(BIN, "nnUNetv2_predict"), "-i", images, "-o", pred, "-d", str(PHANTOM_ID), "-c", "2d",
-                 "-tr", "DistillTrainer_test", "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1"], env)
-        assert len([f for f in os.listdir(pred) if f.endswith(".png")]) == len(os.listdir(images))
-    finally:
-        shutil.move(teacher_dir + ".hidden", teacher_dir)
+    # inference never needs the teacher: hidden while predicting
+    predict_test_images(env, "DistillTrainer_test", str(tmp_path / "pred"), hidden=os.path.dirname(_fold(env, TEACHER)))
 
 
 def test_feature_kd_resume_keeps_projection_out_of_student_weights(teacher_env):
@@ -89,11 +79,17 @@ def test_feature_kd_resume_keeps_projection_out_of_student_weights(teacher_env):
     env = dict(teacher_env, TSKD_TEACHER_TRAINER=TEACHER, TSKD_SCHEDULE="1,2,1", TSKD_UNLABELED_FRACTION="0.5")
     out = _train(env, "DistillTrainer_feat").stdout
     assert "Feature KD (mse): student encoder.stages.4" in out and "feat " in out
-    assert "KD mode online" in out and f"Teacher {TEACHER} from" in out  # features are not cached: teacher online
+    assert "TSKD_KD_MODE=online" in out and f"Teacher {TEACHER} from" in out  # features are not cached: teacher online
     final = os.path.join(_fold(env, "DistillTrainer_feat"), "checkpoint_final.pth")
     first = torch.load(final, map_location="cpu", weights_only=False)
     assert set(first["network_weights"]) == _student_keys(DistillTrainer_feat, env)
     assert set(first[HEADS_KEY]) == {"feature.proj.weight", "feature.proj.bias"}
+
+    # --c with another setting that changes training is refused in one line naming the checkpoint and the fix
+    proc = _train(dict(env, TSKD_UNLABELED_FRACTION="0.3"), "DistillTrainer_feat", "--c", expect_ok=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode != 0 and last.startswith("tskd_nnunet.config.TSKDConfigError: ") and final in last
+    assert "TSKD_UNLABELED_FRACTION=0.5 (now 0.3). Fix: export TSKD_UNLABELED_FRACTION=0.5 to continue it" in last
 
     out = _train(env, "DistillTrainer_feat", "--c").stdout  # loads network, optimizer (2 groups) and heads
     assert "starts fresh" not in out

@@ -2,12 +2,12 @@
 import json
 import os
 import shutil
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 import pytest
 
-from conftest import PHANTOM_ID
+from conftest import BIN, PHANTOM_ID, run_cmd, train_env
 
 DATASET = f"Dataset{PHANTOM_ID}_Phantom"
 TRAIN = [f"phantom_tr{i:03d}" for i in range(4)]
@@ -42,6 +42,18 @@ def make_distill_dataset(nnunet_env: Dict[str, str], root: str) -> Dict[str, str
         with open(os.path.join(folder, "manifest.json"), "w") as f:
             json.dump({"cases": [case]}, f)
     return dict(nnunet_env, nnUNet_preprocessed=pre)
+
+
+def distill_env_with_teacher(nnunet_env: Dict[str, str], root: str, teacher: str,
+                             extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """``make_distill_dataset`` under ``root``, an nnUNet_results folder there, and ``teacher`` trained on fold 0
+    (``extra``: more variables for the returned env)."""
+    env = make_distill_dataset(nnunet_env, root)
+    results = os.path.join(root, "nnUNet_results")
+    os.makedirs(results)
+    env = train_env(env, results, extra)
+    run_cmd([os.path.join(BIN, "nnUNetv2_train"), str(PHANTOM_ID), "2d", "0", "-tr", teacher, "-device", "cpu"], env)
+    return env
 
 
 @pytest.fixture(scope="module")

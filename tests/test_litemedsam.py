@@ -162,7 +162,7 @@ def test_distill_trainer_distils_the_litemedsam_teacher(litemedsam_run, tmp_path
     env = dict(_no_teacher_vars(litemedsam_run["env"]), TSKD_TEACHER_TRAINER="LiteMedSAMTeacherTrainer_test")
     out = run_cmd([os.path.join(BIN, "nnUNetv2_train"), str(PHANTOM_ID), "2d", "0", "-tr", "DistillTrainer_test",
                    "-device", "cpu"], env).stdout
-    assert "KD mode cached, teacher(s) LiteMedSAMTeacherTrainer_test" in out
+    assert "TSKD_KD_MODE=cached, TSKD_TEACHER_TRAINER=LiteMedSAMTeacherTrainer_test," in out
     assert "Teacher targets:" in out and "computed now" in out and "kd " in out
     manifest = [os.path.join(r, f) for r, _, fs in os.walk(env["nnUNet_preprocessed"]) for f in fs
                 if f == "manifest.json" and "tskd_targets" in r]

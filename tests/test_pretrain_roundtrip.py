@@ -21,7 +21,7 @@ def _cli(func: str, args, env, expect_ok=True):
 
 def test_corpus_excludes_validation_and_pool_and_refuses_test_cases(use_nnunet_env, tmp_path):
     from nnunetv2.utilities.crossval_split import generate_crossval_split
-    from tskd_nnunet.pretrain.corpus import PretrainCorpus, PretrainCorpusError
+    from tskd_nnunet.pretrain.corpus import PretrainCorpus, PretrainError
     pre = use_nnunet_env["nnUNet_preprocessed"]
     everything = PretrainCorpus([PHANTOM_ID], resolution=32)
     ids = sorted(i for _, i in everything.cases)
@@ -43,7 +43,7 @@ def test_corpus_excludes_validation_and_pool_and_refuses_test_cases(use_nnunet_e
     raw = tmp_path / "raw" / "Dataset990_Phantom" / "imagesTs"
     raw.mkdir(parents=True)
     (raw / f"{ids[4]}_0000.png").write_bytes(b"")
-    with pytest.raises(PretrainCorpusError, match=rf"Dataset990_Phantom: case '{ids[4]}'.*test case"):
+    with pytest.raises(PretrainError, match=rf"Dataset990_Phantom: case '{ids[4]}'.*test case"):
         PretrainCorpus([PHANTOM_ID], resolution=32, raw_root=str(tmp_path / "raw"))
 
 

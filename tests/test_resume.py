@@ -78,14 +78,12 @@ def test_sigkill_after_first_epoch_resumes_within_one_epoch(nnunet_env, results_
 @pytest.mark.slow  # about 90 s on 2 busy cores: a teacher and two student runs
 def test_student_sigkill_resumes_with_its_kd_heads(nnunet_env, tmp_path):
     """A distillation student (feature KD: extra projection heads in the checkpoint) resumes the same way."""
-    from test_distill_transfer_set import make_distill_dataset
+    from test_distill_transfer_set import distill_env_with_teacher
 
-    env = make_distill_dataset(nnunet_env, str(tmp_path))
-    results = str(tmp_path / "nnUNet_results")
-    os.makedirs(results)
-    env = train_env(env, results, {"TSKD_TEACHER_TRAINER": "TSKDPlainTrainer_test"})
-    run_cmd([c if c != TRAINER else "TSKDPlainTrainer_test" for c in train_cmd()], env)  # 1-epoch teacher
-    out = kill_after_first_epoch_and_resume(dict(env, TSKD_SCHEDULE="3,2,1"), results, "DistillTrainer_feat")
+    env = distill_env_with_teacher(nnunet_env, str(tmp_path), "TSKDPlainTrainer_test",  # a 1-epoch teacher
+                                   {"TSKD_TEACHER_TRAINER": "TSKDPlainTrainer_test"})
+    out = kill_after_first_epoch_and_resume(dict(env, TSKD_SCHEDULE="3,2,1"), env["nnUNet_results"],
+                                            "DistillTrainer_feat")
     assert "starts fresh" not in out  # the KD heads came back from checkpoint_latest.pth
 
 
@@ -113,7 +111,7 @@ def test_teacher_sigkill_resumes_with_adapter_only_checkpoint(nnunet_env, tmp_pa
 
 
 def test_truncated_checkpoints_fall_back_with_a_message(nnunet_env, results_dir):
-    env = train_env(nnunet_env, results_dir, {"TSKD_SCHEDULE": "1,2,1"})
+    env = train_env(nnunet_env, results_dir, {"TSKD_SCHEDULE": "2,2,1"})  # --c needs the same schedule
     run_cmd(train_cmd(), env, timeout=300)
     folder = fold_dir(results_dir)
     final, best = (os.path.join(folder, f"checkpoint_{k}.pth") for k in ("final", "best"))
@@ -125,7 +123,7 @@ def test_truncated_checkpoints_fall_back_with_a_message(nnunet_env, results_dir)
         f.write(data[: len(data) // 2])
     with open(os.path.join(folder, "checkpoint_latest.pth"), "wb") as f:
         f.write(data[:100])
-    proc = run_cmd(train_cmd("--c"), dict(env, TSKD_SCHEDULE="2,2,1"), timeout=300)
+    proc = run_cmd(train_cmd("--c"), env, timeout=300)
     out = proc.stdout
     assert re.search(r"checkpoint \S+checkpoint_final\.pth is unreadable", out), out[-3000:]
     assert re.search(r"checkpoint \S+checkpoint_latest\.pth is unreadable", out), out[-3000:]
@@ -227,3 +225,43 @@ def test_check_checkpoint_reasons(tmp_path):
         str(tmp_path / "a_state_dict.pth"))
     (tmp_path / "empty.pth").write_bytes(b"")
     assert check_checkpoint(str(tmp_path / "empty.pth")).startswith("EOFError")
+
+
+def test_continue_with_other_training_settings_is_refused(use_nnunet_env, tmp_path, monkeypatch):
+    """--c refuses a checkpoint recorded with other TSKD_* settings, in one line naming the file, what differs and
+    the export that continues it; the same settings pass."""
+    import json
+
+    from tskd_nnunet.config import TSKDConfigError
+    from tskd_nnunet.trainers.base import SETTINGS_KEY, settings_conflict
+    from tskd_nnunet.trainers.distill import DistillTrainer_test
+
+    pre = os.path.join(use_nnunet_env["nnUNet_preprocessed"], "Dataset990_Phantom")
+    with open(os.path.join(pre, "nnUNetPlans.json")) as f:
+        plans = json.load(f)
+    with open(os.path.join(pre, "dataset.json")) as f:
+        dataset_json = json.load(f)
+    monkeypatch.setenv("nnUNet_results", str(tmp_path))
+    monkeypatch.setenv("TSKD_SCHEDULE", "3,2,1")
+    monkeypatch.setenv("TSKD_UNLABELED_FRACTION", "0.5")
+
+    def trainer():
+        return DistillTrainer_test(dict(plans, continue_training=False), "2d", 0, dataset_json, torch.device("cpu"))
+    recorded = trainer().training_settings()
+    assert recorded["TSKD_SCHEDULE"] == "3,2,1" and recorded["TSKD_TEACHER_TRAINER"] == "ViTLoRATeacherTrainer_test"
+    ckpt = str(tmp_path / "checkpoint_latest.pth")
+    torch.save({"network_weights": {}, "optimizer_state": {}, "current_epoch": 1, "logging": {},
+                "init_args": {"plans": {SETTINGS_KEY: recorded}}}, ckpt)
+    monkeypatch.setenv("TSKD_UNLABELED_FRACTION", "0.3")
+    monkeypatch.delenv("TSKD_SCHEDULE")  # back to the class's (1, 2, 1)
+    with pytest.raises(TSKDConfigError) as e:
+        trainer().load_checkpoint(ckpt)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{ckpt} was trained with other settings: TSKD_SCHEDULE=3,2,1 (now "
+                                              f"1,2,1), TSKD_UNLABELED_FRACTION=0.5 (now 0.3). Fix: export "
+                                              f"TSKD_SCHEDULE=3,2,1; export TSKD_UNLABELED_FRACTION=0.5 to continue it")
+    assert settings_conflict(recorded, dict(recorded), ckpt) is None
+    assert "Fix: unset TSKD_UNLABELED_FRACTION" in settings_conflict({"TSKD_UNLABELED_FRACTION": None},
+                                                                     {"TSKD_UNLABELED_FRACTION": 0.3}, ckpt)
+    assert "Fix: set the trainer's kd_weight back to 1.0" in settings_conflict({"kd_weight": 1.0}, {"kd_weight": 0.5},
+                                                                               ckpt)

@@ -6,10 +6,9 @@ import torch
 
 from test_backbones import (TINY_SAM_OVERRIDES, TINY_VIT_OVERRIDES, write_tiny_sam_checkpoint,
                             write_tiny_timm_checkpoint)
-from tskd_nnunet.models.lora import LoraSettings, lora_layers, merge_lora_
-from tskd_nnunet.models.teacher_net import (TeacherChannelMismatchError, TeacherStateError, ViTInputAdapter,
-                                            build_foundation_encoder, build_teacher_network, deep_supervision_scales,
-                                            resolve_teacher_spec, verify_base_file)
+from tskd_nnunet.models.lora import LoraSettings, lora_layers
+from tskd_nnunet.models.teacher_net import (ViTInputAdapter, build_foundation_encoder, build_teacher_network,
+                                            deep_supervision_scales, resolve_teacher_spec, verify_base_file)
 from tskd_nnunet.models.vit_backbones import TeacherCheckpointError
 from tskd_nnunet.trainers.teacher import WarmupPolyLRScheduler, adamw_param_groups
 
@@ -66,9 +65,9 @@ def test_adapter_only_state_dict_roundtrip_and_frozen_base(sam_file):
     x = torch.randn(1, 1, 64, 64)
     net.eval(), other.eval()
     assert torch.allclose(net(x), other(x), atol=1e-6)
-    with pytest.raises(TeacherStateError, match="unexpected"):
+    with pytest.raises(TeacherCheckpointError, match="unexpected"):
         other.load_state_dict(dict(net.state_dict(), bogus=torch.zeros(1)))
-    with pytest.raises(TeacherStateError, match="missing"):
+    with pytest.raises(TeacherCheckpointError, match="missing"):
         other.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith("decoder.")})
 
 
@@ -81,16 +80,22 @@ def test_full_finetune_and_random_store_everything(sam_file):
     assert "backbone.model.blocks.0.attn.qkv.base_layer.weight" in rnd.state_dict()
 
 
-def test_merge_lora_keeps_outputs(sam_file):
-    net = build_teacher_network(_spec(sam_file), 1, 2).eval()
+def test_teacher_frozen_for_distillation_has_its_lora_merged(sam_file):
+    """teacher_io freezes a loaded teacher with its LoRA merged into the base weights (less work per step):
+    no adapter layer is left and the outputs are the same within 1e-5."""
+    from tskd_nnunet.distill.teacher_io import freeze_teacher
+    net = build_teacher_network(_spec(sam_file), 1, 2)
     with torch.no_grad():
         for n, p in net.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.05)
     x = torch.randn(1, 1, 64, 64)
-    before = net(x)
-    merge_lora_(net.backbone)
-    assert not lora_layers(net) and torch.allclose(before, net(x), atol=1e-5)
+    with torch.no_grad():
+        before = net.eval()(x)
+        assert lora_layers(net)
+        frozen = freeze_teacher(net)
+        assert not lora_layers(frozen) and not frozen.training and not any(p.requires_grad for p in frozen.parameters())
+        assert torch.allclose(before, frozen(x), atol=1e-5)
 
 
 def test_channel_mapping_and_mismatch(tmp_path, sam_file):
@@ -105,7 +110,7 @@ def test_channel_mapping_and_mismatch(tmp_path, sam_file):
     spec = _spec(two_chan, backbone="vit_tiny", overrides=TINY_VIT_OVERRIDES)
     assert spec.in_chans == 2
     build_teacher_network(spec, 2, 2)  # matching channels: fine
-    with pytest.raises(TeacherChannelMismatchError, match=r"declares 1 input channel.*mae_2ch\.pth.*pretrained on 2"):
+    with pytest.raises(TeacherCheckpointError, match=r"declares 1 input channel.*mae_2ch\.pth.*pretrained on 2"):
         build_teacher_network(spec, 1, 2)
 
 

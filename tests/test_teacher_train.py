@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
 
-from conftest import BIN, PHANTOM_ID, run_cmd, train_env
+from conftest import BIN, PHANTOM_ID, predict_test_images, run_cmd, train_env
 from test_backbones import (TINY_SAM_OVERRIDES, TINY_VIT_OVERRIDES, write_tiny_sam_checkpoint,
                             write_tiny_timm_checkpoint)
 
@@ -79,19 +80,13 @@ def test_lora_training_freezes_base_and_trains_adapters(lora_run, monkeypatch):
 
 
 def test_predict_from_saved_teacher_without_tskd_vars(lora_run, nnunet_env, tmp_path):
-    env = _no_teacher_vars(lora_run["env"])
-    out = str(tmp_path / "pred")
-    images = os.path.join(nnunet_env["nnUNet_raw"], "Dataset990_Phantom", "imagesTs")
-    run_cmd([os.path.join(BIN, "nnUNetv2_predict"), "-i", images, "-o", out, "-d", str(PHANTOM_ID), "-c", "2d",
-             "-tr", "ViTLoRATeacherTrainer_test", "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1"], env)
-    assert sorted(f for f in os.listdir(out) if f.endswith(".png")) == sorted(
-        f.replace("_0000", "") for f in os.listdir(images))
+    predict_test_images(_no_teacher_vars(lora_run["env"]), "ViTLoRATeacherTrainer_test", str(tmp_path / "pred"))
 
 
 def test_changed_base_file_and_conflicting_settings_are_clear(lora_run, use_nnunet_env, monkeypatch):
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     from tskd_nnunet.models.vit_backbones import TeacherCheckpointError
-    from tskd_nnunet.trainers.teacher import TeacherSpecConflictError, ViTLoRATeacherTrainer_test
+    from tskd_nnunet.trainers.teacher import ViTLoRATeacherTrainer_test
     folder = os.path.dirname(_fold(lora_run["results"], "ViTLoRATeacherTrainer_test"))
     plans = json.load(open(os.path.join(folder, "plans.json")))
     changed = str(lora_run["root"] / "changed.pth")
@@ -108,7 +103,7 @@ def test_changed_base_file_and_conflicting_settings_are_clear(lora_run, use_nnun
     fresh_plans = json.load(open(os.path.join(pre, "nnUNetPlans.json")))
     fresh_plans["continue_training"] = False
     dj = json.load(open(os.path.join(pre, "dataset.json")))
-    with pytest.raises(TeacherSpecConflictError, match=r"plans\.json records a teacher.*Fix: unset TSKD_TEACHER_"):
+    with pytest.raises(TeacherCheckpointError, match=r"plans\.json records a teacher.*Fix: unset TSKD_TEACHER_"):
         ViTLoRATeacherTrainer_test(fresh_plans, "2d", 0, dj, torch.device("cpu"))
 
 
@@ -127,7 +122,7 @@ def test_missing_weights_and_channel_mismatch_fail_clearly_in_nnunet(nnunet_env,
                TSKD_TEACHER_ARCH_OVERRIDES=json.dumps(TINY_VIT_OVERRIDES))
     proc = run_cmd(base, env, expect_ok=False)
     last = proc.stderr.strip().splitlines()[-1]
-    assert proc.returncode != 0 and "TeacherChannelMismatchError" in last
+    assert proc.returncode != 0 and "TeacherCheckpointError" in last and "declares 1 input channel" in last
     assert "dataset.json declares 1 input channel(s)" in last and "mae_2ch.pth" in last and "Fix:" in last
 
 
@@ -137,9 +132,14 @@ def test_continue_and_val_rebuild_the_same_teacher(lora_run):
     fold = _fold(lora_run["results"], "ViTLoRATeacherTrainer_test")
     cmd = [os.path.join(BIN, "nnUNetv2_train"), str(PHANTOM_ID), "2d", "0", "-tr", "ViTLoRATeacherTrainer_test",
            "-device", "cpu"]
-    run_cmd(cmd + ["--c"], dict(env, TSKD_SCHEDULE="2,2,1"))  # one more epoch from checkpoint_final
+    # a longer schedule changes the LR schedule of the run: --c refuses it in one line, naming the fix
+    proc = run_cmd(cmd + ["--c"], dict(env, TSKD_SCHEDULE="2,2,1"), expect_ok=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode != 0 and "TSKD_SCHEDULE=1,2,1 (now 2,2,1). Fix: export TSKD_SCHEDULE=1,2,1" in last
+    out = run_cmd(cmd + ["--c"], env).stdout  # the teacher is rebuilt from plans.json and its checkpoint loaded
+    assert re.search(r"loaded checkpoint \S+checkpoint_final\.pth: continuing from epoch 1", out), out[-3000:]
     saved = torch.load(os.path.join(fold, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
-    assert saved["current_epoch"] == 2
+    assert saved["current_epoch"] == 1
     os.remove(os.path.join(fold, "validation", "summary.json"))
     run_cmd(cmd + ["--val"], env)
     assert os.path.isfile(os.path.join(fold, "validation", "summary.json"))

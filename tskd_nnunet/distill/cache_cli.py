@@ -19,7 +19,8 @@ from typing import List, Optional
 
 def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="tskd_cache_targets", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("dataset_name_or_id")
     p.add_argument("configuration")
     p.add_argument("fold")
@@ -41,7 +42,6 @@ def main(argv: Optional[List[str]] = None) -> None:
     import torch
     from nnunetv2.run.run_training import get_trainer_from_args
     from tskd_nnunet.config import TSKDConfigError
-    from tskd_nnunet.distill.target_cache import TargetCacheError
     from tskd_nnunet.distill.teacher_io import TeacherError
     fold = a.fold if a.fold == "all" else int(a.fold)
     try:
@@ -50,7 +50,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         if not hasattr(trainer, "build_target_cache"):
             raise TSKDConfigError(f"-tr {a.tr} is not a distillation trainer. Fix: -tr DistillTrainer (or a variant)")
         folder = trainer.build_target_cache(a.from_predictions)
-    except (TSKDConfigError, TargetCacheError, TeacherError) as e:
+    except (TSKDConfigError, TeacherError) as e:
         print(f"tskd_cache_targets: error: {e}", file=sys.stderr)
         raise SystemExit(2)
     print(f"teacher targets ready: {folder}")

@@ -15,7 +15,7 @@ Reductions, so numbers are comparable between runs and with the literature:
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, Dict, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -122,6 +122,44 @@ class DeepSupervisionKD(nn.Module):
         return total
 
 
+def zero_through(outputs: Outputs) -> torch.Tensor:
+    """0, but a function of every output (every deep-supervision scale): keeps the graph and gives each
+    parameter behind the outputs a (zero) gradient, which nnU-Net's DDP (``find_unused_parameters`` off) needs."""
+    outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+    return sum(o.sum() for o in outputs) * 0.0
+
+
+def through_every_parameter(terms: Dict[str, torch.Tensor], outputs: Outputs,
+                            parameters: Sequence[torch.Tensor] = ()) -> Dict[str, torch.Tensor]:
+    """``terms`` with 0 added to the first one through every output and every one of ``parameters``: under DDP
+    (``find_unused_parameters`` off, as nnU-Net builds it) every parameter needs a gradient on every step, also
+    when a phase leaves the decoder, a deep-supervision output or the KD heads out of the loss."""
+    first = next(iter(terms))
+    return dict(terms, **{first: terms[first] + zero_through(outputs) + sum(p.sum() for p in parameters) * 0.0})
+
+
+class DistillationLoss(nn.Module):
+    """The trainer's ``self.loss``: nnU-Net's own loss (``supervised``) outside a training step (validation),
+    and inside one the sum of ``terms(output, target, **batch)``, where ``batch`` is what ``train_step`` set for
+    the batch at hand (which cases are labeled, the teacher's targets). So nnU-Net's ``train_step`` runs
+    unchanged: ``self.loss(output, target)`` is the whole distillation loss. ``last_terms`` keeps the named
+    terms of the last step (detached) for the log."""
+
+    def __init__(self, supervised: nn.Module, terms: Callable[..., Dict[str, torch.Tensor]]):
+        super().__init__()
+        self.supervised = supervised
+        self.terms = terms
+        self.batch: Optional[dict] = None
+        self.last_terms: Dict[str, torch.Tensor] = {}
+
+    def forward(self, output: Outputs, target: Outputs) -> torch.Tensor:
+        if self.batch is None:
+            return self.supervised(output, target)
+        terms = self.terms(output, target, **self.batch)
+        self.last_terms = {k: v.detach() for k, v in terms.items()}
+        return sum(terms.values())
+
+
 def masked_supervised_loss(loss: Callable[[Outputs, Outputs], torch.Tensor], outputs: Outputs,
                            targets: Outputs, labeled: torch.Tensor) -> torch.Tensor:
     """nnU-Net's supervised loss on the labeled samples of a batch only; 0 when none is labeled.
@@ -133,7 +171,7 @@ def masked_supervised_loss(loss: Callable[[Outputs, Outputs], torch.Tensor], out
     labeled = labeled.to(torch.bool)
     first = outputs[0] if isinstance(outputs, (list, tuple)) else outputs
     if not bool(labeled.any()):
-        return first.sum() * 0.0  # keeps the graph, contributes nothing
+        return zero_through(outputs)
     if bool(labeled.all()):
         return loss(outputs, targets)
     idx = labeled.nonzero(as_tuple=True)[0].to(first.device)

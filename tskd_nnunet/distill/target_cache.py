@@ -33,12 +33,9 @@ import numpy as np
 import torch
 
 from tskd_nnunet.atomic_io import atomic_path, atomic_write_text
+from tskd_nnunet.distill.teacher_io import TeacherError  # also for a cache that is missing, stale or does not fit
 
 TARGETS_DIR = "tskd_targets"
-
-
-class TargetCacheError(RuntimeError):
-    """A cache is missing, stale or does not fit the case (one line naming the file and the fix)."""
 
 
 @dataclass
@@ -92,7 +89,7 @@ def probabilities_from_prediction(npz_file: str, spatial_shape: Sequence[int], p
         with open(pkl, "rb") as f:
             props = pickle.load(f)
     except (OSError, KeyError, ValueError, pickle.UnpicklingError) as e:
-        raise TargetCacheError(f"{npz_file} (+ .pkl) is not a probability file of nnUNetv2_predict "
+        raise TeacherError(f"{npz_file} (+ .pkl) is not a probability file of nnUNetv2_predict "
                                f"--save_probabilities ({type(e).__name__}). Fix: predict again with "
                                f"--save_probabilities, or leave the case out of the folder.") from None
     tf = list(plans_manager.transpose_forward)
@@ -129,7 +126,7 @@ def build_cache(folder: str, teachers: Sequence[TeacherForCache], load_case, ide
     n_before = len(todo)
     if predictions is not None:
         if len(teachers) != 1:
-            raise TargetCacheError(f"{predictions}: predictions can stand for one teacher, not an ensemble of "
+            raise TeacherError(f"{predictions}: predictions can stand for one teacher, not an ensemble of "
                                    f"{len(teachers)}. Fix: name a single teacher.")
         t = teachers[0]
         found = [i for i in todo if os.path.isfile(os.path.join(predictions, f"{i}.npz"))]
@@ -171,11 +168,12 @@ def read_target(folder: str, identifier: str, spatial_shape: Sequence[int]) -> n
     try:
         target = np.load(path, mmap_mode="r")
     except (OSError, ValueError) as e:
-        raise TargetCacheError(f"Cached teacher target {path} is unreadable ({type(e).__name__}). Fix: delete it; the "
+        raise TeacherError(f"Cached teacher target {path} is unreadable ({type(e).__name__}). Fix: delete it; the "
                                f"next training run (or tskd_cache_targets) recomputes it.") from None
     if tuple(target.shape[1:]) != tuple(spatial_shape):
-        raise TargetCacheError(f"Cached teacher target {path} has shape {tuple(target.shape[1:])}, the preprocessed case "
-                               f"{tuple(spatial_shape)}. Fix: delete {os.path.dirname(path)}; it was built for other data.")
+        raise TeacherError(f"Cached teacher target {path} has shape {tuple(target.shape[1:])}, the preprocessed "
+                           f"case {tuple(spatial_shape)}. Fix: delete {os.path.dirname(path)}; it was built for other "
+                           f"data.")
     return target
 
 

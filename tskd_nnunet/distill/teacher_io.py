@@ -8,6 +8,9 @@ class named in the checkpoint builds the network from the folder's own plans wit
 supervision off, then the checkpoint's ``network_weights`` are loaded. So a plain nnU-Net teacher
 and the ViT LoRA teacher (whose spec lives in its plans.json) load the same way.
 
+A LoRA teacher's adapters are merged into the base weights when it is loaded (it is frozen, so the
+result is the same network, and each forward pass does less work).
+
 Only ``checkpoint_final.pth`` is used by default: silently falling back to ``checkpoint_latest``
 would distil a half-trained teacher. ``TSKD_TEACHER_CHECKPOINT`` picks another file on purpose.
 """
@@ -24,7 +27,8 @@ from torch import nn
 
 
 class TeacherError(RuntimeError):
-    """The teacher is missing or does not match the student. One line: what, where, and the fix."""
+    """The teacher, or its cached targets (target_cache.py), is missing or does not match the student.
+    One line: what, where, and the fix."""
 
 
 @dataclass(frozen=True)
@@ -126,8 +130,8 @@ def check_teacher_matches(loc: TeacherLocation, student_plans: dict, student_con
         mine, theirs = getattr(s_conf, key), getattr(t_conf, key)
         if _norm(mine) != _norm(theirs):
             raise TeacherError(f"Teacher was trained on other plans: {plans_file} has {student_configuration}.{key}="
-                               f"{theirs}, the student's plans have {mine}; retrain the teacher with the student's plans "
-                               f"(-p {student_plans.get('plans_name')})")
+                               f"{theirs}, the student's plans have {mine}; retrain the teacher with the student's "
+                               f"plans (-p {student_plans.get('plans_name')})")
     for key in PLANS_KEYS:
         if _norm(t_plans.get(key)) != _norm(student_plans.get(key)):
             raise TeacherError(f"Teacher was trained on other plans: {plans_file} has {key}={t_plans.get(key)}, the "
@@ -157,7 +161,7 @@ def read_checkpoint(path: str) -> dict:
 
 
 def build_teacher_network(loc: TeacherLocation, checkpoint: dict) -> nn.Module:
-    """Rebuild the network as nnUNetv2_predict does, load weights, freeze, eval mode (on CPU)."""
+    """Rebuild the network as nnUNetv2_predict does, load weights, freeze (on CPU)."""
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -168,8 +172,9 @@ def build_teacher_network(loc: TeacherLocation, checkpoint: dict) -> nn.Module:
     try:
         trainer_class = recursive_find_trainer_class_by_name(checkpoint["trainer_name"])
     except RuntimeError:
-        raise TeacherError(f"Teacher checkpoint {loc.checkpoint} was written by trainer {checkpoint['trainer_name']!r}, "
-                           f"which nnU-Net cannot find; install the package that defines it") from None
+        raise TeacherError(f"Teacher checkpoint {loc.checkpoint} was written by trainer "
+                           f"{checkpoint['trainer_name']!r}, which nnU-Net cannot find; install the package that "
+                           f"defines it") from None
     in_ch = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
     out_ch = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
     build = trainer_class.build_network_architecture
@@ -185,7 +190,16 @@ def build_teacher_network(loc: TeacherLocation, checkpoint: dict) -> nn.Module:
         first = str(e).strip().splitlines()[0]
         raise TeacherError(f"Teacher weights in {loc.checkpoint} do not fit the network its plans describe "
                            f"({first}); retrain the teacher") from None
+    return freeze_teacher(network)
+
+
+def freeze_teacher(network: nn.Module) -> nn.Module:
+    """Eval mode, no gradients, LoRA adapters merged into their base weights (models/lora.py: same outputs)."""
+    from tskd_nnunet.models.lora import lora_layers, merge_lora_
+
     network.eval()
+    if lora_layers(network):
+        merge_lora_(network)
     network.requires_grad_(False)
     return network
 

@@ -33,14 +33,6 @@ from tskd_nnunet.models.vit_backbones import (TeacherCheckpointError, ViTBackbon
                                               inspect_checkpoint, resolve_arch, sha256_of)
 
 
-class TeacherChannelMismatchError(TeacherCheckpointError):
-    """The dataset's number of input channels cannot be fed to the backbone checkpoint."""
-
-
-class TeacherStateError(RuntimeError):
-    """A saved teacher state dict does not fit the rebuilt network."""
-
-
 # ------------------------------------------------------------------------------------------------ spec
 @dataclass
 class TeacherSpec:
@@ -85,10 +77,6 @@ class TeacherSpec:
         return d
 
 
-class TeacherSpecConflictError(TeacherCheckpointError):
-    """This output folder already holds a ViT network of another spec."""
-
-
 def resolve_recorded_spec(output_folder_base: Optional[str], plans_key: str, env_is_set: bool,
                           spec_from_env: "Callable[[], TeacherSpec]", role: str, env_prefix: str) -> TeacherSpec:
     """The spec recorded in an output folder's plans.json (a --c / --val / other-fold run) wins unless the
@@ -106,7 +94,7 @@ def resolve_recorded_spec(output_folder_base: Optional[str], plans_key: str, env
     if recorded is not None and recorded.identity() != requested.identity():
         def show(spec: TeacherSpec) -> str:
             return f"{spec.backbone}, {spec.checkpoint}, img {list(spec.img_size)}, overrides {spec.arch_overrides}"
-        raise TeacherSpecConflictError(
+        raise TeacherCheckpointError(
             f"{recorded_file} records a {role} ({show(recorded)}) that differs from the {env_prefix}* settings "
             f"({show(requested)}). Fix: unset {env_prefix}* to continue with the recorded {role}, or train the new "
             f"one into another nnUNet_results folder.")
@@ -206,7 +194,7 @@ def check_channels(spec: TeacherSpec, num_input_channels: int, dataset_json_path
     """An RGB-pretrained backbone (in_chans 3) takes any number of channels through the learned 1x1
     mapping; a backbone pretrained on k != 3 channels (e.g. our MAE on grey images) needs exactly k."""
     if spec.in_chans not in (3, num_input_channels):
-        raise TeacherChannelMismatchError(
+        raise TeacherCheckpointError(
             f"{dataset_json_path} declares {num_input_channels} input channel(s), but teacher checkpoint "
             f"{spec.checkpoint or '(random init)'} was pretrained on {spec.in_chans}. Fix: use a checkpoint pretrained "
             f"on {num_input_channels} channel(s) or on RGB (3), or a dataset with {spec.in_chans} channel(s).")
@@ -322,7 +310,7 @@ class ViTSegNet(nn.Module):
         missing = [k for k in result.missing_keys if self.stores_base or not self._is_base_key(k)]
         unexpected = list(result.unexpected_keys)
         if strict and (missing or unexpected):
-            raise TeacherStateError(
+            raise TeacherCheckpointError(
                 f"Saved teacher weights do not fit the rebuilt network (missing {missing[:3]}, unexpected "
                 f"{unexpected[:3]}). Fix: predict with the trainer class and plans.json the model was trained with.")
         return _IncompatibleKeys(missing, unexpected)

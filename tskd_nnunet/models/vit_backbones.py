@@ -14,7 +14,7 @@ checkpoint's absolute position embedding (and, for SAM, the relative position ta
 global-attention blocks) are resampled once at load, so a SAM encoder trained at 1024^2 runs at
 256^2 with static shapes. Reduced models (tests, other pretraining runs) use the same path with
 ``overrides`` (e.g. ``{"depth": 2, "embed_dim": 64, "num_heads": 2}``); a checkpoint whose shapes do
-not match the requested model is a :class:`WrongModelSizeError`.
+not match the requested model is a :class:`TeacherCheckpointError` saying which size they fit.
 """
 from __future__ import annotations
 
@@ -33,11 +33,8 @@ SizeLike = Union[int, Sequence[int]]
 
 
 class TeacherCheckpointError(RuntimeError):
-    """A backbone checkpoint is missing, unreadable, changed or of the wrong kind (one-line message)."""
-
-
-class WrongModelSizeError(TeacherCheckpointError):
-    """The checkpoint's tensor shapes belong to another model size than the one requested."""
+    """A backbone checkpoint is missing, unreadable, changed, of the wrong kind or model size; or a teacher's
+    spec, channels or saved weights do not fit (teacher_net.py). One-line message naming the file and the fix."""
 
 
 class RandomTeacherWarning(UserWarning):
@@ -236,7 +233,7 @@ def _looks_like(shapes: CheckpointShapes, family: str) -> str:
 
 def check_model_size(name: str, arch: Dict[str, object], shapes: CheckpointShapes, path: str,
                      requested_in_chans: Optional[int] = None) -> None:
-    """Raise WrongModelSizeError when the checkpoint's shapes are not those of ``name`` (+ overrides)."""
+    """Raise TeacherCheckpointError when the checkpoint's shapes are not those of ``name`` (+ overrides)."""
     expected = CheckpointShapes(embed_dim=int(arch["embed_dim"]), depth=int(arch["depth"]),
                                 in_chans=shapes.in_chans, patch_size=int(arch["patch_size"]),
                                 mlp_hidden=int(int(arch["embed_dim"]) * float(arch["mlp_ratio"])))
@@ -257,7 +254,7 @@ def check_model_size(name: str, arch: Dict[str, object], shapes: CheckpointShape
             problems.append(f"window_size {shapes.window_size} (expected {arch['window_size']})")
     if problems:
         family = REGISTRY[name].family
-        raise WrongModelSizeError(
+        raise TeacherCheckpointError(
             f"Teacher checkpoint {path} does not fit backbone {name!r}: {'; '.join(problems)}; "
             f"{_looks_like(shapes, family)} ({shapes.describe()}). Fix: set TSKD_TEACHER_BACKBONE to the matching "
             f"model, or for a reduced model TSKD_TEACHER_ARCH_OVERRIDES, e.g. "
@@ -348,7 +345,7 @@ def _load_strictly(model: nn.Module, sd: Dict[str, torch.Tensor], path: str, nam
         result = model.load_state_dict(sd, strict=False)
     except RuntimeError as e:  # size mismatch left after the size check: report it in one line
         first = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln][:1]
-        raise WrongModelSizeError(
+        raise TeacherCheckpointError(
             f"Teacher checkpoint {path} does not fit backbone {name!r}: {first[0] if first else e}. Fix: choose the "
             f"matching TSKD_TEACHER_BACKBONE / TSKD_TEACHER_ARCH_OVERRIDES.") from None
     missing = [k for k in result.missing_keys if not k.startswith(_IGNORED_PREFIXES) and not k.startswith("norm.")]

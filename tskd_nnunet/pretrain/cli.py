@@ -88,8 +88,8 @@ def _device(name: str) -> torch.device:
 
 def _run(build: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser, argv: Optional[List[str]],
          corpus_kwargs: Callable[[argparse.Namespace, Any], Dict[str, Any]], objective_name: str) -> None:
-    from tskd_nnunet.pretrain.corpus import PretrainCorpus, PretrainCorpusError
-    from tskd_nnunet.pretrain.loop import LoopConfig, PretrainError, run_pretraining
+    from tskd_nnunet.pretrain.corpus import PretrainCorpus
+    from tskd_nnunet.pretrain.loop import LoopConfig, run_pretraining
     args = parser.parse_args(argv)
     try:
         device = _device(args.device)
@@ -106,7 +106,7 @@ def _run(build: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentPa
                                         fold=args.fold, datasets=sorted(summary)))
         run_pretraining(objective, corpus, args.output, cfg, device,
                         meta={"corpus": summary, "fold": args.fold, "configuration": args.configuration})
-    except (PretrainCorpusError, PretrainError, ValueError) as e:
+    except ValueError as e:  # PretrainError (corpus, plans, run folder) and malformed arguments
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
 

@@ -28,10 +28,6 @@ from torch import nn
 from tskd_nnunet.pretrain.mae import masked_patch_loss, patchify
 
 
-class NNUNetPlanError(ValueError):
-    """The plans/trainer cannot give the network; the message names the file and the fix."""
-
-
 @dataclass
 class PlannedNetwork:
     network: nn.Module
@@ -54,30 +50,27 @@ def build_planned_network(dataset: str, configuration: str, plans: str = "nnUNet
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from tskd_nnunet.pretrain.corpus import PretrainCorpusError, resolve_dataset_name
+    from tskd_nnunet.pretrain.corpus import PretrainError, resolve_dataset_name
     root = os.environ.get("nnUNet_preprocessed")
     if not root:
-        raise NNUNetPlanError("nnUNet_preprocessed is not set. Fix: export nnUNet_preprocessed=/path/to/it")
-    try:
-        name = resolve_dataset_name(dataset, root)
-    except PretrainCorpusError as e:
-        raise NNUNetPlanError(str(e)) from None
+        raise PretrainError("nnUNet_preprocessed is not set. Fix: export nnUNet_preprocessed=/path/to/it")
+    name = resolve_dataset_name(dataset, root)
     base = os.path.join(root, name)
     plans_file = os.path.join(base, plans + ".json")
     if not os.path.isfile(plans_file):
-        raise NNUNetPlanError(f"{plans_file} not found. Fix: run nnUNetv2_plan_and_preprocess -d {dataset} or pass -p")
+        raise PretrainError(f"{plans_file} not found. Fix: run nnUNetv2_plan_and_preprocess -d {dataset} or pass -p")
     pm = PlansManager(plans_file)
     if configuration not in pm.available_configurations:
-        raise NNUNetPlanError(f"configuration {configuration!r} not in {plans_file}. Fix: use one of "
+        raise PretrainError(f"configuration {configuration!r} not in {plans_file}. Fix: use one of "
                               f"{', '.join(pm.available_configurations)}")
     cm = pm.get_configuration(configuration)
     if len(cm.patch_size) != 2:
-        raise NNUNetPlanError(f"{name} {configuration} is {len(cm.patch_size)}D; CNN pretraining supports 2D "
+        raise PretrainError(f"{name} {configuration} is {len(cm.patch_size)}D; CNN pretraining supports 2D "
                               f"configurations. Fix: pretrain and fine-tune with -c 2d")
     dataset_json = load_json(os.path.join(base, "dataset.json"))
     trainer_class = recursive_find_trainer_class_by_name(trainer)
     if trainer_class is None:
-        raise NNUNetPlanError(f"trainer {trainer} not found by nnU-Net. Fix: pass the -tr you will fine-tune with")
+        raise PretrainError(f"trainer {trainer} not found by nnU-Net. Fix: pass the -tr you will fine-tune with")
     n_in = determine_num_input_channels(pm, cm, dataset_json)
     n_out = n_in if num_output_channels is None else num_output_channels
     network = trainer_class.build_network_architecture(pm, cm, n_in, n_out, False)

@@ -42,8 +42,9 @@ from tskd_nnunet.data.extension import (SOURCES, ExtensionError, extension_folde
 
 
 
-class PretrainCorpusError(ValueError):
-    """The corpus cannot be built as asked; the message names the dataset/file and the fix."""
+class PretrainError(ValueError):
+    """Pretraining cannot start or resume as asked (corpus, plans, run folder); the message names the dataset or
+    file and the fix."""
 
 
 @dataclass
@@ -58,7 +59,7 @@ class CorpusSource:
 def _env_root(name: str) -> str:
     value = os.environ.get(name)
     if not value:
-        raise PretrainCorpusError(f"{name} is not set. Fix: export {name}=/path/to/{name}")
+        raise PretrainError(f"{name} is not set. Fix: export {name}=/path/to/{name}")
     return value
 
 
@@ -71,15 +72,15 @@ def resolve_dataset_name(dataset: Union[int, str], preprocessed_root: str, raw_r
     try:
         prefix = f"Dataset{int(text):03d}_"
     except ValueError:
-        raise PretrainCorpusError(f"dataset {text!r} is neither an id nor a DatasetXXX_Name. Fix: e.g. -d 501") from None
+        raise PretrainError(f"dataset {text!r} is neither an id nor a DatasetXXX_Name. Fix: e.g. -d 501") from None
     for root in (preprocessed_root, raw_root):
         if root and os.path.isdir(root):
             found = sorted(n for n in os.listdir(root) if n.startswith(prefix))
             if len(found) == 1:
                 return found[0]
             if len(found) > 1:
-                raise PretrainCorpusError(f"dataset id {text} is ambiguous in {root}: {found}. Fix: pass the full name")
-    raise PretrainCorpusError(f"dataset {text} not found in {preprocessed_root}. Fix: nnUNetv2_plan_and_preprocess -d {text}")
+                raise PretrainError(f"dataset id {text} is ambiguous in {root}: {found}. Fix: pass the full name")
+    raise PretrainError(f"dataset {text} not found in {preprocessed_root}. Fix: nnUNetv2_plan_and_preprocess -d {text}")
 
 
 def raw_test_ids(raw_dataset_folder: str, file_ending: str) -> List[str]:
@@ -95,13 +96,13 @@ def fold_validation_ids(preprocessed_base: str, all_ids: Sequence[str], fold: in
     """Validation ids of ``fold``: splits_final.json, or nnU-Net's own seeded split if the file is absent."""
     splits_file = os.path.join(preprocessed_base, "splits_final.json")
     if os.path.isfile(splits_file):
-        splits = read_json(splits_file, error=PretrainCorpusError,
+        splits = read_json(splits_file, error=PretrainError,
                            fix="rewrite it with dataset_conversion/label_budget.py or delete it")
     else:
         from nnunetv2.utilities.crossval_split import generate_crossval_split
         splits = generate_crossval_split(sorted(all_ids), seed=12345, n_splits=5)
     if fold >= len(splits):
-        raise PretrainCorpusError(f"{splits_file} has {len(splits)} folds, fold {fold} was requested. "
+        raise PretrainError(f"{splits_file} has {len(splits)} folds, fold {fold} was requested. "
                                   f"Fix: pass a fold (-f / FOLD) between 0 and {len(splits) - 1}")
     return [str(i) for i in splits[fold]["val"]]
 
@@ -118,14 +119,14 @@ class PretrainCorpus(torch.utils.data.IterableDataset):
                  preprocessed_root: Optional[str] = None) -> None:
         super().__init__()
         if not datasets:
-            raise PretrainCorpusError("no dataset given. Fix: pass at least one dataset id, e.g. -d 501")
+            raise PretrainError("no dataset given. Fix: pass at least one dataset id, e.g. -d 501")
         if mode not in ("resize", "crop"):
-            raise PretrainCorpusError(f"mode {mode!r} unknown. Fix: use 'resize' or 'crop'")
+            raise PretrainError(f"mode {mode!r} unknown. Fix: use 'resize' or 'crop'")
         if balance not in ("case", "dataset"):
-            raise PretrainCorpusError(f"balance {balance!r} unknown. Fix: use 'case' or 'dataset'")
+            raise PretrainError(f"balance {balance!r} unknown. Fix: use 'case' or 'dataset'")
         bad = [e for e in extensions if e not in SOURCES]
         if bad:
-            raise PretrainCorpusError(f"unknown extension source(s) {bad}. Fix: use any of {', '.join(SOURCES)}")
+            raise PretrainError(f"unknown extension source(s) {bad}. Fix: use any of {', '.join(SOURCES)}")
         self.resolution = (resolution, resolution) if isinstance(resolution, int) else tuple(int(r) for r in resolution)
         self.mode, self.in_chans, self.balance, self.seed = mode, int(in_chans), balance, int(seed)
         self.configuration, self.plans, self.fold = configuration, plans, fold
@@ -136,7 +137,7 @@ class PretrainCorpus(torch.utils.data.IterableDataset):
             self.sources.extend(self._collect(d, include_pool, extensions))
         self.cases: List[Tuple[int, str]] = [(si, i) for si, s in enumerate(self.sources) for i in s.identifiers]
         if not self.cases:
-            raise PretrainCorpusError(f"the corpus of datasets {list(datasets)} ({configuration}, fold {fold}) is empty. "
+            raise PretrainError(f"the corpus of datasets {list(datasets)} ({configuration}, fold {fold}) is empty. "
                                       f"Fix: run nnUNetv2_plan_and_preprocess -c {configuration} for them")
         self._datasets = sorted({s.dataset for s in self.sources})
         self._loaders: Dict[int, object] = {}
@@ -156,7 +157,7 @@ class PretrainCorpus(torch.utils.data.IterableDataset):
                     n[5:] for n in (os.listdir(ext_root) if os.path.isdir(ext_root) else []) if n.startswith("fold_"))
                 ext_folders += [(source, extension_folder(name, self.plans, self.configuration, f, source)) for f in folds]
         except ExtensionError as e:
-            raise PretrainCorpusError(str(e)) from None
+            raise PretrainError(str(e)) from None
         finally:
             if old is None:
                 os.environ.pop("nnUNet_preprocessed", None)
@@ -164,7 +165,7 @@ class PretrainCorpus(torch.utils.data.IterableDataset):
                 os.environ["nnUNet_preprocessed"] = old
         base = os.path.dirname(folder)
         if not os.path.isdir(folder):
-            raise PretrainCorpusError(f"{folder} does not exist. Fix: nnUNetv2_plan_and_preprocess -d {dataset} "
+            raise PretrainError(f"{folder} does not exist. Fix: nnUNetv2_plan_and_preprocess -d {dataset} "
                                       f"-c {self.configuration}")
         ids = sorted(dataset_class_for(folder, "rerun nnUNetv2_plan_and_preprocess for it").get_identifiers(folder))
         excluded = set()
@@ -183,15 +184,15 @@ class PretrainCorpus(torch.utils.data.IterableDataset):
     def _check_no_test_cases(self, name: str, preprocessed_base: str, sources: List[CorpusSource]) -> None:
         raw_folder = os.path.join(self.raw_root, name)
         if not os.path.isdir(raw_folder):
-            raise PretrainCorpusError(f"raw dataset {raw_folder} not found, so its test cases (imagesTs) cannot be "
+            raise PretrainError(f"raw dataset {raw_folder} not found, so its test cases (imagesTs) cannot be "
                                       f"kept out of the corpus. Fix: set nnUNet_raw to the folder holding {name}")
-        ending = read_json(os.path.join(preprocessed_base, "dataset.json"), error=PretrainCorpusError,
+        ending = read_json(os.path.join(preprocessed_base, "dataset.json"), error=PretrainError,
                            fix="rerun nnUNetv2_plan_and_preprocess")["file_ending"]
         test = set(raw_test_ids(raw_folder, ending))
         for s in sources:
             leaked = [i for i in s.identifiers if i in test]
             if leaked:
-                raise PretrainCorpusError(
+                raise PretrainError(
                     f"{name}: case {leaked[0]!r} (in {s.folder}) is a test case (in {raw_folder}/imagesTs); test cases "
                     f"must never be in a pretraining corpus. Fix: remove it from the training data and re-preprocess")
 

@@ -23,12 +23,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from tskd_nnunet.pretrain.corpus import PretrainCorpus
+from tskd_nnunet.models.util import backward_and_step
+from tskd_nnunet.pretrain.corpus import PretrainCorpus, PretrainError
 from tskd_nnunet.atomic_io import atomic_path, atomic_torch_save as save_atomic  # noqa: E402
-
-
-class PretrainError(ValueError):
-    """A pretraining run cannot start or resume as asked; the message names the file and the fix."""
 
 
 @dataclass
@@ -155,13 +152,7 @@ def run_pretraining(objective: nn.Module, corpus: PretrainCorpus, output: str, c
         if not torch.isfinite(loss):
             raise PretrainError(f"loss became {loss.item()} at step {step}. Fix: lower --lr (now {cfg.lr}) and "
                                 f"resume from {paths['state']} with --resume")
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        backward_and_step(loss, optimizer, scaler)
         history.append({"step": step + 1, "loss": float(loss.detach()), "lr": lr})
         bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
         if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:

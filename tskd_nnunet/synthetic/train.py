@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from tskd_nnunet.data.extension import ExtensionError, dataset_name
+from tskd_nnunet.models.util import backward_and_step
 from tskd_nnunet.synthetic import cases as fold_cases
 from tskd_nnunet.synthetic.model import (DEFAULT_BLOCK_OUT_CHANNELS, DiffusionCheckpointError, IntensityMap,
                                          NormalisedImagePipeline, build_sampling_scheduler, build_train_scheduler,
@@ -244,16 +245,7 @@ def train_diffusion(dataset_name_or_id: Union[int, str], configuration: str, fol
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, enabled=True) if use_amp else nullcontext():
             loss = F.mse_loss(unet(xt, t).sample.float(), noise)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-            optimizer.step()
+        backward_and_step(loss, optimizer, scaler, unet.parameters(), 1.0)
         ema.step(unet.parameters())
         running.append(loss.item())
         bar.update(1)

@@ -6,14 +6,19 @@ Dice+CE on the labeled cases of each batch, pixel KD (tskd_nnunet.distill.losses
 optionally feature KD. The teacher (tskd_nnunet.distill.teacher_io) runs frozen on the same
 augmented batch. ``build_network_architecture`` builds only the student, so ``nnUNetv2_predict
 -tr DistillTrainer`` never needs the teacher, and checkpoints hold student weights only (the
-feature-KD projection lives in ``self.kd_heads``, saved under its own checkpoint key for ``--c``).
-nnU-Net owns the loop; this class only overrides hooks.
+feature-KD projection is a training-only submodule of the network, saved under its own checkpoint key).
+
+nnU-Net owns the loop and its ``train_step``; this class overrides hooks: the datasets
+(``get_tr_and_val_datasets``: the transfer set, with the cached teacher targets riding along), the
+training transforms, the loss (``_build_loss``: :class:`DistillationLoss`, nnU-Net's loss plus the KD
+terms) and a thin ``train_step`` that tells the loss about the batch before nnU-Net's own step runs.
+``get_dataloaders`` is the one copy of nnU-Net code (for the sampling probabilities; see its docstring).
 """
 from __future__ import annotations
 
 import os
 from collections import Counter
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -33,18 +38,19 @@ from tskd_nnunet.config import (teacher_checkpoint_from_env, teacher_plans_from_
                                 unlabeled_fraction_from_env)
 from tskd_nnunet.data.transfer_set import (SOURCES, TransferDataset, TransferSet, build_transfer_set,
                                            raw_test_ids, sampling_probabilities)
-from tskd_nnunet.distill.losses import (DeepSupervisionKD, FeatureKD, FeatureTap, feature_tap_for,
-                                        masked_supervised_loss, tokens_to_grid)
-from tskd_nnunet.distill.teacher_io import load_teacher
+from tskd_nnunet.distill.losses import (DeepSupervisionKD, DistillationLoss, FeatureKD, FeatureTap, feature_tap_for,
+                                        masked_supervised_loss, through_every_parameter, tokens_to_grid)
+from tskd_nnunet.distill.target_cache import CachedTargetDataset, missing_cases, split_batch, wrap_transforms
+from tskd_nnunet.distill.teacher_io import TeacherError, load_teacher
 from tskd_nnunet.models.students import (build_plans_student, build_vit_student, count_parameters,
                                          load_vit_student_weights, resolve_vit_student_spec)
 from tskd_nnunet.models.teacher_net import (TeacherSpec, adamw_param_groups, deep_supervision_scales,
                                             resolve_recorded_spec)
-from tskd_nnunet.models.util import unwrap_network
+from tskd_nnunet.models.util import attach_training_module, unwrap_network
 from tskd_nnunet.trainers.base import ScheduledTrainer
 from tskd_nnunet.trainers.teacher import WarmupPolyLRScheduler
 
-HEADS_KEY = "tskd_kd_heads"  # checkpoint key of the training-only feature-KD projection
+HEADS_KEY = "tskd_kd_heads"  # the feature-KD projection: its submodule name in the network and its checkpoint key
 
 
 class DistillTrainer(ScheduledTrainer):
@@ -74,13 +80,19 @@ class DistillTrainer(ScheduledTrainer):
         self.transfer_set_counts: Dict[str, int] = {}
         self.unlabeled_fraction = unlabeled_fraction_from_env()
         self.teacher_trainers = [t.strip() for t in teacher_trainer_from_env(self.teacher_trainer_name).split(",")]
-        # every setting that changes training is an attribute, so nnU-Net's debug.json records it
         self.teacher_plans = teacher_plans_from_env(self.plans_manager.plans_name)
         self.teacher_checkpoint_name = teacher_checkpoint_from_env()
         self.teacher_tta = config.teacher_tta_from_env()
-        self.print_to_log_file(f"Distillation: KD mode {self.kd_mode}, teacher(s) {', '.join(self.teacher_trainers)}, "
-                               f"KD weight {self.kd_weight}, T {self.kd_temperature}, feature KD {self.feature_kd}, "
-                               f"unlabeled fraction {self.unlabeled_fraction}", also_print_to_console=True)
+
+    def training_settings(self) -> Dict[str, Any]:
+        settings = super().training_settings()
+        settings.update({
+            "TSKD_KD_MODE": self.kd_mode, "TSKD_TEACHER_TRAINER": ",".join(self.teacher_trainers),
+            "TSKD_TEACHER_PLANS": self.teacher_plans, "TSKD_TEACHER_CHECKPOINT": self.teacher_checkpoint_name,
+            "TSKD_TEACHER_TTA": "1" if self.teacher_tta else "0", "TSKD_UNLABELED_FRACTION": self.unlabeled_fraction,
+            "kd_weight": self.kd_weight, "kd_temperature": self.kd_temperature, "feature_kd": self.feature_kd,
+            "feature_kd_weight": self.feature_kd_weight, "student_width": self.student_width})
+        return settings
 
     def resolve_kd_mode(self) -> str:
         """cached (default off CUDA) or online; feature KD and task-agnostic KD need the teacher online."""
@@ -107,11 +119,13 @@ class DistillTrainer(ScheduledTrainer):
             self.load_teacher()  # the projection's size depends on the teacher
         super().initialize()
         self.pixel_kd = DeepSupervisionKD(self.kd_temperature, multilabel=self.label_manager.has_regions)
+        heads = count_parameters(self.kd_heads) if self.kd_heads is not None else 0
         self.print_to_log_file(f"Student {type(unwrap_network(self.network)).__name__} (width {self.student_width}): "
-                               f"{count_parameters(self.network):,} parameters")
+                               f"{count_parameters(self.network) - heads:,} parameters")
 
     def load_teacher(self) -> nn.Module:
-        """Find the teacher by convention, check it matches, move it to the device, frozen."""
+        """Find the teacher by convention, check it matches, move it to the device, frozen. Once per process
+        (under DDP: once per rank, on the rank's own device)."""
         if self.teacher is None:
             if len(self.teacher_trainers) > 1:
                 raise config.TSKDConfigError(f"TSKD_TEACHER_TRAINER names {len(self.teacher_trainers)} teachers; an "
@@ -128,9 +142,27 @@ class DistillTrainer(ScheduledTrainer):
 
     # ---- cached teacher targets (tskd_nnunet/distill/target_cache.py) ------------------------------
     def prepare_target_cache(self, identifiers: List[str], load_case, predictions: Optional[str] = None) -> str:
-        """Build (or reuse) the cache of the teacher(s) for these cases; returns its folder. Rank 0 builds.
-        ``predictions``: a folder of the teacher's ``nnUNetv2_predict --save_probabilities`` output to take
-        cases from (tskd_cache_targets --from_predictions)."""
+        """The folder of the teacher(s)' cached targets for these cases, built where missing. ``predictions``: a
+        folder of the teacher's ``nnUNetv2_predict --save_probabilities`` output to take cases from
+        (tskd_cache_targets --from_predictions). Under DDP only rank 0 builds the teachers and writes (each file
+        atomically); the other ranks receive its folder, check that every case is there, and only read
+        (memory-mapped, read-only)."""
+        folder = self._build_target_cache(identifiers, load_case, predictions) if self.local_rank == 0 else None
+        if self.is_ddp:
+            import torch.distributed as dist
+            shared = [folder]
+            dist.broadcast_object_list(shared, src=0)  # also the barrier: rank 0 has finished writing
+            folder = shared[0]
+        missing = missing_cases(folder, identifiers)
+        if missing:
+            raise TeacherError(f"Cached teacher targets {folder} lack {len(missing)} case(s), e.g. {missing[0]}. Fix: "
+                               f"delete the folder; the next training run (or tskd_cache_targets) rebuilds it.")
+        return folder
+
+    def _build_target_cache(self, identifiers: List[str], load_case, predictions: Optional[str]) -> str:
+        if predictions is None and self.target_cache_folder and not missing_cases(self.target_cache_folder,
+                                                                                   identifiers):
+            return self.target_cache_folder  # a loader rebuilt over the same cases: no teacher to build
         from tskd_nnunet.distill.target_cache import build_cache, cache_folder, cache_key
         from tskd_nnunet.distill.teacher_io import load_teacher_for_cache
         teachers = [load_teacher_for_cache(os.fspath(nnUNet_results), self.plans_manager.plans, self.configuration_name,
@@ -140,18 +172,11 @@ class DistillTrainer(ScheduledTrainer):
         key = cache_key(teachers, self.plans_manager.plans, self.configuration_name, self.fold, tta)
         folder = cache_folder(self.preprocessed_dataset_folder_base, self.plans_manager.plans_name,
                               self.configuration_name, self.fold, key)
-        if self.local_rank == 0:
-            n = build_cache(folder, teachers, load_case, identifiers, self.device, tta, self.label_manager.has_regions,
-                            {"key": key, "fold": self.fold, "configuration": self.configuration_name},
-                            log=lambda m: self.print_to_log_file(m, also_print_to_console=True),
-                            predictions=predictions)
-            self.print_to_log_file(f"Teacher targets: {folder} ({n} computed now, {len(identifiers) - n} reused; key "
-                                   f"{key} = teacher checkpoint(s) + plans + fold + TTA {tta})",
-                                   also_print_to_console=True)
-        if self.is_ddp:
-            import torch.distributed as dist
-            dist.barrier()
-        del teachers
+        n = build_cache(folder, teachers, load_case, identifiers, self.device, tta, self.label_manager.has_regions,
+                        {"key": key, "fold": self.fold, "configuration": self.configuration_name},
+                        log=lambda m: self.print_to_log_file(m, also_print_to_console=True), predictions=predictions)
+        self.print_to_log_file(f"Teacher targets: {folder} ({n} computed now, {len(identifiers) - n} reused; key "
+                               f"{key} = teacher checkpoint(s) + plans + fold + TTA {tta})", also_print_to_console=True)
         return folder
 
     def student_optimizer(self):
@@ -162,7 +187,9 @@ class DistillTrainer(ScheduledTrainer):
         optimizer, lr_scheduler = self.student_optimizer()
         if self.feature_kd:
             self.kd_heads = self._build_feature_heads().to(self.device)
-            # same hyper-parameters and LR schedule as the student (PolyLR sets every group)
+            # a training-only submodule of the network (nnU-Net wraps it in DDP next, and clips its gradients with
+            # the network's), left out of network_weights; same hyper-parameters and LR schedule as the student
+            attach_training_module(unwrap_network(self.network), HEADS_KEY, self.kd_heads)
             optimizer.add_param_group({"params": list(self.kd_heads.parameters())})
         return optimizer, lr_scheduler
 
@@ -220,8 +247,9 @@ class DistillTrainer(ScheduledTrainer):
         self.print_to_log_file("Transfer set: " + ", ".join(f"{counts[s]} {s}" for s in SOURCES) +
                                f"; validation: {len(val_keys)} cases (never drawn for training)")
         self.transfer_set_counts = counts
-        return TransferDataset(self.transfer_set, self.dataset_class, self.folder_with_segs_from_previous_stage,
-                               self.label_manager.has_ignore_label, tuple([-1] + self.label_manager.all_labels)), val_keys
+        dataset = TransferDataset(self.transfer_set, self.dataset_class, self.folder_with_segs_from_previous_stage,
+                                  self.label_manager.has_ignore_label, tuple([-1] + self.label_manager.all_labels))
+        return dataset, val_keys
 
     def build_target_cache(self, predictions: Optional[str] = None) -> str:
         """What ``tskd_cache_targets`` runs: the cache for this fold's whole transfer set, without training."""
@@ -229,8 +257,28 @@ class DistillTrainer(ScheduledTrainer):
         self.target_cache_folder = self.prepare_target_cache(dataset.identifiers, dataset.load_case, predictions)
         return self.target_cache_folder
 
+    def get_tr_and_val_datasets(self):
+        """nnU-Net's hook: training draws from the transfer set, in cached mode with the teacher's targets appended
+        as image channels; validation is nnU-Net's own dataset of the fold's validation cases."""
+        dataset_tr, val_keys = self.transfer_dataset()
+        if self.kd_mode == "cached":
+            self.target_cache_folder = self.prepare_target_cache(dataset_tr.identifiers, dataset_tr.load_case)
+            dataset_tr = CachedTargetDataset(dataset_tr, self.target_cache_folder)
+        dataset_val = self.dataset_class(self.preprocessed_dataset_folder, val_keys,
+                                         folder_with_segs_from_previous_stage=self.folder_with_segs_from_previous_stage)
+        return dataset_tr, dataset_val
+
+    def get_training_transforms(self, *args, **kwargs):
+        """nnU-Net's training transforms (a static method there); in cached mode the teacher's target channels ride
+        through them as the regression target (target_cache.wrap_transforms)."""
+        transforms = super().get_training_transforms(*args, **kwargs)
+        return wrap_transforms(transforms, self.num_input_channels) if self.kd_mode == "cached" else transforms
+
     def get_dataloaders(self):
-        """nnU-Net's loaders and transforms, with the training loader drawing from the transfer set."""
+        """nnU-Net 2.8's ``get_dataloaders`` with one change, for which nnU-Net has no hook: the training loader
+        gets ``sampling_probabilities`` (TSKD_UNLABELED_FRACTION; None, nnU-Net's uniform draw, when unset).
+        Datasets and transforms come from the hooks above. tests/test_nnunet_hooks.py fails when the installed
+        nnU-Net's ``get_dataloaders`` is not the one copied here (documentation/conventions.md says what to do)."""
         if self.dataset_class is None:
             self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
         patch_size = self.configuration_manager.patch_size
@@ -246,17 +294,11 @@ class DistillTrainer(ScheduledTrainer):
         val_transforms = self.get_validation_transforms(ds_scales, is_cascaded=self.is_cascaded,
                                                         foreground_labels=self.label_manager.foreground_labels,
                                                         regions=regions, ignore_label=self.label_manager.ignore_label)
-        dataset_tr, val_keys = self.transfer_dataset()
-        if self.kd_mode == "cached":
-            from tskd_nnunet.distill.target_cache import CachedTargetDataset, wrap_transforms
-            self.target_cache_folder = self.prepare_target_cache(dataset_tr.identifiers, dataset_tr.load_case)
-            dataset_tr = CachedTargetDataset(dataset_tr, self.target_cache_folder)
-            tr_transforms = wrap_transforms(tr_transforms, self.num_input_channels)
-        dataset_val = self.dataset_class(self.preprocessed_dataset_folder, val_keys,
-                                         folder_with_segs_from_previous_stage=self.folder_with_segs_from_previous_stage)
+        dataset_tr, dataset_val = self.get_tr_and_val_datasets()
         probs = sampling_probabilities(dataset_tr.identifiers, dataset_tr.unlabeled, self.unlabeled_fraction)
-        common = dict(label_manager=self.label_manager, oversample_foreground_percent=self.oversample_foreground_percent,
-                      pad_sides=None, probabilistic_oversampling=self.probabilistic_oversampling)
+        common = dict(label_manager=self.label_manager, pad_sides=None,
+                      oversample_foreground_percent=self.oversample_foreground_percent,
+                      probabilistic_oversampling=self.probabilistic_oversampling)
         dl_tr = nnUNetDataLoader(dataset_tr, self.batch_size, initial_patch_size, patch_size,
                                  sampling_probabilities=probs, transforms=tr_transforms, **common)
         dl_val = nnUNetDataLoader(dataset_val, self.batch_size, patch_size, patch_size, sampling_probabilities=None,
@@ -273,7 +315,7 @@ class DistillTrainer(ScheduledTrainer):
         next(gen_tr), next(gen_val)  # start the workers now, as nnU-Net does
         return gen_tr, gen_val
 
-    # ---- training step -------------------------------------------------------------------------
+    # ---- training step: nnU-Net's, with the distillation loss ----------------------------------
     def on_train_start(self):
         if self.uses_teacher_logits() and self.kd_mode == "online":
             self.load_teacher()
@@ -286,12 +328,15 @@ class DistillTrainer(ScheduledTrainer):
         self._drawn = Counter()
         super().on_train_epoch_start()
 
+    def _build_loss(self):
+        return DistillationLoss(super()._build_loss(), self._step_terms)
+
     def loss_terms(self, output, target, labeled: torch.Tensor, teacher_logits: Optional[torch.Tensor],
                    teacher_features: Optional[torch.Tensor], teacher_probs: Optional[torch.Tensor] = None,
                    valid: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """Named loss terms of one batch; their sum is optimised. Pixel KD from the teacher's logits (online)
         or its cached probabilities with their validity mask (cached)."""
-        terms = {"sup": masked_supervised_loss(self.loss, output, target, labeled)}
+        terms = {"sup": masked_supervised_loss(self.loss.supervised, output, target, labeled)}
         if teacher_logits is not None or teacher_probs is not None:
             terms["kd"] = self.kd_weight * self.pixel_kd(output, teacher_logits, teacher_probs, valid)
         if teacher_features is not None and self.kd_heads is not None:
@@ -299,40 +344,33 @@ class DistillTrainer(ScheduledTrainer):
                                                                              teacher_features)
         return terms
 
+    def _step_terms(self, output, target, **batch) -> Dict[str, torch.Tensor]:
+        terms = self.loss_terms(output, target, **batch)
+        if self.is_ddp:
+            heads = list(self.kd_heads.parameters()) if self.kd_heads is not None else []
+            terms = through_every_parameter(terms, output, heads)
+        return terms
+
     def train_step(self, batch: dict) -> dict:
+        """nnU-Net's ``train_step``, after telling the loss about the batch: which cases are labeled and the
+        teacher's targets (cached: split off the image channels; online: the teacher's forward on the same batch,
+        under the autocast nnU-Net's step uses)."""
         data = batch["data"].to(self.device, non_blocking=True)
-        teacher_probs = valid = None
-        if self.kd_mode == "cached":
-            from tskd_nnunet.distill.target_cache import split_batch
-            data, teacher_probs, valid = split_batch(data, self.num_input_channels)
-        target = batch["target"]
-        target = [i.to(self.device, non_blocking=True) for i in target] if isinstance(target, list) \
-            else target.to(self.device, non_blocking=True)
         keys = [str(k) for k in batch["keys"]]
         self._drawn.update(self._source_of.get(k, "?") for k in keys)
-        labeled = torch.tensor([k in self._labeled_ids for k in keys], dtype=torch.bool)
-
-        self.optimizer.zero_grad(set_to_none=True)
-        # same AMP policy as nnU-Net's train_step: autocast on CUDA only
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            teacher_logits, teacher_features = self.teacher_outputs(data) if self.kd_mode != "cached" else (None, None)
-            output = self.network(data)
-            terms = self.loss_terms(output, target, labeled, teacher_logits, teacher_features, teacher_probs, valid)
-            loss = sum(terms.values())
-
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(params, 12)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
+        kd: Dict[str, Any] = {"labeled": torch.tensor([k in self._labeled_ids for k in keys], dtype=torch.bool),
+                              "teacher_logits": None, "teacher_features": None}
+        if self.kd_mode == "cached":
+            data, kd["teacher_probs"], kd["valid"] = split_batch(data, self.num_input_channels)
         else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 12)
-            self.optimizer.step()
-        out = {"loss": loss.detach().cpu().numpy()}
-        out.update({f"{k}_loss": float(v.detach().cpu()) for k, v in terms.items()})
+            with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+                kd["teacher_logits"], kd["teacher_features"] = self.teacher_outputs(data)
+        self.loss.batch = kd
+        try:
+            out = super().train_step(dict(batch, data=data))
+        finally:
+            self.loss.batch = None
+        out.update({f"{k}_loss": float(v.cpu()) for k, v in self.loss.last_terms.items()})
         return out
 
     def on_train_epoch_end(self, train_outputs: List[dict]):
@@ -348,19 +386,13 @@ class DistillTrainer(ScheduledTrainer):
         extra = {HEADS_KEY: self.kd_heads.state_dict()} if self.kd_heads is not None else None
         super().save_checkpoint(filename, extra=extra)
 
-    def load_checkpoint(self, filename_or_checkpoint: Union[dict, str]) -> None:
-        super().load_checkpoint(filename_or_checkpoint)  # may fall back to an older file (base.py)
-        if self.kd_heads is not None:
-            if isinstance(filename_or_checkpoint, dict):
-                checkpoint = filename_or_checkpoint
-            elif self.loaded_checkpoint_file is None:
-                return  # no readable checkpoint: training starts over, so do the heads
-            else:
-                checkpoint = torch.load(self.loaded_checkpoint_file, map_location=self.device, weights_only=False)
-            if HEADS_KEY in checkpoint:
-                self.kd_heads.load_state_dict(checkpoint[HEADS_KEY])
-            else:
-                self.print_to_log_file(f"WARNING: checkpoint has no {HEADS_KEY!r}; feature-KD projection starts fresh")
+    def load_extra_state(self, checkpoint: dict) -> None:
+        if self.kd_heads is None:
+            return
+        if HEADS_KEY in checkpoint:
+            self.kd_heads.load_state_dict(checkpoint[HEADS_KEY])
+        else:
+            self.print_to_log_file(f"WARNING: checkpoint has no {HEADS_KEY!r}; feature-KD projection starts fresh")
 
 
 class DistillTrainer_T4(DistillTrainer):
@@ -505,7 +537,7 @@ class DistillTrainer_twostage(PhasedDistillTrainer):
                    valid=None) -> Dict[str, torch.Tensor]:
         if self.phase() == 1:
             return {"kd": self.kd_weight * self.pixel_kd(output, teacher_logits, teacher_probs, valid)}
-        return {"sup": masked_supervised_loss(self.loss, output, target, labeled)}
+        return {"sup": masked_supervised_loss(self.loss.supervised, output, target, labeled)}
 
 
 class DistillTrainer_twostage_test(DistillTrainer_twostage):
@@ -532,6 +564,11 @@ class TaskAgnosticDistillTrainer(PhasedDistillTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.foundation: Optional[nn.Module] = None
 
+    def training_settings(self) -> Dict[str, Any]:
+        settings = super().training_settings()  # + the foundation model's variables, as set
+        settings.update({name: config.env_str(name) for name in config.TEACHER_ENV_VARS})
+        return settings
+
     def load_foundation(self) -> nn.Module:
         if self.foundation is None:
             from tskd_nnunet.models.teacher_net import build_foundation_encoder
@@ -553,7 +590,7 @@ class TaskAgnosticDistillTrainer(PhasedDistillTrainer):
         if self.phase() == 1:
             return {"feat": self.feature_kd_weight * self.kd_heads["feature"](self._taps["student"].pop(),
                                                                              teacher_features)}
-        return {"sup": masked_supervised_loss(self.loss, output, target, labeled)}
+        return {"sup": masked_supervised_loss(self.loss.supervised, output, target, labeled)}
 
 
 class TaskAgnosticDistillTrainer_test(TaskAgnosticDistillTrainer):

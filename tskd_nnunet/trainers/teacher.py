@@ -28,10 +28,8 @@ from torch.optim.lr_scheduler import _LRScheduler
 from tskd_nnunet import config
 from tskd_nnunet.models.lora import LoraSettings, trainable_fraction
 from tskd_nnunet.models.util import unwrap_network
-from tskd_nnunet.models.teacher_net import (TeacherSpec, TeacherSpecConflictError, adamw_param_groups,  # noqa: F401
-                                            build_teacher_network, check_channels, deep_supervision_scales,
-                                            resolve_recorded_spec, resolve_teacher_spec)
-from tskd_nnunet.models.vit_backbones import TeacherCheckpointError
+from tskd_nnunet.models.teacher_net import (TeacherSpec, adamw_param_groups, build_teacher_network, check_channels,
+                                            deep_supervision_scales, resolve_recorded_spec, resolve_teacher_spec)
 from tskd_nnunet.trainers.base import ScheduledTrainer
 
 PLANS_KEY = "tskd_teacher"
