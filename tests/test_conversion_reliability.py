@@ -150,7 +150,10 @@ def _start(env_dir: Path, dataset_id: str, sleep: str = "1") -> subprocess.Popen
     return subprocess.Popen([sys.executable, "-m", "dataset_conversion.convert_folder", "--images",
                              str(env_dir / "src/images"), "--masks", str(env_dir / "src/masks"), "-d", dataset_id,
                              "--name", "Sig", "--test-fraction", "0"], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # a suite started in the background (nohup, `&`) inherits SIGINT ignored; Ctrl-C is
+                            # what this child must handle, so give it the default disposition Python expects
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_tmp(raw: Path, proc: subprocess.Popen) -> Path:

@@ -157,12 +157,16 @@ def summarize(results: pd.DataFrame, runs: pd.DataFrame, run_ids: Sequence[str],
                        "latency_ms": float(pd.to_numeric(r["latency_ms"], errors="coerce").median()) if len(r) else np.nan,
                        "error": " | ".join(dict.fromkeys(e for e in r.loc[r["status"] == "failed", "error"] if e))}
                 for c in value_columns:
-                    x = v[c].to_numpy(float)
-                    mu, sd = mean_sd(x)
-                    lo, hi = bootstrap_ci(x, n_resamples=n_resamples, seed=seed)
-                    row.update({f"{c}_mean": mu, f"{c}_sd": sd, f"{c}_ci_lo": lo, f"{c}_ci_hi": hi})
+                    row.update(_describe(v[c].to_numpy(float), c, n_resamples, seed))
                 rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _describe(x: np.ndarray, name: str, n_resamples: int, seed: int) -> Dict[str, float]:
+    """``name``_mean, _sd, _ci_lo, _ci_hi (95% bootstrap CI over cases) of one column's values."""
+    mu, sd = mean_sd(x)
+    lo, hi = bootstrap_ci(x, n_resamples=n_resamples, seed=seed)
+    return {f"{name}_mean": mu, f"{name}_sd": sd, f"{name}_ci_lo": lo, f"{name}_ci_hi": hi}
 
 
 def per_class_summary(results: pd.DataFrame, metrics: Sequence[str] = METRICS, n_resamples: int = 10000,
@@ -175,10 +179,7 @@ def per_class_summary(results: pd.DataFrame, metrics: Sequence[str] = METRICS, n
     for (ds, b, m, cls), g in per_case.groupby(["dataset", "budget", "method", "class"], sort=False):
         row = {"dataset": ds, "budget": b, "method": m, "class": cls, "n_cases": int(g["case"].nunique())}
         for c in metrics:
-            x = g[c].to_numpy(float)
-            mu, sd = mean_sd(x)
-            lo, hi = bootstrap_ci(x, n_resamples=n_resamples, seed=seed)
-            row.update({f"{c}_mean": mu, f"{c}_sd": sd, f"{c}_ci_lo": lo, f"{c}_ci_hi": hi})
+            row.update(_describe(g[c].to_numpy(float), c, n_resamples, seed))
         rows.append(row)
     return pd.DataFrame(rows, columns=["dataset", "budget", "method", "class", "n_cases"]
                         + [f"{c}_{k}" for c in metrics for k in ("mean", "sd", "ci_lo", "ci_hi")])
