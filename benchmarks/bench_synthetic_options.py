@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tskd_nnunet.atomic_io import atomic_path, atomic_write_text  # noqa: E402
+from tskd_nnunet.atomic_io import atomic_path, atomic_write_text, read_json  # noqa: E402
 from tskd_nnunet.data.extension import dataset_name  # noqa: E402
 from tskd_nnunet.synthetic import cases as fold_cases  # noqa: E402
 from tskd_nnunet.synthetic.quality import LiteMedSAMFeatures, features, frechet_distance, kid, real_crops  # noqa: E402
@@ -123,9 +123,9 @@ def main() -> None:
 
 
 def write_report(out: str) -> None:
-    rows = [json.load(open(os.path.join(out, f))) for f in sorted(os.listdir(out))
+    rows = [read_json(os.path.join(out, f)) for f in sorted(os.listdir(out))
             if f.endswith(".json") and f != FLOOR]
-    floor = json.load(open(os.path.join(out, FLOOR)))
+    floor = read_json(os.path.join(out, FLOOR))
     lines = ["# Synthetic images: speed vs quality", "",
              "FD / KID: LiteMedSAM-encoder features of the option's images vs patch crops of the fold's validation "
              "cases (held out from every generator). Lower is better; the first row is the floor (real training "
