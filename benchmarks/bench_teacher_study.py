@@ -177,18 +177,47 @@ def write_report(out_dir: str) -> None:
         fig.savefig(tmp, dpi=120)
 
 
+def compare(out_dir: str, arm_a: str, arm_b: str) -> str:
+    """Paired comparison of two finished arms from their committed per-case CSVs: mean difference of the case
+    Dice (mean over classes) with a 95% bootstrap CI and the Wilcoxon signed-rank test with rank-biserial r."""
+    import csv
+    import numpy as np
+    from tskd_nnunet.evaluation.stats import bootstrap_ci, paired_wilcoxon
+
+    def case_dice(arm: str) -> Dict[str, float]:
+        per_case: Dict[str, List[float]] = {}
+        with open(os.path.join(out_dir, f"{arm}_cases.csv")) as f:
+            for row in csv.DictReader(f):
+                per_case.setdefault(row["case"], []).append(float(row["dice"]))
+        return {c: float(np.mean(v)) for c, v in per_case.items()}
+    a, b = case_dice(arm_a), case_dice(arm_b)
+    cases = sorted(set(a) & set(b))
+    x, y = np.array([a[c] for c in cases]), np.array([b[c] for c in cases])
+    lo, hi = bootstrap_ci(x - y)
+    w = paired_wilcoxon(x, y)
+    return (f"{arm_a} - {arm_b}: {(x - y).mean():+.3f} Dice [{lo:+.3f}, {hi:+.3f}] over {len(cases)} cases "
+            f"({x.mean():.3f} vs {y.mean():.3f}); Wilcoxon p = {w.p_value:.2g}, r = {w.rank_biserial:.2f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("-d", dest="dataset", required=True)
     p.add_argument("-c", dest="configuration", default="2d")
     p.add_argument("-f", dest="fold", type=int, default=0)
     p.add_argument("-device", dest="device", default="cpu")
-    p.add_argument("--schedule", required=True, help="TSKD_SCHEDULE for every arm, e.g. 20,15,4")
+    p.add_argument("--schedule", required=False, help="TSKD_SCHEDULE for every arm, e.g. 20,15,4 (required unless --compare)")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--teacher", default=None, help="teacher trainer of the student arms (kd_cached, kd_online)")
     p.add_argument("-o", dest="out", required=True, help="result folder (one JSON per arm, report.md, PNG)")
     p.add_argument("--work", default=None, help="logs and predictions (default: OUT/../work_<name>)")
+    p.add_argument("--compare", nargs=2, metavar=("ARM_A", "ARM_B"),
+                   help="only print the paired comparison of two finished arms (from OUT's per-case CSVs)")
     a = p.parse_args()
+    if a.compare:
+        print(compare(a.out, *a.compare))
+        return
+    if not a.schedule:
+        p.error("--schedule is required to train arms (e.g. 20,15,4)")
     a.work = a.work or os.path.join(os.environ.get("nnUNet_results", "."), "..", "teacher_study_work")
     os.makedirs(a.out, exist_ok=True)
     os.makedirs(a.work, exist_ok=True)
