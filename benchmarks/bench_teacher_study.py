@@ -205,7 +205,8 @@ def main() -> None:
     p.add_argument("-c", dest="configuration", default="2d")
     p.add_argument("-f", dest="fold", type=int, default=0)
     p.add_argument("-device", dest="device", default="cpu")
-    p.add_argument("--schedule", required=False, help="TSKD_SCHEDULE for every arm, e.g. 20,15,4 (required unless --compare)")
+    p.add_argument("--schedule", default=None,
+                   help="TSKD_SCHEDULE for every arm, e.g. 20,15,4 (required unless --compare)")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--teacher", default=None, help="teacher trainer of the student arms (kd_cached, kd_online)")
     p.add_argument("-o", dest="out", required=True, help="result folder (one JSON per arm, report.md, PNG)")
