@@ -6,6 +6,8 @@ AdamW steps on random batches with nnU-Net's deep-supervision outputs; each runs
 its peak RSS is its own. Forward-only inference time per image is reported too.
 
     python benchmarks/bench_litemedsam_cpu.py [--batch 8] [--steps 3] [--sizes 128 256] [--threads 2]
+
+The table is printed and written to benchmarks/results/bench_litemedsam_cpu.md (``--markdown`` elsewhere).
 """
 from __future__ import annotations
 
@@ -17,12 +19,15 @@ import subprocess
 import sys
 import time
 
+from tskd_nnunet.atomic_io import atomic_write_text
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPTIONS = {  # name: (head, LoRA stages or None for all / "frozen" / "full")
     "sam_lora_all": ("sam", None),
     "sam_lora_last (stages 2-3)": ("sam", (2, 3)),
     "sam_frozen": ("sam", "frozen"),
     "unetr_lora_all": ("unetr", None),
+    "unetr_lora_last (stages 2-3)": ("unetr", (2, 3)),
     "unetr_frozen": ("unetr", "frozen"),
     "sam_full_ft": ("sam", "full"),
 }
@@ -69,6 +74,7 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[128])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--options", nargs="+", default=list(OPTIONS), choices=list(OPTIONS))
+    p.add_argument("--markdown", default=os.path.join(REPO, "benchmarks", "results", "bench_litemedsam_cpu.md"))
     p.add_argument("--_one", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a._one:
@@ -86,14 +92,18 @@ def main() -> None:
             r = json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])
             rows.append((size, name, r))
             print(f"{name} @ {size}: {r['step_s']:.2f} s/step", flush=True)
-    print(f"\nbatch {a.batch}, {a.threads} threads, median of {a.steps} steps after 1 warm-up; packaged LiteMedSAM\n")
-    print("| working size | option | s / training step | vs sam_lora_all | trainable / total params | "
-          "inference s / image | peak RSS GB |")
-    print("|---|---|---|---|---|---|---|")
+    lines = [f"batch {a.batch}, {a.threads} threads, median of {a.steps} steps after 1 warm-up; packaged LiteMedSAM",
+             "", "| working size | option | s / training step | vs sam_lora_all | trainable / total params | "
+             "inference s / image | peak RSS GB |", "|---|---|---|---|---|---|---|"]
     for size, name, r in rows:
         ref = next(x for s, n, x in rows if s == size and n == "sam_lora_all") if "sam_lora_all" in a.options else r
-        print(f"| {size} | {name} | {r['step_s']:.2f} | {r['step_s'] / ref['step_s']:.2f}x | "
-              f"{r['trainable'] / 1e6:.2f} M / {r['total'] / 1e6:.2f} M | {r['infer_s']:.2f} | {r['peak_rss_gb']:.2f} |")
+        lines.append(f"| {size} | {name} | {r['step_s']:.2f} | {r['step_s'] / ref['step_s']:.2f}x | "
+                     f"{r['trainable'] / 1e6:.2f} M / {r['total'] / 1e6:.2f} M | {r['infer_s']:.2f} | "
+                     f"{r['peak_rss_gb']:.2f} |")
+    text = "# LiteMedSAM teacher options on CPU\n\n`python benchmarks/bench_litemedsam_cpu.py " + " ".join(sys.argv[1:]) \
+        + "`\n\n" + "\n".join(lines) + "\n"
+    print("\n" + text)
+    atomic_write_text(a.markdown, text)
 
 
 if __name__ == "__main__":

@@ -140,7 +140,61 @@ def run_arm(name: str, a: argparse.Namespace, out_dir: str) -> dict:
     return result
 
 
+def case_dice(out_dir: str, arm: str) -> Dict[str, float]:
+    """Dice per test case (mean over the classes) from an arm's committed per-case CSV."""
+    import csv
+    import numpy as np
+    per_case: Dict[str, List[float]] = {}
+    with open(os.path.join(out_dir, f"{arm}_cases.csv")) as f:
+        for row in csv.DictReader(f):
+            per_case.setdefault(row["case"], []).append(float(row["dice"]))
+    return {c: float(np.mean(v)) for c, v in per_case.items()}
+
+
+def paired(out_dir: str, arm_a: str, arm_b: str) -> Dict[str, float]:
+    """Paired comparison of two finished arms over their common test cases: mean Dice difference with a 95%
+    bootstrap CI, two-sided Wilcoxon signed-rank p and rank-biserial r."""
+    import numpy as np
+    from tskd_nnunet.evaluation.stats import bootstrap_ci, paired_wilcoxon
+    a, b = case_dice(out_dir, arm_a), case_dice(out_dir, arm_b)
+    cases = sorted(set(a) & set(b))
+    x, y = np.array([a[c] for c in cases]), np.array([b[c] for c in cases])
+    lo, hi = bootstrap_ci(x - y)
+    w = paired_wilcoxon(x, y)
+    return dict(diff=float((x - y).mean()), lo=lo, hi=hi, p=w.p_value, r=w.rank_biserial, n=len(cases),
+                mean_a=float(x.mean()), mean_b=float(y.mean()))
+
+
+def compare(out_dir: str, arm_a: str, arm_b: str) -> str:
+    c = paired(out_dir, arm_a, arm_b)
+    return (f"{arm_a} - {arm_b}: {c['diff']:+.3f} Dice [{c['lo']:+.3f}, {c['hi']:+.3f}] over {c['n']} cases "
+            f"({c['mean_a']:.3f} vs {c['mean_b']:.3f}); Wilcoxon p = {c['p']:.2g}, r = {c['r']:.2f}")
+
+
+def per_class_lines(out_dir: str, arms: List[str]) -> List[str]:
+    """Per class: Dice over the test cases that show the class, and how often a class absent from the reference
+    is predicted anyway (an empty-vs-empty case scores Dice 1, which hides both in the mean)."""
+    import pandas as pd
+    frames = {arm: pd.read_csv(os.path.join(out_dir, f"{arm}_cases.csv")) for arm in arms}
+    classes = list(dict.fromkeys(c for df in frames.values() for c in df["class"].astype(str)))
+    if all((df["ref_voxels"] > 0).all() for df in frames.values()) and len(classes) == 1:
+        return []
+    lines = ["", "Per class: Dice on the test cases whose reference shows the class (n) / false-positive rate on "
+             "those that do not (predicted although absent).", "",
+             "| arm | " + " | ".join(classes) + " |", "|---|" + "---|" * len(classes)]
+    for arm in arms:
+        df, cells = frames[arm], []
+        for c in classes:
+            d = df[df["class"].astype(str) == c]
+            shown, absent = d[d["ref_voxels"] > 0], d[d["ref_voxels"] == 0]
+            fp = f"{(absent['pred_voxels'] > 0).mean():.2f}" if len(absent) else "-"
+            cells.append(f"{shown['dice'].mean():.3f} (n={len(shown)}) / {fp}")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_report(out_dir: str) -> None:
+    """Rebuild report.md and dice_vs_minutes.png from the arms' JSONs and per-case CSVs alone."""
     rows = []
     for f in sorted(os.listdir(out_dir)):
         if f.endswith(".json"):
@@ -149,15 +203,27 @@ def write_report(out_dir: str) -> None:
     if not rows:
         return
     from tskd_nnunet.atomic_io import atomic_path, atomic_write_text
+    rows.sort(key=lambda r: -r["dice"])
+    has_plain = any(r["arm"] == "plain" for r in rows)
     lines = [f"# Teacher study: {rows[0]['dataset']}, configuration {rows[0]['configuration']}, fold {rows[0]['fold']}",
              "", f"Schedule (epochs, train iterations, val iterations): {rows[0]['schedule']}; test = imagesTs "
-             f"({rows[0]['n_cases']} cases), no test-time mirroring; device {rows[0]['device']}.", "",
-             "| arm | trainer | what | test Dice (mean) | median | train min | threads | peak GB |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: -r["dice"]):
+             f"({rows[0]['n_cases']} cases), no test-time mirroring; device {rows[0]['device']}. "
+             "Vs plain: paired difference of the case Dice (mean over classes) with its 95% bootstrap CI, "
+             "Wilcoxon p, rank-biserial r.", "",
+             "| arm | trainer | what | test Dice (mean) | median | vs plain | train min | threads | peak GB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
         note = " (RSS)" if r.get("peak_note") else ""
-        lines.append(f"| {r['arm']} | {r['trainer']} | {r['what']} | {r['dice']:.3f} | {r['dice_median']:.3f} | "
+        vs = "-"
+        if has_plain and r["arm"] != "plain":
+            c = paired(out_dir, r["arm"], "plain")
+            vs = f"{c['diff']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}], p={c['p']:.1g}, r={c['r']:.2f}"
+        lines.append(f"| {r['arm']} | {r['trainer']} | {r['what']} | {r['dice']:.3f} | {r['dice_median']:.3f} | {vs} | "
                      f"{r['train_minutes']:.1f} | {r.get('omp_threads', 2)} | {r['train_peak_gb']:.2f}{note} |")
+    lines += per_class_lines(out_dir, [r["arm"] for r in rows])
+    lines += ["", "Train minutes are wall-clock on a 2-core machine shared with other jobs (threads = the run's "
+              "OMP_NUM_THREADS): comparable within a row's setting, not between arms; "
+              "`benchmarks/bench_litemedsam_cpu.py` compares step costs in one run."]
     if any(r.get("peak_note") for r in rows):
         lines += ["", "(RSS): " + next(r["peak_note"] for r in rows if r.get("peak_note"))]
     atomic_write_text(os.path.join(out_dir, "report.md"), "\n".join(lines) + "\n")
@@ -168,7 +234,7 @@ def write_report(out_dir: str) -> None:
     for r in rows:
         ax.scatter(r["train_minutes"], r["dice"], s=40)
         ax.annotate(r["arm"], (r["train_minutes"], r["dice"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("training minutes (2 CPU cores)")
+    ax.set_xlabel("training minutes (2 CPU cores, shared)")
     ax.set_ylabel("test Dice (mean over cases)")
     ax.set_title(f"{rows[0]['dataset']}: teacher settings vs plain nnU-Net")
     ax.grid(alpha=0.3)
@@ -177,31 +243,9 @@ def write_report(out_dir: str) -> None:
         fig.savefig(tmp, dpi=120)
 
 
-def compare(out_dir: str, arm_a: str, arm_b: str) -> str:
-    """Paired comparison of two finished arms from their committed per-case CSVs: mean difference of the case
-    Dice (mean over classes) with a 95% bootstrap CI and the Wilcoxon signed-rank test with rank-biserial r."""
-    import csv
-    import numpy as np
-    from tskd_nnunet.evaluation.stats import bootstrap_ci, paired_wilcoxon
-
-    def case_dice(arm: str) -> Dict[str, float]:
-        per_case: Dict[str, List[float]] = {}
-        with open(os.path.join(out_dir, f"{arm}_cases.csv")) as f:
-            for row in csv.DictReader(f):
-                per_case.setdefault(row["case"], []).append(float(row["dice"]))
-        return {c: float(np.mean(v)) for c, v in per_case.items()}
-    a, b = case_dice(arm_a), case_dice(arm_b)
-    cases = sorted(set(a) & set(b))
-    x, y = np.array([a[c] for c in cases]), np.array([b[c] for c in cases])
-    lo, hi = bootstrap_ci(x - y)
-    w = paired_wilcoxon(x, y)
-    return (f"{arm_a} - {arm_b}: {(x - y).mean():+.3f} Dice [{lo:+.3f}, {hi:+.3f}] over {len(cases)} cases "
-            f"({x.mean():.3f} vs {y.mean():.3f}); Wilcoxon p = {w.p_value:.2g}, r = {w.rank_biserial:.2f}")
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("-d", dest="dataset", required=True)
+    p.add_argument("-d", dest="dataset", help="dataset id or name (required unless --compare/--report)")
     p.add_argument("-c", dest="configuration", default="2d")
     p.add_argument("-f", dest="fold", type=int, default=0)
     p.add_argument("-device", dest="device", default="cpu")
@@ -213,12 +257,16 @@ def main() -> None:
     p.add_argument("--work", default=None, help="logs and predictions (default: OUT/../work_<name>)")
     p.add_argument("--compare", nargs=2, metavar=("ARM_A", "ARM_B"),
                    help="only print the paired comparison of two finished arms (from OUT's per-case CSVs)")
+    p.add_argument("--report", action="store_true", help="only rebuild OUT's report.md and plot from its files")
     a = p.parse_args()
     if a.compare:
         print(compare(a.out, *a.compare))
         return
-    if not a.schedule:
-        p.error("--schedule is required to train arms (e.g. 20,15,4)")
+    if a.report:
+        write_report(a.out)
+        return
+    if not a.schedule or not a.dataset:
+        p.error("-d and --schedule are required to train arms (e.g. -d 501 --schedule 20,15,4)")
     a.work = a.work or os.path.join(os.environ.get("nnUNet_results", "."), "..", "teacher_study_work")
     os.makedirs(a.out, exist_ok=True)
     os.makedirs(a.work, exist_ok=True)
