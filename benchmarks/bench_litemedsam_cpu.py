@@ -100,8 +100,8 @@ def main() -> None:
         lines.append(f"| {size} | {name} | {r['step_s']:.2f} | {r['step_s'] / ref['step_s']:.2f}x | "
                      f"{r['trainable'] / 1e6:.2f} M / {r['total'] / 1e6:.2f} M | {r['infer_s']:.2f} | "
                      f"{r['peak_rss_gb']:.2f} |")
-    text = "# LiteMedSAM teacher options on CPU\n\n`python benchmarks/bench_litemedsam_cpu.py " + " ".join(sys.argv[1:]) \
-        + "`\n\n" + "\n".join(lines) + "\n"
+    command = "python benchmarks/bench_litemedsam_cpu.py " + " ".join(sys.argv[1:])
+    text = f"# LiteMedSAM teacher options on CPU\n\n`{command}`\n\n" + "\n".join(lines) + "\n"
     print("\n" + text)
     atomic_write_text(a.markdown, text)
 

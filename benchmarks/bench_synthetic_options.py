@@ -10,12 +10,18 @@ own code (``train_diffusion``; resumable, its own ``nnUNet_results`` under ``--w
   crops of the fold's validation cases, which no generator saw) in the feature space of the packaged LiteMedSAM
   encoder. The row ``real (train crops)`` is the floor: real training crops against the same held-out crops.
 
+``--speed-only`` skips the quality half: each architecture trains only ``--train-steps`` steps (e.g. 6, into
+``--work``/speed) to time a training step, then samples with those near-random weights — sampling cost does not
+depend on the weights — so the speed table is measured in minutes where the quality run takes hours on 2 cores.
+
 One JSON per (arch, sampler) lands in the output folder as soon as it is measured (a re-run skips it), plus
 ``report.md`` and ``grid.png`` (one row of samples per option, the real rows first). Run on a quiet machine: the
 timings are wall-clock.
 
     python benchmarks/bench_synthetic_options.py -d 501 -c 2d_128 -f 0 --train-steps 2000 \\
         --archs base lean --samplers ddim:50 ddim:20 dpm:10 unipc:10 unipc:5 -o documentation/benchmarks/synthetic_hc18
+    python benchmarks/bench_synthetic_options.py -d 501 -c 2d_128 -f 0 --speed-only --train-steps 6 --images 64 \
+        --archs base lean tiny -o documentation/benchmarks/synthetic_hc18
 """
 from __future__ import annotations
 
@@ -49,11 +55,11 @@ ARCHS: Dict[str, Dict] = {
 
 def train_arch(arch: str, a: argparse.Namespace) -> str:
     """Train (or resume) ``arch``'s generator into its own results root; the final checkpoint's path."""
-    os.environ["nnUNet_results"] = os.path.join(a.work, arch)
+    os.environ["nnUNet_results"] = os.path.join(a.work, "speed", arch) if a.speed_only else os.path.join(a.work, arch)
     os.makedirs(os.environ["nnUNet_results"], exist_ok=True)
+    every = 1 if a.speed_only else max(1, a.train_steps // 10)  # the log's timestamps time the steps
     settings = DiffusionTrainSettings(steps=a.train_steps, batch_size=a.train_batch_size, seed=0,
-                                      checkpoint_every=max(1, a.train_steps // 10), grid_every=a.train_steps,
-                                      **ARCHS[arch])
+                                      checkpoint_every=every, grid_every=a.train_steps, **ARCHS[arch])
     return train_diffusion(a.dataset, a.configuration, a.fold, a.plans, settings, device=a.device)
 
 
@@ -72,13 +78,15 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("-o", dest="out", required=True)
     p.add_argument("--work", default="/tmp/tskd_synthetic_options", help="generators' results roots")
+    p.add_argument("--speed-only", action="store_true",
+                   help="time training steps and sampling only (no quality: weights barely trained)")
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
     name = dataset_name(a.dataset)
     _, val_ids, _ = fold_cases.read_fold_split(name, a.fold)
     pool = fold_cases.fold_case_ids(name, a.plans, a.configuration, a.fold, True)["used"]
     device = torch.device(a.device)
-    feat = LiteMedSAMFeatures().to(device)
+    feat = None if a.speed_only else LiteMedSAMFeatures().to(device)
     grid_rows: List[torch.Tensor] = []
     held_f = None
     for arch in a.archs:
@@ -86,7 +94,7 @@ def main() -> None:
         for spec in a.samplers:
             sampler, steps = spec.split(":")
             g = SyntheticGenerator(ckpt_path, sampler, int(steps), a.device)
-            if held_f is None:  # held-out real crops (validation cases) and the real-vs-real floor, once
+            if held_f is None and not a.speed_only:  # held-out real crops and the real-vs-real floor, once
                 held_out = real_crops(name, a.plans, a.configuration, val_ids, g.patch_size, a.images, seed=1)
                 held_f = features(feat, held_out, device=device)
                 grid_rows.append(g.imap.to_model(torch.from_numpy(held_out[:8])))
@@ -95,52 +103,81 @@ def main() -> None:
                 atomic_write_text(os.path.join(a.out, FLOOR), json.dumps(
                     {"fd": frechet_distance(train_f, held_f), "kid": kid(train_f, held_f)[0], "images": a.images},
                     indent=1))
-            target = os.path.join(a.out, f"{arch}_{sampler}{steps}.json")
+            target = os.path.join(a.out, f"{'speed_' if a.speed_only else ''}{arch}_{sampler}{steps}.json")
             if os.path.isfile(target):
                 print(f"[{arch} {spec}] done before: {target}")
-                grid_rows.append(g.imap.to_model(torch.from_numpy(g.generate(0, range(8)))))
+                if not a.speed_only:
+                    grid_rows.append(g.imap.to_model(torch.from_numpy(g.generate(0, range(8)))))
                 continue
             t0 = time.perf_counter()
             imgs = np.concatenate([g.generate(0, range(i, min(i + a.batch_size, a.images)))
                                    for i in range(0, a.images, a.batch_size)])
             sec = time.perf_counter() - t0
-            f = features(feat, imgs, device=device)
+            f = None if a.speed_only else features(feat, imgs, device=device)
+            log = g.ckpt.get("log", [])  # [step, loss, seconds since the invocation started], one per checkpoint
+            step_s = (log[-1][2] - log[0][2]) / (log[-1][0] - log[0][0]) if len(log) > 1 else None
             row = {"arch": arch, "block_out_channels": list(ARCHS[arch]["block_out_channels"]),
                    "attention": ARCHS[arch]["attention"], "parameters": sum(x.numel() for x in g.unet.parameters()),
                    "sampler": sampler, "steps": int(steps), "images": a.images, "resolution": list(g.patch_size),
                    "images_per_s": a.images / sec, "minutes_per_1000": 1000 * sec / a.images / 60,
                    "train_steps": int(g.ckpt["step"]), "train_batch_size": a.train_batch_size,
                    "train_minutes_total": float(g.ckpt.get("train_seconds", 0.0)) / 60 or None,
-                   "fd": frechet_distance(f, held_f), "kid": kid(f, held_f)[0],
+                   "train_s_per_step": step_s, "speed_only": a.speed_only,
+                   "fd": None if f is None else frechet_distance(f, held_f),
+                   "kid": None if f is None else kid(f, held_f)[0],
                    "torch_threads": torch.get_num_threads(), "load_average_1min": os.getloadavg()[0],
                    "held_out_cases": len(val_ids), "generator_training_cases": len(pool)}
             atomic_write_text(target, json.dumps(row, indent=1))
-            print(f"[{arch} {spec}] {row['minutes_per_1000']:.1f} min/1000, FD {row['fd']:.3f}", flush=True)
-            grid_rows.append(g.imap.to_model(torch.from_numpy(imgs[:8])))
+            print(f"[{arch} {spec}] {row['minutes_per_1000']:.1f} min/1000"
+                  + ("" if f is None else f", FD {row['fd']:.3f}"), flush=True)
+            if not a.speed_only:
+                grid_rows.append(g.imap.to_model(torch.from_numpy(imgs[:8])))
     write_report(a.out)
-    with atomic_path(os.path.join(a.out, "grid.png")) as tmp:
-        save_grid_png(torch.cat(grid_rows), tmp, columns=8)
+    if grid_rows and not a.speed_only:
+        with atomic_path(os.path.join(a.out, "grid.png")) as tmp:
+            save_grid_png(torch.cat(grid_rows), tmp, columns=8)
+
+
+def _option(r: dict) -> str:
+    return f"{r['arch']} {tuple(r['block_out_channels'])}{' +attn' if r['attention'] else ''}"
 
 
 def write_report(out: str) -> None:
+    """report.md from the option JSONs alone: the quality table (if any) and the speed-only table (if any)."""
     rows = [read_json(os.path.join(out, f)) for f in sorted(os.listdir(out))
             if f.endswith(".json") and f != FLOOR]
-    floor = read_json(os.path.join(out, FLOOR))
-    lines = ["# Synthetic images: speed vs quality", "",
-             "FD / KID: LiteMedSAM-encoder features of the option's images vs patch crops of the fold's validation "
-             "cases (held out from every generator). Lower is better; the first row is the floor (real training "
-             "crops vs the same held-out crops).", "",
-             "| option | params | sampler | steps | min / 1,000 images | generator training min | FD | KID |",
-             "|---|---|---|---|---|---|---|---|",
-             f"| real (train crops) | - | - | - | - | - | {floor['fd']:.3f} | {floor['kid']:.4f} |"]
-    for r in sorted(rows, key=lambda r: (r["arch"], r["minutes_per_1000"])):
-        tm = f"{r['train_minutes_total']:.0f}" if r.get("train_minutes_total") else "-"
-        lines.append(f"| {r['arch']} {tuple(r['block_out_channels'])}{' +attn' if r['attention'] else ''} | "
-                     f"{r['parameters'] / 1e6:.2f} M | {r['sampler']} | {r['steps']} | {r['minutes_per_1000']:.1f} | "
-                     f"{tm} ({r['train_steps']} steps) | {r['fd']:.3f} | {r['kid']:.4f} |")
-    if rows:
-        lines += ["", f"Resolution {rows[0]['resolution']}, {rows[0]['images']} images per option, "
-                      f"{rows[0]['torch_threads']} torch threads; grid.png: held-out real rows, then one row per option."]
+    quality = [r for r in rows if not r.get("speed_only")]
+    speed = [r for r in rows if r.get("speed_only")]
+    lines = ["# Synthetic images: speed vs quality", ""]
+    if quality:
+        floor = read_json(os.path.join(out, FLOOR))
+        lines += ["FD / KID: LiteMedSAM-encoder features of the option's images vs patch crops of the fold's "
+                  "validation cases (held out from every generator). Lower is better; the first row is the floor "
+                  "(real training crops vs the same held-out crops).", "",
+                  "| option | params | sampler | steps | min / 1,000 images | generator training min | FD | KID |",
+                  "|---|---|---|---|---|---|---|---|",
+                  f"| real (train crops) | - | - | - | - | - | {floor['fd']:.3f} | {floor['kid']:.4f} |"]
+        for r in sorted(quality, key=lambda r: (r["arch"], r["minutes_per_1000"])):
+            tm = f"{r['train_minutes_total']:.0f}" if r.get("train_minutes_total") else "-"
+            lines.append(f"| {_option(r)} | {r['parameters'] / 1e6:.2f} M | {r['sampler']} | {r['steps']} | "
+                         f"{r['minutes_per_1000']:.1f} | {tm} ({r['train_steps']} steps) | {r['fd']:.3f} | "
+                         f"{r['kid']:.4f} |")
+        lines += ["", f"Resolution {quality[0]['resolution']}, {quality[0]['images']} images per option, "
+                      f"{quality[0]['torch_threads']} torch threads; grid.png: held-out real rows, then one row per "
+                      "option.", ""]
+    if speed:
+        r0 = speed[0]
+        lines += ["## Speed only (`--speed-only`: weights barely trained; sampling cost does not depend on them)", "",
+                  f"Resolution {r0['resolution']}, {r0['images']} images per option in batches, "
+                  f"{r0['torch_threads']} torch threads, 1-min load average at the end of each row in the last "
+                  f"column. Training step: batch {r0['train_batch_size']}, forward + backward + AdamW + EMA, "
+                  "mean over the steps after the first.", "",
+                  "| option | params | s / training step | sampler | steps | images / s | min / 1,000 images | "
+                  "load |", "|---|---|---|---|---|---|---|---|"]
+        for r in sorted(speed, key=lambda r: (r["arch"], r["minutes_per_1000"])):
+            ts = f"{r['train_s_per_step']:.2f}" if r.get("train_s_per_step") else "-"
+            lines.append(f"| {_option(r)} | {r['parameters'] / 1e6:.2f} M | {ts} | {r['sampler']} | {r['steps']} | "
+                         f"{r['images_per_s']:.2f} | {r['minutes_per_1000']:.1f} | {r['load_average_1min']:.1f} |")
     atomic_write_text(os.path.join(out, "report.md"), "\n".join(lines) + "\n")
 
 
