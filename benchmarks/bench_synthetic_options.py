@@ -59,7 +59,8 @@ def train_arch(arch: str, a: argparse.Namespace) -> str:
     os.makedirs(os.environ["nnUNet_results"], exist_ok=True)
     every = 1 if a.speed_only else max(1, a.train_steps // 10)  # the log's timestamps time the steps
     settings = DiffusionTrainSettings(steps=a.train_steps, batch_size=a.train_batch_size, seed=0,
-                                      checkpoint_every=every, grid_every=a.train_steps, **ARCHS[arch])
+                                      checkpoint_every=every, grid_every=a.train_steps,
+                                      grid_images=1 if a.speed_only else 16, **ARCHS[arch])
     return train_diffusion(a.dataset, a.configuration, a.fold, a.plans, settings, device=a.device)
 
 
