@@ -1,0 +1,88 @@
+"""Reports of the benchmark scripts are rebuilt from their committed files alone (no training here).
+
+* the teacher study's report pairs every arm with plain nnU-Net over the common test cases and, for a
+  multi-class task, reports Dice on the cases that show a class and the false-positive rate on those that do not;
+* the synthetic options' report keeps speed-only rows (no quality measured) apart from quality rows.
+"""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_arm(out: str, arm: str, dice_by_case: dict, classes=("liver", "spleen")) -> None:
+    """One arm's JSON and per-case CSV; spleen is absent from case c0 and predicted there by 'noisy'."""
+    with open(os.path.join(out, f"{arm}_cases.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["case", "class", "dice", "nsd", "hd95", "ref_voxels", "pred_voxels"])
+        for case, d in dice_by_case.items():
+            for c in classes:
+                absent = c == "spleen" and case == "c0"
+                pred = 5 if (absent and arm == "noisy") else (0 if absent else 10)
+                w.writerow([case, c, 0.0 if absent and pred else (1.0 if absent else d), 0, 0, 0 if absent else 10,
+                            pred])
+    means = [float(np.mean([d] * len(classes))) for d in dice_by_case.values()]
+    with open(os.path.join(out, f"{arm}.json"), "w") as f:
+        json.dump(dict(arm=arm, trainer="T", what=arm, schedule="1,1,1", fold=0, configuration="2d", dataset="D",
+                       device="cpu", train_minutes=1.0, train_peak_gb=1.0, dice=float(np.mean(means)),
+                       dice_median=float(np.median(means)), n_cases=len(means)), f)
+
+
+def test_teacher_study_report_pairs_arms_with_plain_and_splits_classes(tmp_path):
+    study = load_script("bench_teacher_study")
+    rng = np.random.default_rng(0)
+    base = {f"c{i}": float(v) for i, v in enumerate(rng.uniform(0.5, 0.7, 30))}
+    write_arm(str(tmp_path), "plain", base)
+    write_arm(str(tmp_path), "better", {c: v + 0.2 for c, v in base.items()})
+    write_arm(str(tmp_path), "noisy", base)
+    c = study.paired(str(tmp_path), "better", "plain")
+    assert c["n"] == 30 and c["diff"] == pytest.approx(0.2 * 59 / 60, abs=1e-9)  # c0's absent spleen scores 1 in both
+    assert c["lo"] > 0.15 and c["p"] < 1e-4 and c["r"] == pytest.approx(1.0)
+    study.write_report(str(tmp_path))
+    report = (tmp_path / "report.md").read_text()
+    better = next(line for line in report.splitlines() if line.startswith("| better |"))
+    assert "+0.197 [" in better and "r=1.00" in better
+    plain = next(line for line in report.splitlines() if line.startswith("| plain |"))
+    assert "| - |" in plain  # no comparison with itself
+    # per class: spleen shown on 29 cases; 'noisy' predicts it on the one case without it
+    assert "| liver | spleen |" in report
+    noisy = [line for line in report.splitlines() if line.startswith("| noisy |")][-1]
+    assert "(n=29) / 1.00" in noisy
+    assert "(n=29) / 0.00" in [line for line in report.splitlines() if line.startswith("| plain |")][-1]
+    assert (tmp_path / "dice_vs_minutes.png").stat().st_size > 1000
+
+
+def test_synthetic_options_report_keeps_speed_only_rows_apart(tmp_path):
+    pytest.importorskip("diffusers")
+    options = load_script("bench_synthetic_options")
+    row = dict(arch="lean", block_out_channels=[16, 32, 64, 64], attention=False, parameters=1.04e6, sampler="unipc",
+               steps=10, images=16, resolution=[96, 128], images_per_s=2.0, minutes_per_1000=1000 / 2.0 / 60,
+               train_steps=4, train_batch_size=16, train_minutes_total=None, train_s_per_step=3.5, speed_only=True,
+               fd=None, kid=None, torch_threads=2, load_average_1min=1.1)
+    (tmp_path / "speed_lean_unipc10.json").write_text(json.dumps(row))
+    options.write_report(str(tmp_path))  # no quality rows, no floor file: the speed table alone
+    report = (tmp_path / "report.md").read_text()
+    assert "FD / KID" not in report
+    assert "| lean (16, 32, 64, 64) | 1.04 M | 3.50 | unipc | 10 | 2.00 | 8.3 | 1.1 |" in report
+    quality = dict(row, speed_only=False, fd=0.5, kid=0.01, train_minutes_total=60.0, train_steps=2000)
+    (tmp_path / "lean_unipc10.json").write_text(json.dumps(quality))
+    (tmp_path / options.FLOOR).write_text(json.dumps({"fd": 0.1, "kid": 0.001, "images": 16}))
+    options.write_report(str(tmp_path))
+    report = (tmp_path / "report.md").read_text()
+    assert "| real (train crops) | - | - | - | - | - | 0.100 | 0.0010 |" in report
+    assert "| 8.3 | 60 (2000 steps) | 0.500 | 0.0100 |" in report
+    assert report.index("FD / KID") < report.index("## Speed only")
