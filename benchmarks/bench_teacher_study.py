@@ -18,9 +18,12 @@ import os
 import subprocess
 import sys
 import time
-from typing import Dict, List
+from typing import TYPE_CHECKING, Dict, List
 
 import psutil
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 ARMS: Dict[str, Dict] = {
     "plain": {"trainer": "TSKDPlainTrainer", "what": "plain nnU-Net (same plans, schedule, batch)"},
@@ -85,12 +88,21 @@ def run_measured(cmd: List[str], env: Dict[str, str], log: str) -> Dict[str, flo
     return {"minutes": (time.time() - t0) / 60, "peak_gb": peak / 1e9}
 
 
+def dice_column(df: pd.DataFrame) -> str:
+    return next(c for c in df.columns if c.lower().startswith("dice"))
+
+
+def case_dice(df: pd.DataFrame) -> pd.Series:
+    """Dice per test case (mean over the classes) of a per-case table written by tskd_evaluate."""
+    col = dice_column(df)
+    return df.groupby("case")[col].mean() if "case" in df.columns else df[col]
+
+
 def mean_dice(csv: str) -> Dict[str, float]:
     import pandas as pd
     df = pd.read_csv(csv)
-    col = [c for c in df.columns if c.lower().startswith("dice")]
-    by_class = df.groupby("class")[col[0]].mean().to_dict() if "class" in df.columns else {}
-    per_case = df.groupby("case")[col[0]].mean() if "case" in df.columns else df[col[0]]
+    by_class = df.groupby("class")[dice_column(df)].mean().to_dict() if "class" in df.columns else {}
+    per_case = case_dice(df)
     return {"dice": float(per_case.mean()), "dice_median": float(per_case.median()),
             "dice_per_class": {str(k): float(v) for k, v in by_class.items()}, "n_cases": int(len(per_case))}
 
@@ -140,25 +152,14 @@ def run_arm(name: str, a: argparse.Namespace, out_dir: str) -> dict:
     return result
 
 
-def case_dice(out_dir: str, arm: str) -> Dict[str, float]:
-    """Dice per test case (mean over the classes) from an arm's committed per-case CSV."""
-    import csv
-    import numpy as np
-    per_case: Dict[str, List[float]] = {}
-    with open(os.path.join(out_dir, f"{arm}_cases.csv")) as f:
-        for row in csv.DictReader(f):
-            per_case.setdefault(row["case"], []).append(float(row["dice"]))
-    return {c: float(np.mean(v)) for c, v in per_case.items()}
-
-
 def paired(out_dir: str, arm_a: str, arm_b: str) -> Dict[str, float]:
     """Paired comparison of two finished arms over their common test cases: mean Dice difference with a 95%
     bootstrap CI, two-sided Wilcoxon signed-rank p and rank-biserial r."""
-    import numpy as np
+    import pandas as pd
     from tskd_nnunet.evaluation.stats import bootstrap_ci, paired_wilcoxon
-    a, b = case_dice(out_dir, arm_a), case_dice(out_dir, arm_b)
-    cases = sorted(set(a) & set(b))
-    x, y = np.array([a[c] for c in cases]), np.array([b[c] for c in cases])
+    a, b = (case_dice(pd.read_csv(os.path.join(out_dir, f"{arm}_cases.csv"))) for arm in (arm_a, arm_b))
+    cases = sorted(set(a.index) & set(b.index))
+    x, y = a[cases].to_numpy(float), b[cases].to_numpy(float)
     lo, hi = bootstrap_ci(x - y)
     w = paired_wilcoxon(x, y)
     return dict(diff=float((x - y).mean()), lo=lo, hi=hi, p=w.p_value, r=w.rank_biserial, n=len(cases),
