@@ -201,6 +201,11 @@ def test_report_from_committed_folder_alone(committed, tmp_path):
     assert lo.gap_closed == pytest.approx(-0.5)
     md = (out / "report.md").read_text()
     assert "## Gap closed" in md and "0.50 [" in md and "## Run settings" in md and "phantom, fake training" in md
+    # paired contrasts: student − teacher = 2/3 − 1 on the same test cases (the other default pairs are absent)
+    con = pd.read_csv(out / "contrasts.csv")
+    assert con[["method", "minus"]].drop_duplicates().values.tolist() == [["tskd", "teacher"]]
+    assert con.set_index("metric").loc["dice", "mean_diff"] == pytest.approx(-1 / 3)
+    assert "## Paired contrasts" in md and "tskd − teacher" in md
     pc = pd.read_csv(out / "per_class.csv")
     assert {"dice_ci_lo", "dice_ci_hi", "hd95_ci_lo"} <= set(pc.columns)
     runs = pd.read_csv(out / "runs.csv")
@@ -305,3 +310,43 @@ def test_volume_errors_sum_slices_per_patient(tmp_path):
     assert "ref_volume_ml_mean" not in summary.columns  # volumes are not per-case endpoints
     md = written["report.md"].read_text()
     assert "## Organ volume error (ml)" in md and "1.5 [" in md
+
+
+def _store_with(root, means, n=30, seed=0):
+    """A committed folder whose arms at budget 10 have per-case Dice ``mean + noise`` (own noise per arm)."""
+    store = CommittedStore(str(root))
+    rng = np.random.default_rng(seed)
+    for method, mean in means.items():
+        noise = rng.normal(0, 0.01, n)
+        cases = pd.DataFrame({"case": [f"c{i}" for i in range(n)], "class": "x", "dice": mean + noise,
+                              "nsd": mean + noise, "hd95": 10 - 5 * mean + noise})
+        store.write_run(method, 10, 0, cases, {"method": method, "budget": 10, "fold": 0, "dataset": "D"})
+    return store.root
+
+
+def test_compare_profiles_order_and_verdicts(tmp_path):
+    """--compare-profiles: the same order and verdicts agree; a swapped pair or a verdict flip does not."""
+    short = _store_with(tmp_path / "s", {"nnUNetTrainer": 0.80, "teacher": 0.90, "tskd": 0.85})
+    same = _store_with(tmp_path / "l1", {"nnUNetTrainer": 0.70, "teacher": 0.95, "tskd": 0.75}, seed=1)
+    swapped = _store_with(tmp_path / "l2", {"nnUNetTrainer": 0.80, "teacher": 0.84, "tskd": 0.86}, seed=1)
+    flipped = _store_with(tmp_path / "l3", {"nnUNetTrainer": 0.80, "teacher": 0.90, "tskd": 0.801}, seed=1)
+    from tskd_nnunet.benchmark.profile_agreement import compare_profiles
+
+    arms, budgets = compare_profiles(short, same, n_resamples=200)
+    assert budgets.iloc[0][["n_arms", "same_order", "same_verdicts", "agree"]].tolist() == [3, True, True, True]
+    assert budgets.iloc[0]["kendall_tau"] == pytest.approx(1.0)
+    a = arms.set_index("method")
+    assert a.loc["teacher", ["rank_short", "rank_long"]].tolist() == [1, 1]
+    assert a.loc["tskd", "verdict_long"] == "better" and a.loc["tskd", "diff_long"] == pytest.approx(0.05, abs=0.01)
+    _, b2 = compare_profiles(short, swapped, n_resamples=200)
+    assert not b2.iloc[0]["same_order"] and b2.iloc[0]["same_verdicts"] and not b2.iloc[0]["agree"]
+    _, b3 = compare_profiles(short, flipped, n_resamples=200)
+    assert b3.iloc[0]["same_order"] and not b3.iloc[0]["same_verdicts"]
+    # HD95: lower is better, so the best arm by Dice is also rank 1 there
+    arms_hd, _ = compare_profiles(short, same, metric="hd95", n_resamples=200)
+    assert arms_hd.set_index("method").loc["teacher", "rank_short"] == 1
+    # the CLI writes the Markdown and CSVs into the short folder; a missing folder is one line, exit 2
+    assert report_main(["--compare-profiles", short, same, "--resamples", "100"]) == 0
+    md = open(os.path.join(short, "profile_agreement.md")).read()
+    assert "| D | 10 | 3 |" in md and "**yes**" in md
+    assert report_main(["--compare-profiles", short, str(tmp_path / "nope")]) == 2

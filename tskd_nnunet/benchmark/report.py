@@ -45,6 +45,10 @@ STATUSES = ("done", "failed", "missing")
 _NOT_CLINICAL = {"ref_voxels", "pred_voxels", "fold", "seed", "budget", "ref_volume_ml", "pred_volume_ml",
                  "hc_pred_mm", "hc_ref_mm", "patient"}
 REFERENCE_BUDGET = "all"  # the budget of "every training label", the top of the gap closed
+# arm pairs worth a paired difference of their own, whenever both are in the report: (arm, minus arm, what it shows)
+CONTRASTS = (("tskd_syn", "tskd", "effect of the synthetic images alone"),
+             ("tskd", "task_agnostic", "task-specific vs task-agnostic distillation (same foundation, same data)"),
+             ("tskd", "teacher", "student − its teacher"))
 LOWER_IS_BETTER = {"hd95"}
 
 OverlayLoader = Callable[[Dict[str, object]], Optional[OverlayItem]]
@@ -329,6 +333,30 @@ def wilcoxon_vs_baseline(cv: pd.DataFrame, summary: pd.DataFrame, metrics: Seque
     return pd.DataFrame(rows, columns=cols)
 
 
+def paired_contrasts(cv: pd.DataFrame, contrasts: Sequence[Tuple[str, str, str]] = CONTRASTS,
+                     metrics: Sequence[str] = ("dice", "nsd"), n_resamples: int = 10000, seed: int = 0
+                     ) -> pd.DataFrame:
+    """Mean paired difference arm − other on shared test cases, 95% bootstrap CI and Wilcoxon p, for every
+    (dataset, budget) where both arms have results."""
+    rows = []
+    for (ds, b), g in cv.groupby(["dataset", "budget"], sort=False):
+        for arm, other, what in contrasts:
+            x, y = (g[g["method"] == m].set_index("case") for m in (arm, other))
+            common = x.index.intersection(y.index)
+            if len(common) == 0:
+                continue
+            for metric in metrics:
+                d = x.loc[common, metric].to_numpy(float) - y.loc[common, metric].to_numpy(float)
+                d = d[np.isfinite(d)]
+                lo, hi = bootstrap_ci(d, n_resamples=n_resamples, seed=seed)
+                w = paired_wilcoxon(d, np.zeros_like(d))
+                rows.append({"dataset": ds, "budget": b, "method": arm, "minus": other, "what": what,
+                             "metric": metric, "n_pairs": int(d.size), "mean_diff": float(d.mean()) if d.size else np.nan,
+                             "ci_lo": lo, "ci_hi": hi, "p_value": w.p_value})
+    return pd.DataFrame(rows, columns=["dataset", "budget", "method", "minus", "what", "metric", "n_pairs",
+                                       "mean_diff", "ci_lo", "ci_hi", "p_value"])
+
+
 # ---------------------------------------------------------------- Markdown
 
 def _fmt(x, digits: int = 3) -> str:
@@ -374,7 +402,8 @@ def render_markdown(summary: pd.DataFrame, runs: pd.DataFrame, run_ids: Sequence
                     per_class: pd.DataFrame, value_columns: Sequence[str], figures: Mapping[str, str],
                     baseline: str, title: str, n_resamples: int, seed: int,
                     gap: Optional[pd.DataFrame] = None, volumes: Optional[pd.DataFrame] = None,
-                    notes: Sequence[str] = (), extra_sections: Sequence[str] = ()) -> str:
+                    notes: Sequence[str] = (), extra_sections: Sequence[str] = (),
+                    contrasts: Optional[pd.DataFrame] = None) -> str:
     out = [f"# {title}", ""]
     for n in notes:
         out += [f"- {n}"]
@@ -419,6 +448,16 @@ def render_markdown(summary: pd.DataFrame, runs: pd.DataFrame, run_ids: Sequence
                            (f"{r['gap_closed']:.2f} [{_fmt(r['ci_lo'], 2)}, {_fmt(r['ci_hi'], 2)}]"
                             if math.isfinite(r["gap_closed"]) else "–"), r["note"] or ""]
                           for _, r in gap.iterrows()]), ""]
+    if contrasts is not None and len(contrasts):
+        out += ["## Paired contrasts", "",
+                f"Mean paired difference over shared test cases [95% percentile bootstrap CI, {n_resamples} "
+                f"resamples, seed {seed}], two-sided Wilcoxon p (not adjusted).", ""]
+        out += [md_table(["dataset", "labels", "contrast", "what it shows", "metric", "pairs", "difference [95% CI]",
+                          "p"],
+                         [[str(r["dataset"]), str(r["budget"]), f"{r['method']} − {r['minus']}", r["what"],
+                           labels.get(r["metric"], r["metric"]), str(r["n_pairs"]),
+                           f"{_fmt(r['mean_diff'])} [{_fmt(r['ci_lo'])}, {_fmt(r['ci_hi'])}]", _fmt(r["p_value"], 4)]
+                          for _, r in contrasts.iterrows()]), ""]
     if volumes is not None and len(volumes):
         out += ["## Organ volume error (ml)", "",
                 "Per patient: volume = sum over the patient's test cases (slices) of voxels × voxel volume; "
@@ -511,10 +550,13 @@ def write_report(results: pd.DataFrame, runs: Optional[pd.DataFrame], out_dir: P
                  else pd.DataFrame(columns=["class"]))
     gap = gap_closed(cv, summary, ("dice", "nsd"), baseline, REFERENCE_BUDGET, n_resamples, seed)
     vol_patients, vol_summary = volume_errors(results, run_ids, n_resamples, seed)
+    contrasts = paired_contrasts(cv, CONTRASTS, ("dice", "nsd"), n_resamples, seed)
     written: Dict[str, Path] = {}
     tables = [("summary", summary), ("wilcoxon", wil), ("per_class", per_class), ("case_values", cv), ("runs", runs)]
     if len(gap):
         tables.append(("gap_closed", gap))
+    if len(contrasts):
+        tables.append(("contrasts", contrasts))
     if len(vol_summary):
         tables += [("organ_volume_error", vol_summary), ("organ_volume_per_patient", vol_patients)]
     for name, df in tables:
@@ -534,7 +576,8 @@ def write_report(results: pd.DataFrame, runs: Optional[pd.DataFrame], out_dir: P
     for name in figures.values():
         written[name] = out_dir / name
     md = render_markdown(summary, runs, run_ids, wil, per_class, value_columns, figures, baseline, title,
-                         n_resamples, seed, gap=gap, volumes=vol_summary, notes=notes, extra_sections=extra_sections)
+                         n_resamples, seed, gap=gap, volumes=vol_summary, notes=notes, extra_sections=extra_sections,
+                         contrasts=contrasts)
     written["report.md"] = atomic_write_text(out_dir / "report.md", md)
     return written
 
@@ -549,6 +592,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                      help="a committed results folder of tskd_benchmark (runs/*/cases.csv + settings.json + "
                           "matrix.json, e.g. documentation/benchmarks/hc18_cpu); the report is rebuilt from these "
                           "files alone, into DIR unless -o is given")
+    src.add_argument("--compare-profiles", nargs=2, metavar=("SHORT", "LONG"), default=None,
+                     help="two committed folders of one benchmark (e.g. documentation/benchmarks/hc18_cpu_short "
+                          "documentation/benchmarks/hc18_cpu): do they rank the arms the same way? Writes "
+                          "profile_agreement.md/.csv into SHORT unless -o is given")
     p.add_argument("-runs", default=None, help="run status CSV (method, budget, fold/seed, status, params, "
                                                "latency_ms, error)")
     p.add_argument("-o", "--output-dir", default=None)
@@ -556,7 +603,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--resamples", type=int, default=10000, help="bootstrap resamples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--title", default="Benchmark report")
+    p.add_argument("--metric", default="dice", choices=METRICS, help="with --compare-profiles (default: dice)")
     a = p.parse_args(argv)
+    if a.compare_profiles:
+        from tskd_nnunet.benchmark.profile_agreement import write_profile_agreement
+        try:
+            written = write_profile_agreement(*a.compare_profiles, a.output_dir, a.metric, a.baseline, a.resamples,
+                                              a.seed)
+        except FileNotFoundError as e:
+            print(f"tskd_report: error: {e}", file=sys.stderr)
+            return 2
+        print(f"wrote {written['profile_agreement.md']} and {len(written) - 1} more files")
+        return 0
     if a.from_committed:
         from tskd_nnunet.benchmark.committed import write_committed_report
         try:
