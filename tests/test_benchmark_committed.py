@@ -230,6 +230,19 @@ def test_missing_and_failed_runs_from_matrix(tmp_path):
     assert "boom" in written["report.md"].read_text()
 
 
+def test_committed_report_lists_methods_in_config_order(tmp_path):
+    """Run folders are read alphabetically; the report follows the matrix (config) order instead."""
+    store = CommittedStore(str(tmp_path / "c"))
+    cases = pd.DataFrame({"case": ["a", "b"], "class": ["x", "x"], "dice": [0.5, 0.7], "nsd": [0.4, 0.6],
+                          "hd95": [3.0, 2.0]})
+    order = ["nnUNetTrainer", "tskd", "mae_ft", "teacher"]
+    for m in order:
+        store.write_run(m, 5, 0, cases, {"method": m, "budget": 5, "fold": 0, "dataset": "DatasetX"})
+    store.write_matrix({"dataset": "DatasetX", "runs": [{"method": m, "budget": 5, "fold": 0} for m in order]})
+    written = write_committed_report(store.root, n_resamples=100)
+    assert pd.read_csv(written["summary.csv"])["method"].tolist() == order
+
+
 def test_real_configs_load_and_dry_run(tmp_path):
     for name, budgets, small in (("hc18_cpu", [10, 20, "all"], 10), ("chaos_t2_cpu", [20, 80, "all"], 20)):
         path = os.path.join(REPO, "benchmarks", "configs", f"{name}.json")

@@ -137,6 +137,9 @@ class CommittedStore:
             runs.append({"dataset": dataset, "method": r["method"], "budget": r["budget"], "fold": r["fold"],
                          "status": "failed" if fail else "missing", "params": None, "latency_ms": None,
                          "error": (fail or {}).get("error", ""), "trainer": r.get("trainer")})
+        # the report lists methods in the config's order (matrix.json), not in the folders' alphabetical one
+        order = {m: i for i, m in enumerate(dict.fromkeys(str(r["method"]) for r in matrix.get("runs", [])))}
+        runs.sort(key=lambda r: order.get(str(r["method"]), len(order)))
         res = pd.concat(results, ignore_index=True) if results else pd.DataFrame(
             columns=["dataset", "method", "budget", "fold", "case", "class", "dice", "nsd", "hd95"])
         return res, pd.DataFrame(runs, columns=["dataset", "method", "budget", "fold", "status", "params",
