@@ -14,6 +14,8 @@ failed runs are ignored because a crashed run's partial output is not trustworth
 Also, when the data allow it:
 * gap closed (:func:`gap_closed`): (method@b - baseline@b) / (baseline@all - baseline@b) per budget b,
   when the baseline has results at the reference budget ``"all"`` (every training label);
+* paired contrasts (:func:`paired_contrasts`): mean paired difference with CI for fixed arm pairs (``CONTRASTS``:
+  tskd_syn − tskd, tskd − task_agnostic, tskd − teacher) wherever both arms have results;
 * organ volume error (:func:`volume_errors`): |predicted - reference| volume in ml per patient and class,
   from ``ref_volume_ml`` / ``pred_volume_ml`` summed over a patient's cases (``patient`` column; slices of one
   patient add up to the organ's volume), else per case.
