@@ -231,14 +231,20 @@ def settings_table(runs: List[Dict[str, Any]]) -> str:
                       md_table(header, rows), ""])
 
 
+def open_committed(root: str) -> CommittedStore:
+    """The store of an existing committed folder (FileNotFoundError naming it otherwise)."""
+    store = CommittedStore(root)
+    if not os.path.isdir(store.root):
+        raise FileNotFoundError(f"{store.root} does not exist: no committed results there")
+    return store
+
+
 def write_committed_report(root: str, out_dir: Optional[str] = None, n_resamples: int = 10000,
                            seed: int = 0) -> Dict[str, Any]:
     """Rebuild the report (Markdown + CSV + PNG) from a committed folder alone; returns the written paths."""
     from tskd_nnunet.benchmark.report import BASELINE, write_report
 
-    store = CommittedStore(root)
-    if not os.path.isdir(store.root):
-        raise FileNotFoundError(f"{store.root} does not exist: no committed results there")
+    store = open_committed(root)
     results, runs = store.load()
     matrix = store.read_matrix() or {}
     done = store.done_runs()

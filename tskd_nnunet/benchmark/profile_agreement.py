@@ -21,25 +21,26 @@ import pandas as pd
 from scipy.stats import kendalltau
 
 from tskd_nnunet.atomic_io import atomic_write_csv, atomic_write_text
-from tskd_nnunet.benchmark.committed import CommittedStore
+from tskd_nnunet.benchmark.committed import open_committed
 from tskd_nnunet.benchmark.plots import sorted_budgets
 from tskd_nnunet.benchmark.report import (BASELINE, LOWER_IS_BETTER, _fmt, _prepare, case_values, md_table)
 from tskd_nnunet.evaluation.stats import bootstrap_ci
 
 
 def _case_table(root: str, metric: str) -> pd.DataFrame:
-    store = CommittedStore(root)
-    if not os.path.isdir(store.root):
-        raise FileNotFoundError(f"{store.root} does not exist: no committed results there")
-    results, runs = store.load()
+    results, runs = open_committed(root).load()
     results, _, _ = _prepare(results, runs)
     return case_values(results, [metric])
 
 
-def _verdict(diff: np.ndarray, n_resamples: int, seed: int) -> Tuple[float, float, float, str]:
-    """Mean paired difference, its percentile-bootstrap 95% CI, and better / worse / n.s."""
+def _verdict(diff: np.ndarray, lower_is_better: bool, n_resamples: int, seed: int
+             ) -> Tuple[float, float, float, str]:
+    """Mean paired difference (arm − baseline), its percentile-bootstrap 95% CI, and better / worse / n.s."""
+    if diff.size == 0:
+        return np.nan, np.nan, np.nan, "n.s."
     lo, hi = bootstrap_ci(diff, n_resamples=n_resamples, seed=seed)
-    return float(diff.mean()), lo, hi, ("better" if lo > 0 else "worse" if hi < 0 else "n.s.")
+    above, below = ("worse", "better") if lower_is_better else ("better", "worse")
+    return float(diff.mean()), lo, hi, (above if lo > 0 else below if hi < 0 else "n.s.")
 
 
 def compare_profiles(short_dir: str, long_dir: str, metric: str = "dice", baseline: str = BASELINE,
@@ -50,7 +51,7 @@ def compare_profiles(short_dir: str, long_dir: str, metric: str = "dice", baseli
     its CI and verdict in each. ``per_budget``: n_arms, kendall_tau, same_order, same_verdicts, agree.
     """
     cvs = {"short": _case_table(short_dir, metric), "long": _case_table(long_dir, metric)}
-    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0  # so that "better" and rank 1 mean better
+    lower_is_better = metric in LOWER_IS_BETTER
     arm_rows: List[Dict] = []
     budget_rows: List[Dict] = []
     keys = ["dataset", "budget"]
@@ -70,17 +71,15 @@ def compare_profiles(short_dir: str, long_dir: str, metric: str = "dice", baseli
                     x = t.loc[cases, m].to_numpy(float)
                     row[f"mean_{p}"] = float(np.nanmean(x))
                     if m != baseline and baseline in methods:
-                        d = sign * (x - t.loc[cases, baseline].to_numpy(float))
-                        d = d[np.isfinite(d)]
-                        mean, lo, hi, v = _verdict(d, n_resamples, seed) if d.size else (np.nan,) * 3 + ("n.s.",)
-                        row.update({f"diff_{p}": sign * mean, f"ci_lo_{p}": min(sign * lo, sign * hi),
-                                    f"ci_hi_{p}": max(sign * lo, sign * hi), f"verdict_{p}": v})
+                        d = x - t.loc[cases, baseline].to_numpy(float)
+                        mean, lo, hi, v = _verdict(d[np.isfinite(d)], lower_is_better, n_resamples, seed)
+                        row.update({f"diff_{p}": mean, f"ci_lo_{p}": lo, f"ci_hi_{p}": hi, f"verdict_{p}": v})
                 rows.append(row)
             df = pd.DataFrame(rows)
             for p in cvs:
-                df[f"rank_{p}"] = (sign * -df[f"mean_{p}"]).rank(method="min").astype(int)
+                df[f"rank_{p}"] = df[f"mean_{p}"].rank(method="min", ascending=lower_is_better).astype(int)
             arm_rows += df.to_dict("records")
-            tau = float(kendalltau(df["mean_short"], df["mean_long"]).statistic) if len(df) > 1 else np.nan
+            tau = float(kendalltau(df["mean_short"], df["mean_long"]).statistic)
             same_order = bool((df["rank_short"] == df["rank_long"]).all())
             if "verdict_short" in df:
                 v = df.dropna(subset=["verdict_short"])

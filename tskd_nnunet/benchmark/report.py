@@ -607,30 +607,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--title", default="Benchmark report")
     p.add_argument("--metric", default="dice", choices=METRICS, help="with --compare-profiles (default: dice)")
     a = p.parse_args(argv)
-    if a.compare_profiles:
-        from tskd_nnunet.benchmark.profile_agreement import write_profile_agreement
-        try:
+    if not (a.compare_profiles or a.from_committed or a.output_dir):
+        p.error("-o/--output-dir is required with -results")
+    try:
+        if a.compare_profiles:
+            from tskd_nnunet.benchmark.profile_agreement import write_profile_agreement
             written = write_profile_agreement(*a.compare_profiles, a.output_dir, a.metric, a.baseline, a.resamples,
                                               a.seed)
-        except FileNotFoundError as e:
-            print(f"tskd_report: error: {e}", file=sys.stderr)
-            return 2
-        print(f"wrote {written['profile_agreement.md']} and {len(written) - 1} more files")
-        return 0
-    if a.from_committed:
-        from tskd_nnunet.benchmark.committed import write_committed_report
-        try:
+        elif a.from_committed:
+            from tskd_nnunet.benchmark.committed import write_committed_report
             written = write_committed_report(a.from_committed, a.output_dir, a.resamples, a.seed)
-        except FileNotFoundError as e:
-            print(f"tskd_report: error: {e}", file=sys.stderr)
-            return 2
-    else:
-        if not a.output_dir:
-            p.error("-o/--output-dir is required with -results")
-        runs = pd.read_csv(a.runs, keep_default_na=True) if a.runs else None
-        written = write_report(pd.read_csv(a.results), runs, a.output_dir, a.baseline, None, None, a.resamples,
-                               a.seed, a.title)
-    print(f"wrote {written['report.md']} and {len(written) - 1} more files")
+        else:
+            runs = pd.read_csv(a.runs, keep_default_na=True) if a.runs else None
+            written = write_report(pd.read_csv(a.results), runs, a.output_dir, a.baseline, None, None, a.resamples,
+                                   a.seed, a.title)
+    except FileNotFoundError as e:
+        print(f"tskd_report: error: {e}", file=sys.stderr)
+        return 2
+    main_file = next(v for k, v in written.items() if k.endswith(".md"))
+    print(f"wrote {main_file} and {len(written) - 1} more files")
     return 0
 
 
