@@ -19,3 +19,47 @@ def test_tskd_arms_see_the_pool_and_differ_from_tskd_syn_only_by_synthetic_cases
     assert DATA_SCOPES[cfg.method_defs["task_agnostic"]["data"]]["pool"]
     assert cfg.method_closure(["tskd"]) == ["teacher", "tskd"]
     assert cfg.profiles["cpu"]["params"]["teacher_trainer"].startswith("LiteMedSAMTeacherTrainer")
+
+
+def test_budget_roots_share_one_teacher_target_cache(tmp_path):
+    """tskd_syn reads the real cases' targets tskd computed (one cache per work dir, keys separate teachers); an
+    older per-root cache moves into it; re-sampled synthetic cases lose their stale targets."""
+    import os
+
+    import numpy as np
+
+    from tskd_nnunet.benchmark.runner import BenchmarkRunner
+    from tskd_nnunet.data.preprocessed_files import TARGETS_DIR
+
+    name = "Dataset990_Phantom"
+    (tmp_path / "raw" / name).mkdir(parents=True)
+    (tmp_path / "pp" / name).mkdir(parents=True)
+    (tmp_path / "pp" / name / "case_0.npz").write_bytes(b"x")
+    cfg_file = tmp_path / "c.json"
+    cfg_file.write_text(json.dumps({"dataset": {"id": 990, "convert": None, "raw_root": str(tmp_path / "raw"),
+                                                "preprocessed_root": str(tmp_path / "pp")},
+                                    "budgets": [4], "methods": ["tskd", "tskd_syn"]}))
+    runner = BenchmarkRunner(load_config(str(cfg_file)), "cpu", str(tmp_path / "work"), committed=None)
+    runner._splits = {4: ([{"train": ["case_0"], "val": ["case_1"]}], [["case_2"]])}
+    key_dir = os.path.join(TARGETS_DIR, "nnUNetPlans_2d", "fold_0", "k1")
+    # a cache from before the shared layout: a real folder inside the pool root
+    old = os.path.join(runner.budget_root(4, "pool"), name, key_dir)
+    os.makedirs(old)
+    np.save(os.path.join(old, "case_0.npy"), np.ones(2))
+
+    pool = os.path.join(runner.prepare_budget_root(4, "pool"), name)
+    syn = os.path.join(runner.prepare_budget_root(4, "pool_synthetic"), name)
+    for root in (pool, syn):
+        assert os.path.realpath(os.path.join(root, TARGETS_DIR)) == os.path.realpath(runner.targets_root)
+        assert np.load(os.path.join(root, key_dir, "case_0.npy")).sum() == 2
+    assert os.path.islink(os.path.join(syn, "case_0.npz"))  # the cases themselves: links to the same files
+
+    # the synthetic stage samples again: its cases' targets (any key, this fold) go, real cases' stay
+    ext = tmp_path / "ext"
+    ext.mkdir()
+    for f in ("syn_0000.npz", "syn_0000.pkl"):
+        (ext / f).write_bytes(b"x")
+    np.save(os.path.join(syn, key_dir, "syn_0000.npy"), np.ones(2))
+    runner._forget_targets(str(ext), 0)
+    assert not os.path.exists(os.path.join(pool, key_dir, "syn_0000.npy"))
+    assert os.path.isfile(os.path.join(pool, key_dir, "case_0.npy"))

@@ -40,13 +40,14 @@ STATE = "state.json"
 # same code as the runner
 CODE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tskd_nnunet.atomic_io import atomic_write_json, read_json  # noqa: E402
-from tskd_nnunet.data.preprocessed_files import POOL_FILE  # noqa: E402
+from tskd_nnunet.data.preprocessed_files import POOL_FILE, TARGETS_DIR  # noqa: E402
 # the one HC18 case-id -> CSV-name mapper, shared with tskd_evaluate --hc18-csv
 from tskd_nnunet.evaluation.clinical import hc18_case_to_filename  # noqa: E402,F401
 SPLITS_FILE = "splits_final.json"
 EXTENSION_DIR = "tskd_extension"
 # files of a budget root that are the budget's own; everything else links to the shared preprocessed data
-OWN_ENTRIES = {SPLITS_FILE, POOL_FILE, EXTENSION_DIR}
+# (the teacher-target cache links to one folder of the work dir: Runner.targets_root)
+OWN_ENTRIES = {SPLITS_FILE, POOL_FILE, EXTENSION_DIR, TARGETS_DIR}
 CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
 PROGRESS_KEYS = ("Epoch ", "Pseudo dice", "train_loss", "val_loss", "Mean Validation Dice", "Error", "error:",
                  "labeled cases")
@@ -138,6 +139,21 @@ def _link(src: str, dst: str) -> None:
     elif os.path.exists(dst):
         raise BenchmarkError(f"{dst} exists and is not a link; delete it so the benchmark can link {src}")
     os.symlink(src, dst)
+
+
+def _share_folder(dst: str, shared: str) -> None:
+    """Make ``dst`` a link to ``shared``; files of an older real folder at ``dst`` move into ``shared`` first
+    (those already there are kept)."""
+    os.makedirs(shared, exist_ok=True)
+    if os.path.isdir(dst) and not os.path.islink(dst):
+        for base, _, files in os.walk(dst):
+            into = os.path.join(shared, os.path.relpath(base, dst))
+            os.makedirs(into, exist_ok=True)
+            for f in files:
+                if not os.path.exists(os.path.join(into, f)):
+                    os.replace(os.path.join(base, f), os.path.join(into, f))
+        shutil.rmtree(dst)
+    _link(shared, dst)
 
 
 def sha256_file(path: str) -> Optional[str]:
@@ -263,6 +279,13 @@ class BenchmarkRunner:
 
     def shared_root(self, kind: str) -> str:
         return os.path.join(self.workdir, "shared", kind, "nnUNet_preprocessed")
+
+    @property
+    def targets_root(self) -> str:
+        """The teacher-target cache of every root in this work dir. All roots link the same preprocessed cases and
+        the cache key separates teachers (one per budget), plans, folds and TTA, so e.g. tskd_syn reads the real
+        cases' targets that tskd computed instead of running the teacher on them again."""
+        return os.path.join(self.workdir, TARGETS_DIR)
 
     @property
     def shared_results(self) -> str:
@@ -498,6 +521,7 @@ class BenchmarkRunner:
         for entry in os.listdir(src):
             if entry not in OWN_ENTRIES and ".tmp" not in entry:
                 _link(os.path.join(src, entry), os.path.join(dst, entry))
+        _share_folder(os.path.join(dst, TARGETS_DIR), self.targets_root)
         if read_json(os.path.join(dst, SPLITS_FILE), None) != splits:
             atomic_write_json(os.path.join(dst, SPLITS_FILE), splits)
         if read_json(os.path.join(dst, POOL_FILE), None) != pools:
@@ -573,12 +597,23 @@ class BenchmarkRunner:
             if not os.path.exists(output):
                 raise StepFailed(f"stage {stage} finished but its output {output} does not exist. Fix: make the "
                                  f"command write it or correct \"output\" of stage {stage}")
+            if spec.get("root") == "synthetic":
+                self._forget_targets(output, fold)
         except StepFailed as e:
             atomic_write_json(state_path, {**state, "status": "failed", "finished": _now(), "error": str(e),
                                            "error_tail": e.tail})
             raise StepFailed(f"stage {stage} failed: {e}", e.tail) from None
         atomic_write_json(state_path, {**state, "status": "done", "finished": _now(), "seconds": time.time() - t0,
                                        "output": output})
+
+    def _forget_targets(self, extension: str, fold: int) -> None:
+        """Cases just (re)sampled have new content under old names: drop their cached teacher targets (any key)."""
+        from tskd_nnunet.data.extension import list_extension_cases
+        fresh = {f"{c}.npy" for c in list_extension_cases(extension)}
+        for base, _, files in os.walk(self.targets_root):
+            if os.path.basename(os.path.dirname(base)) == f"fold_{fold}":
+                for f in fresh.intersection(files):
+                    os.remove(os.path.join(base, f))
 
     # ---------------------------------------------------------------- runs
     def run_complete(self, budget: Budget, method: str, fold: int) -> bool:

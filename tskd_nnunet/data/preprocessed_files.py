@@ -3,6 +3,7 @@
 
 - ``tskd_unlabeled_pool.json`` (written by dataset_conversion/label_budget.py): one list of case
   ids per fold, the training cases whose labels distillation and pretraining may not use.
+- ``tskd_targets/`` (tskd_nnunet/distill/target_cache.py): the teachers' cached probabilities per case.
 - the nnU-Net dataset class (Blosc2 or Numpy) of a folder, from the file endings it holds.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import List, Optional, Type, Union
 from tskd_nnunet.atomic_io import read_json
 
 POOL_FILE = "tskd_unlabeled_pool.json"
+TARGETS_DIR = "tskd_targets"
 _REWRITE = "Fix: rewrite it with dataset_conversion/label_budget.py"
 
 

@@ -33,9 +33,8 @@ import numpy as np
 import torch
 
 from tskd_nnunet.atomic_io import atomic_path, atomic_write_text
+from tskd_nnunet.data.preprocessed_files import TARGETS_DIR
 from tskd_nnunet.distill.teacher_io import TeacherError  # also for a cache that is missing, stale or does not fit
-
-TARGETS_DIR = "tskd_targets"
 
 
 @dataclass
