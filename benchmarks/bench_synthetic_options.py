@@ -10,6 +10,10 @@ own code (``train_diffusion``; resumable, its own ``nnUNet_results`` under ``--w
   crops of the fold's validation cases, which no generator saw) in the feature space of the packaged LiteMedSAM
   encoder. The row ``real (train crops)`` is the floor: real training crops against the same held-out crops.
 
+``--generator ARCH=PATH`` takes a generator trained elsewhere as ``ARCH``'s instead of training one, e.g. the
+benchmark runner's diffusion stage (run with the runner's preprocessed root, so the split and the generator's
+training cases are the same; its architecture and provenance are checked).
+
 ``--speed-only`` skips the quality half: each architecture trains only ``--train-steps`` steps (e.g. 6, into
 ``--work``/speed) to time a training step, then samples with those near-random weights — sampling cost does not
 depend on the weights — so the speed table is measured in minutes where the quality run takes hours on 2 cores.
@@ -41,7 +45,8 @@ from tskd_nnunet.atomic_io import atomic_path, atomic_write_text, read_json  # n
 from tskd_nnunet.data.extension import dataset_name  # noqa: E402
 from tskd_nnunet.synthetic import cases as fold_cases  # noqa: E402
 from tskd_nnunet.synthetic.quality import LiteMedSAMFeatures, features, frechet_distance, kid, real_crops  # noqa: E402
-from tskd_nnunet.synthetic.sample import SyntheticGenerator  # noqa: E402
+from tskd_nnunet.synthetic.model import load_checkpoint  # noqa: E402
+from tskd_nnunet.synthetic.sample import SyntheticGenerator, check_generator_provenance  # noqa: E402
 from tskd_nnunet.synthetic.train import DiffusionTrainSettings, save_grid_png, train_diffusion  # noqa: E402
 
 FLOOR = "real_floor.json"
@@ -64,6 +69,20 @@ def train_arch(arch: str, a: argparse.Namespace) -> str:
     return train_diffusion(a.dataset, a.configuration, a.fold, a.plans, settings, device=a.device)
 
 
+def given_generator(arch: str, path: str, a: argparse.Namespace) -> str:
+    """A generator trained elsewhere (e.g. the benchmark runner's diffusion stage) as ``arch``'s: its architecture
+    must be ``arch``'s and its training cases outside the current split's held-out cases."""
+    ckpt = load_checkpoint(path)
+    have = {"block_out_channels": tuple(ckpt["settings"]["block_out_channels"]),
+            "attention": bool(ckpt["settings"]["attention"])}
+    want = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in ARCHS[arch].items()}
+    if have != want:
+        raise SystemExit(f"bench_synthetic_options: error: --generator {arch}={path} has {have}, {arch} is {want}. "
+                         f"Fix: name the architecture it was trained with")
+    check_generator_provenance(dataset_name(a.dataset), a.fold, path, ckpt["case_ids"])
+    return path
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("-d", dest="dataset", required=True)
@@ -79,9 +98,13 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("-o", dest="out", required=True)
     p.add_argument("--work", default="/tmp/tskd_synthetic_options", help="generators' results roots")
+    p.add_argument("--generator", nargs="+", default=[], metavar="ARCH=PATH",
+                   help="a trained checkpoint to use as ARCH's generator instead of training one (e.g. the "
+                        "benchmark runner's diffusion stage, trained on the same cases)")
     p.add_argument("--speed-only", action="store_true",
                    help="time training steps and sampling only (no quality: weights barely trained)")
     a = p.parse_args()
+    given = dict(g.split("=", 1) for g in a.generator)
     os.makedirs(a.out, exist_ok=True)
     name = dataset_name(a.dataset)
     _, val_ids, _ = fold_cases.read_fold_split(name, a.fold)
@@ -91,7 +114,7 @@ def main() -> None:
     grid_rows: List[torch.Tensor] = []
     held_f = None
     for arch in a.archs:
-        ckpt_path = train_arch(arch, a)
+        ckpt_path = given_generator(arch, given[arch], a) if arch in given else train_arch(arch, a)
         for spec in a.samplers:
             sampler, steps = spec.split(":")
             g = SyntheticGenerator(ckpt_path, sampler, int(steps), a.device)
@@ -121,7 +144,8 @@ def main() -> None:
                    "attention": ARCHS[arch]["attention"], "parameters": sum(x.numel() for x in g.unet.parameters()),
                    "sampler": sampler, "steps": int(steps), "images": a.images, "resolution": list(g.patch_size),
                    "images_per_s": a.images / sec, "minutes_per_1000": 1000 * sec / a.images / 60,
-                   "train_steps": int(g.ckpt["step"]), "train_batch_size": a.train_batch_size,
+                   "train_steps": int(g.ckpt["step"]), "train_batch_size": int(g.ckpt["settings"]["batch_size"]),
+                   "generator": os.path.abspath(ckpt_path),
                    "train_minutes_total": float(g.ckpt.get("train_seconds", 0.0)) / 60 or None,
                    "train_s_per_step": step_s, "speed_only": a.speed_only,
                    "fd": None if f is None else frechet_distance(f, held_f),

@@ -10,6 +10,7 @@ import csv
 import importlib.util
 import json
 import os
+import types
 
 import numpy as np
 import pytest
@@ -86,3 +87,15 @@ def test_synthetic_options_report_keeps_speed_only_rows_apart(tmp_path):
     assert "| real (train crops) | - | - | - | - | - | 0.100 | 0.0010 |" in report
     assert "| 8.3 | 60 (2000 steps) | 0.500 | 0.0100 |" in report
     assert report.index("FD / KID") < report.index("## Speed only")
+
+
+def test_synthetic_options_given_generator_must_match_its_arch(tmp_path):
+    pytest.importorskip("diffusers")
+    import torch
+    options = load_script("bench_synthetic_options")
+    path = tmp_path / "checkpoint_final.pth"
+    torch.save({"unet_config": {}, "ema": {}, "case_ids": ["c1"],
+                "settings": {"block_out_channels": [32, 64, 64], "attention": True, "batch_size": 16}}, path)
+    a = types.SimpleNamespace(dataset="990", fold=0)
+    with pytest.raises(SystemExit, match="--generator lean=.*is \\{'block_out_channels': \\(16, 32, 64, 64\\)"):
+        options.given_generator("lean", str(path), a)
