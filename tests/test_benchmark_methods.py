@@ -63,3 +63,42 @@ def test_budget_roots_share_one_teacher_target_cache(tmp_path):
     runner._forget_targets(str(ext), 0)
     assert not os.path.exists(os.path.join(pool, key_dir, "syn_0000.npy"))
     assert os.path.isfile(os.path.join(pool, key_dir, "case_0.npy"))
+
+
+def test_tskd_syn_trainer_draws_labeled_pool_and_synthetic(tmp_path):
+    """The trainer behind tskd_syn keeps tskd's whole transfer set (labeled + pool) and adds the synthetic cases;
+    without synthetic cases it refuses to start (it would silently be tskd)."""
+    import types
+
+    import pytest
+
+    from tskd_nnunet.data.transfer_set import TransferSet, TransferSetError
+    from tskd_nnunet.trainers import distill_synthetic
+
+    cfg_file = tmp_path / "c.json"
+    cfg_file.write_text(json.dumps({"dataset": {"id": 990}, "budgets": [4], "methods": ["tskd", "tskd_syn"]}))
+    cls = getattr(distill_synthetic, load_config(str(cfg_file)).method_defs["tskd_syn"]["trainer"])
+    trainer = object.__new__(cls)  # select_training_cases needs no initialised trainer
+    trainer.plans_manager, trainer.configuration_name, trainer.fold = types.SimpleNamespace(plans_name="P"), "2d", 0
+    ts = TransferSet("main", ["a", "b"], ["p1", "p2", "p3"],
+                     {"synthetic": ("syn_dir", ["syn_s0_00000"]), "unlabeled": ("unl_dir", ["unl_x"])})
+    assert cls.select_training_cases(trainer, ts).counts() == {"labeled": 2, "pool": 3, "synthetic": 1,
+                                                               "real-unlabeled": 0}
+    with pytest.raises(TransferSetError, match="needs synthetic cases"):
+        cls.select_training_cases(trainer, TransferSet("main", ["a"], ["p1"]))
+
+
+def test_committed_settings_show_what_the_trainer_drew(tmp_path):
+    from tskd_nnunet.benchmark.committed import settings_table
+    from tskd_nnunet.benchmark.runner import drawn_transfer_set
+
+    log = tmp_path / "train.log"
+    log.write_text("x\n2026-11-28 22:16:56.410233: Transfer set: 10 labeled, 0 pool, 1000 synthetic, 0 real-unlabeled;"
+                   " validation: 64 cases (never drawn for training)\n")
+    drawn = drawn_transfer_set(str(log))
+    assert drawn == {"labeled": 10, "pool": 0, "synthetic": 1000, "real_unlabeled": 0}
+    assert drawn_transfer_set(str(tmp_path / "none.log")) is None
+    # the settings table reports the drawn counts over what the data scope offered (pool 246)
+    table = settings_table([{"method": "tskd_syn", "budget": 10, "fold": 0,
+                             "transfer_set": {"labeled": 10, "pool": 246, "synthetic": 1000, "drawn": drawn}}])
+    assert "| 10 / 0 / 1000 |" in table

@@ -207,6 +207,7 @@ def settings_table(runs: List[Dict[str, Any]]) -> str:
     rows = []
     for s in sorted(runs, key=lambda s: (str(s.get("budget")), str(s.get("method")), str(s.get("fold")))):
         ts = s.get("transfer_set") or {}
+        ts = {**ts, **(ts.get("drawn") or {})}  # what the trainer drew from, where it said so
         teacher = s.get("teacher") or {}
         tsha = _short(teacher.get("checkpoint_sha256"))
         if teacher and teacher.get("same_as_committed") is False:

@@ -66,7 +66,7 @@ METHODS: Dict[str, Dict[str, Any]] = {
     "tskd": {"trainer": "DistillTrainer", "data": "pool", "needs": ["teacher"],
              "env": {"TSKD_TEACHER_TRAINER": "{params[teacher_trainer]}"},
              "description": "TS-KD student, transfer set = labeled + unlabeled pool"},
-    "tskd_syn": {"trainer": "DistillTrainer_syn", "data": "pool_synthetic", "needs": ["teacher"],
+    "tskd_syn": {"trainer": "DistillTrainer_pool_syn", "data": "pool_synthetic", "needs": ["teacher"],
                  "stages": ["synthetic"], "env": {"TSKD_TEACHER_TRAINER": "{params[teacher_trainer]}"},
                  "description": "TS-KD student, transfer set = labeled + pool + diffusion-synthetic cases"},
     "task_agnostic": {"trainer": "TaskAgnosticDistillTrainer", "data": "pool",

@@ -156,6 +156,20 @@ def _share_folder(dst: str, shared: str) -> None:
     _link(shared, dst)
 
 
+_TRANSFER_LINE = re.compile(r"Transfer set: (\d+) labeled, (\d+) pool, (\d+) synthetic, (\d+) real-unlabeled")
+
+
+def drawn_transfer_set(train_log: str) -> Optional[Dict[str, int]]:
+    """The transfer set a distillation trainer reported it draws from (the first "Transfer set:" line of its
+    log), None for trainers without one: what the run used, not only what its data scope offered."""
+    try:
+        with open(train_log, errors="replace") as f:
+            m = _TRANSFER_LINE.search(f.read())
+    except OSError:
+        return None
+    return None if m is None else dict(zip(("labeled", "pool", "synthetic", "real_unlabeled"), map(int, m.groups())))
+
+
 def sha256_file(path: str) -> Optional[str]:
     """sha256 of a file, None when it does not exist."""
     import hashlib
@@ -851,7 +865,9 @@ class BenchmarkRunner:
             **self.identity(budget, method), "profile": self.profile_name,
             "plans_configuration": self.plans_configuration(pp_root),
             "transfer_set": {"labeled": len(splits[fold]["train"]), "validation": len(splits[fold]["val"]),
-                             "pool": len(pools[fold]) if DATA_SCOPES[scope]["pool"] else 0, "synthetic": n_syn},
+                             "pool": len(pools[fold]) if DATA_SCOPES[scope]["pool"] else 0, "synthetic": n_syn,
+                             "drawn": drawn_transfer_set(os.path.join(self.run_dir(budget, method, fold), "logs",
+                                                                      "train.log"))},
             "labeled_cases": sorted(splits[fold]["train"]), "test_cases": len(self.test_cases()),
             "split": {"num_folds": self.cfg.num_folds, "seed": self.cfg.seed, "spread": self.cfg.spread},
             "checkpoint_sha256": sha256_file(ckpt), "teacher": teacher, "foundation": foundation, "stages": stages,

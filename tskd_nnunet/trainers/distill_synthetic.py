@@ -5,6 +5,8 @@ The base DistillTrainer draws from every source of the fold's transfer set (labe
 ``select_training_cases`` hook, so that the benchmark can compare them:
 
 * ``DistillTrainer_syn``: labeled + synthetic (diffusion) cases only;
+* ``DistillTrainer_pool_syn``: labeled + pool + synthetic (the benchmark's ``tskd_syn``: ``tskd``'s transfer set
+  plus synthetic cases, so the difference is the synthetic images alone);
 * ``DistillTrainer_unl``: labeled + real unlabeled extension cases only;
 * ``DistillTrainer_nosyn``: everything except synthetic cases (the ablation).
 
@@ -27,18 +29,19 @@ class DistillTrainerMixedSources(DistillTrainer):
     """DistillTrainer drawing from ``extension_sources`` (+ the pool if ``use_pool``)."""
 
     extension_sources: Tuple[str, ...] = ("synthetic", "unlabeled")   # extension folder names to keep
+    required_sources: Tuple[str, ...] = ()  # extension folders that must hold cases (else the variant is pointless)
     use_pool: bool = True
 
     def select_training_cases(self, ts: TransferSet) -> TransferSet:
         ts = super().select_training_cases(ts)
         kept = TransferSet(ts.main_folder, list(ts.labeled), list(ts.pool) if self.use_pool else [],
                            {k: v for k, v in ts.extension.items() if k in self.extension_sources})
-        required = [s for s in self.extension_sources if s not in kept.extension]
-        if required and not self.use_pool and len(self.extension_sources) == 1:
-            fix = ("tskd_sample_diffusion" if required[0] == "synthetic" else "tskd_preprocess_unlabeled")
+        missing = [s for s in self.required_sources if s not in kept.extension]
+        if missing:
+            fix = ("tskd_sample_diffusion" if missing[0] == "synthetic" else "tskd_preprocess_unlabeled")
             raise TransferSetError(
-                f"{type(self).__name__} needs {required[0]} cases, but the fold has no tskd_extension/"
-                f"{self.plans_manager.plans_name}_{self.configuration_name}/fold_{self.fold}/{required[0]} folder "
+                f"{type(self).__name__} needs {missing[0]} cases, but the fold has no tskd_extension/"
+                f"{self.plans_manager.plans_name}_{self.configuration_name}/fold_{self.fold}/{missing[0]} folder "
                 f"with cases; create it with {fix} for fold {self.fold}")
         return kept
 
@@ -56,12 +59,16 @@ class DistillTrainerMixedSources(DistillTrainer):
 
 
 class DistillTrainer_syn(DistillTrainerMixedSources):
-    extension_sources = ("synthetic",)
+    extension_sources = required_sources = ("synthetic",)
     use_pool = False
 
 
+class DistillTrainer_pool_syn(DistillTrainerMixedSources):
+    extension_sources = required_sources = ("synthetic",)
+
+
 class DistillTrainer_unl(DistillTrainerMixedSources):
-    extension_sources = ("unlabeled",)
+    extension_sources = required_sources = ("unlabeled",)
     use_pool = False
 
 
