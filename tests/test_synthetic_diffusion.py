@@ -424,3 +424,19 @@ def test_default_resolution_is_the_patch_size_and_cases_load_at_it(in_env, tmp_p
                           oversample_foreground_percent=0.0)
     batch = dl.generate_train_batch()
     assert tuple(batch["data"].shape) == (2, 1, 64, 64) and set(batch["keys"]) <= set(ids)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm", "unipc"])
+def test_few_step_solvers_stay_bounded_on_the_cosine_schedule(sampler):
+    """The cosine schedule's first timestep has alpha_bar ~ 2e-9: a trained model's eps error of ~0.04 makes the x0
+    estimate ~800. DDIM clips x0 (clip_sample); the multistep solvers must too, or the first step throws the sample
+    to |x| ~ 100 and every image ends as +-1 noise (what the benchmark's UniPC images were before)."""
+    from tskd_nnunet.synthetic.model import build_sampling_scheduler, build_train_scheduler
+
+    sched = build_sampling_scheduler(sampler, dict(build_train_scheduler().config))
+    sched.set_timesteps(10)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1, 16, 16, generator=g)
+    eps = x + 0.04 * torch.randn(x.shape, generator=g)  # nearly right at the noisiest step, as a trained model is
+    out = sched.step(eps, sched.timesteps[0], x).prev_sample
+    assert out.abs().max() < 5, f"{sampler}: first step to |x| = {out.abs().max():.1f}"

@@ -57,14 +57,21 @@ def build_train_scheduler() -> DDPMScheduler:
 
 def build_sampling_scheduler(sampler: str, train_scheduler_config: dict):
     """DDIM (eta=0, deterministic), DPM-Solver++ (2nd order multistep) or UniPC (bh2, 2nd order: made for
-    5-20 steps) from the training config."""
+    5-20 steps) from the training config.
+
+    The cosine schedule's last timestep has alpha_bar ~ 0, so the first x0 prediction divides by ~0: DDIM survives
+    it through the config's ``clip_sample``, which the multistep solvers ignore; they get the same clip as
+    thresholding of x0 to the sample range (with ``sample_max_value`` 1 diffusers' dynamic threshold is exactly a
+    clip to [-1, 1]). Without it every UniPC/DPM image saturates to +-1 noise."""
     if sampler == "ddim":
         return DDIMScheduler.from_config(train_scheduler_config)
+    clip = {"thresholding": bool(train_scheduler_config.get("clip_sample", False)),
+            "sample_max_value": float(train_scheduler_config.get("clip_sample_range", 1.0))}
     if sampler == "dpm":
         return DPMSolverMultistepScheduler.from_config(train_scheduler_config, algorithm_type="dpmsolver++",
-                                                       solver_order=2)
+                                                       solver_order=2, **clip)
     if sampler == "unipc":
-        return UniPCMultistepScheduler.from_config(train_scheduler_config, solver_order=2, solver_type="bh2")
+        return UniPCMultistepScheduler.from_config(train_scheduler_config, solver_order=2, solver_type="bh2", **clip)
     raise ValueError(f"unknown sampler {sampler!r}. Fix: use one of {', '.join(SAMPLERS)}")
 
 
