@@ -131,7 +131,8 @@ def test_finished_runs_are_committed_with_their_settings(committed):
             assert os.path.getsize(os.path.join(committed["store"], "runs", n, f)) > 0, (n, f)
     teacher, tskd = store.settings("teacher", 4, 0), store.settings("tskd", 4, 0)
     assert tskd["trainer"] == "DistillTrainer" and tskd["schedule"] == "1,2,1" and tskd["configuration"] == "2d"
-    assert tskd["transfer_set"] == {"labeled": 4, "validation": 4, "pool": 4, "synthetic": 0}
+    # "drawn": None: the faked training writes no trainer log to read the drawn transfer set from
+    assert tskd["transfer_set"] == {"labeled": 4, "validation": 4, "pool": 4, "synthetic": 0, "drawn": None}
     assert tskd["teacher"]["checkpoint_sha256"] == teacher["checkpoint_sha256"]
     assert tskd["teacher"]["same_as_committed"] is True and len(teacher["checkpoint_sha256"]) == 64
     assert tskd["params"] == 1234 and tskd["latency_ms"] == 5.0 and "train" in tskd["minutes"]
