@@ -187,9 +187,10 @@ def write_report(out: str) -> None:
             lines.append(f"| {_option(r)} | {r['parameters'] / 1e6:.2f} M | {r['sampler']} | {r['steps']} | "
                          f"{r['minutes_per_1000']:.1f} | {tm} ({r['train_steps']} steps) | {r['fd']:.3f} | "
                          f"{r['kid']:.4f} |")
+        grid = ("; grid.png: held-out real rows, then one row per option" if os.path.isfile(os.path.join(out, "grid.png"))
+                else "")
         lines += ["", f"Resolution {quality[0]['resolution']}, {quality[0]['images']} images per option, "
-                      f"{quality[0]['torch_threads']} torch threads; grid.png: held-out real rows, then one row per "
-                      "option.", ""]
+                      f"{quality[0]['torch_threads']} torch threads{grid}.", ""]
     if speed:
         r0 = speed[0]
         lines += ["## Speed only (`--speed-only`: weights barely trained; sampling cost does not depend on them)", "",

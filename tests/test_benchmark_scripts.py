@@ -86,6 +86,7 @@ def test_synthetic_options_report_keeps_speed_only_rows_apart(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "| real (train crops) | - | - | - | - | - | 0.100 | 0.0010 |" in report
     assert "| 8.3 | 60 (2000 steps) | 0.500 | 0.0100 |" in report
+    assert "grid.png" not in report  # no grid was written: the report must not point to one
     assert report.index("FD / KID") < report.index("## Speed only")
 
 
