@@ -623,11 +623,8 @@ class BenchmarkRunner:
     def _forget_targets(self, extension: str, fold: int) -> None:
         """Cases just (re)sampled have new content under old names: drop their cached teacher targets (any key)."""
         from tskd_nnunet.data.extension import list_extension_cases
-        fresh = {f"{c}.npy" for c in list_extension_cases(extension)}
-        for base, _, files in os.walk(self.targets_root):
-            if os.path.basename(os.path.dirname(base)) == f"fold_{fold}":
-                for f in fresh.intersection(files):
-                    os.remove(os.path.join(base, f))
+        from tskd_nnunet.distill.target_cache import drop_cases
+        drop_cases(self.workdir, fold, list_extension_cases(extension))  # the cache of targets_root
 
     # ---------------------------------------------------------------- runs
     def run_complete(self, budget: Budget, method: str, fold: int) -> bool:

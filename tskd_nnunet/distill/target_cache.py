@@ -23,6 +23,7 @@ corners have validity 0 and get no KD loss.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -65,6 +66,15 @@ def cache_folder(preprocessed_base: str, plans_name: str, configuration: str, fo
 
 def target_file(folder: str, identifier: str) -> str:
     return os.path.join(folder, f"{identifier}.npy")
+
+
+def drop_cases(preprocessed_base: str, fold, identifiers: Iterable[str]) -> None:
+    """Delete the cached targets of these cases in every cache folder of ``fold`` under ``preprocessed_base`` (any
+    plans, configuration, key): cases written again have new content under their old names."""
+    for folder in glob.glob(cache_folder(glob.escape(preprocessed_base), "*", "*", fold, "*")):
+        for identifier in identifiers:
+            if os.path.isfile(target_file(folder, identifier)):
+                os.remove(target_file(folder, identifier))
 
 
 def missing_cases(folder: str, identifiers: Iterable[str]) -> List[str]:
