@@ -104,7 +104,10 @@ def main() -> None:
     p.add_argument("--speed-only", action="store_true",
                    help="time training steps and sampling only (no quality: weights barely trained)")
     a = p.parse_args()
-    given = dict(g.split("=", 1) for g in a.generator)
+    given = dict(g.split("=", 1) for g in a.generator if "=" in g)
+    bad = [g for g in a.generator if "=" not in g] + [f"{k}=... (not in --archs)" for k in given if k not in a.archs]
+    if bad:
+        p.error(f"--generator {' '.join(bad)}: give ARCH=PATH with ARCH one of --archs ({' '.join(a.archs)})")
     os.makedirs(a.out, exist_ok=True)
     name = dataset_name(a.dataset)
     _, val_ids, _ = fold_cases.read_fold_split(name, a.fold)

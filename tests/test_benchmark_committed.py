@@ -251,8 +251,9 @@ def test_real_configs_load_and_dry_run(tmp_path):
         assert cfg.budgets == budgets and cfg.configuration == "2d_128" and cfg.batch_size == 8
         assert cfg.profiles["cpu"]["schedule"] == "50,50,5"
         assert cfg.profiles["cpu"]["params"]["teacher_trainer"] == "LiteMedSAMTeacherTrainer_last"
-        assert cfg.methods_at(small) == ["nnUNetTrainer", "teacher", "tskd", "tskd_syn", "task_agnostic", "mae_ft",
-                                         "moco_ft", "plain_labeled_only"]
+        issue_arms = ["nnUNetTrainer", "teacher", "tskd", "tskd_syn", "task_agnostic", "mae_ft", "moco_ft",
+                      "plain_labeled_only"]  # HC18 adds tskd_syn with its synthetic share capped
+        assert [m for m in cfg.methods_at(small) if m != "tskd_syn_cap"] == issue_arms
         assert cfg.methods_at(budgets[1]) == ["nnUNetTrainer", "teacher", "tskd"]
         assert cfg.methods_at("all") == ["nnUNetTrainer"]
         # paths relative to the config file, whatever the current folder
@@ -271,7 +272,8 @@ def test_real_configs_load_and_dry_run(tmp_path):
                           cwd=str(tmp_path), capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
-    assert "runs (12):" in proc.stdout and "-b 8 -c 2d_128" in proc.stdout and "TSKD_SCHEDULE=50,50,5" in proc.stdout
+    assert "runs (13):" in proc.stdout and "-b 8 -c 2d_128" in proc.stdout and "TSKD_SCHEDULE=50,50,5" in proc.stdout
+    assert "TSKD_SYNTHETIC_FRACTION=0.2" in proc.stdout  # the capped arm's share reaches its training command
     assert "plain_labeled_only [pending]" in proc.stdout and "budget  all fold 0 nnUNetTrainer" in proc.stdout
     assert not (tmp_path / "w").exists() and not (tmp_path / "c").exists()
 

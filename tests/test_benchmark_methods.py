@@ -23,7 +23,7 @@ def test_tskd_arms_see_the_pool_and_differ_from_tskd_syn_only_by_synthetic_cases
 
 def test_budget_roots_share_one_teacher_target_cache(tmp_path):
     """tskd_syn reads the real cases' targets tskd computed (one cache per work dir, keys separate teachers); an
-    older per-root cache moves into it; re-sampled synthetic cases lose their stale targets."""
+    older per-root cache moves into it (re-sampled synthetic cases: target_cache.missing_cases finds them stale)."""
     import os
 
     import numpy as np
@@ -54,16 +54,6 @@ def test_budget_roots_share_one_teacher_target_cache(tmp_path):
         assert np.load(os.path.join(root, key_dir, "case_0.npy")).sum() == 2
     assert os.path.islink(os.path.join(syn, "case_0.npz"))  # the cases themselves: links to the same files
 
-    # the synthetic stage samples again: its cases' targets (any key, this fold) go, real cases' stay
-    ext = tmp_path / "ext"
-    ext.mkdir()
-    for f in ("syn_0000.npz", "syn_0000.pkl"):
-        (ext / f).write_bytes(b"x")
-    np.save(os.path.join(syn, key_dir, "syn_0000.npy"), np.ones(2))
-    runner._forget_targets(str(ext), 0)
-    assert not os.path.exists(os.path.join(pool, key_dir, "syn_0000.npy"))
-    assert os.path.isfile(os.path.join(pool, key_dir, "case_0.npy"))
-
 
 def test_tskd_syn_trainer_draws_labeled_pool_and_synthetic(tmp_path):
     """The trainer behind tskd_syn keeps tskd's whole transfer set (labeled + pool) and adds the synthetic cases;
@@ -91,10 +81,11 @@ def test_tskd_syn_trainer_draws_labeled_pool_and_synthetic(tmp_path):
 def test_committed_settings_show_what_the_trainer_drew(tmp_path):
     from tskd_nnunet.benchmark.committed import settings_table
     from tskd_nnunet.benchmark.runner import drawn_transfer_set
+    from tskd_nnunet.data.transfer_set import format_counts
 
-    log = tmp_path / "train.log"
-    log.write_text("x\n2026-11-28 22:16:56.410233: Transfer set: 10 labeled, 0 pool, 1000 synthetic, 0 real-unlabeled;"
-                   " validation: 64 cases (never drawn for training)\n")
+    log = tmp_path / "train.log"  # the line as the distillation trainer writes it
+    line = format_counts({"labeled": 10, "pool": 0, "synthetic": 1000, "real-unlabeled": 0})
+    log.write_text(f"x\n2026-11-28 22:16:56.410233: {line}; validation: 64 cases (never drawn for training)\n")
     drawn = drawn_transfer_set(str(log))
     assert drawn == {"labeled": 10, "pool": 0, "synthetic": 1000, "real_unlabeled": 0}
     assert drawn_transfer_set(str(tmp_path / "none.log")) is None

@@ -100,3 +100,16 @@ def test_synthetic_options_given_generator_must_match_its_arch(tmp_path):
     a = types.SimpleNamespace(dataset="990", fold=0)
     with pytest.raises(SystemExit, match="--generator lean=.*is \\{'block_out_channels': \\(16, 32, 64, 64\\)"):
         options.given_generator("lean", str(path), a)
+
+
+@pytest.mark.parametrize("given, says", [(["/x/checkpoint_final.pth"], "/x/checkpoint_final.pth"),
+                                         (["tiny=/x/c.pth"], "tiny=... (not in --archs)")])
+def test_synthetic_options_refuses_a_generator_it_would_not_use(monkeypatch, capsys, given, says):
+    pytest.importorskip("diffusers")
+    options = load_script("bench_synthetic_options")
+    monkeypatch.setattr("sys.argv", ["bench_synthetic_options.py", "-d", "990", "-c", "2d", "-o", "out",
+                                     "--archs", "base", "--generator", *given])
+    with pytest.raises(SystemExit):
+        options.main()
+    err = capsys.readouterr().err
+    assert f"--generator {says}: give ARCH=PATH with ARCH one of --archs (base)" in err

@@ -125,3 +125,25 @@ class OneCase:
 
     def load_case(self, identifier):
         return np.ones((1, 1, 8, 8), np.float32), np.zeros((1, 1, 8, 8), np.int16), None, {}
+
+
+def test_a_case_written_after_its_target_is_stale(tmp_path):
+    """Cases re-written under their old names (re-sampled synthetic images, a re-run preprocessing) get their
+    target computed again; untouched cases keep theirs."""
+    import os
+
+    from tskd_nnunet.distill.target_cache import missing_cases, target_file
+
+    cases, folder = tmp_path / "cases", tmp_path / "targets"
+    cases.mkdir()
+    folder.mkdir()
+    for i in ("a", "b", "c"):
+        (cases / f"{i}.pkl").write_bytes(b"x")
+    for i in ("a", "b"):
+        np.save(target_file(str(folder), i), np.zeros(2))
+    case_file = lambda i: str(cases / f"{i}.pkl")  # noqa: E731
+    assert missing_cases(str(folder), "abc", case_file) == ["c"]
+    t = os.stat(target_file(str(folder), "b")).st_mtime_ns
+    os.utime(case_file("b"), ns=(t + 10 ** 9, t + 10 ** 9))  # b written again, 1 s after its target
+    assert missing_cases(str(folder), "abc", case_file) == ["b", "c"]
+    assert missing_cases(str(folder), "abc") == ["c"]  # without case files: presence only

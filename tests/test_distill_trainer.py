@@ -3,6 +3,7 @@
 One tiny plain nnU-Net teacher (TSKDPlainTrainer_test) is trained once for the module; the
 generic teacher loader treats it exactly as it treats the ViT teacher.
 """
+import glob
 import json
 import os
 import shutil
@@ -58,8 +59,13 @@ def test_distill_trains_validates_and_predicts_with_plain_nnunet(teacher_env, tm
     assert "'TSKD_UNLABELED_FRACTION': None" in debug["tskd_settings"]
     plans = json.load(open(os.path.join(os.path.dirname(_fold(env, "DistillTrainer_test")), "plans.json")))
     assert plans["tskd_settings"]["TSKD_TEACHER_TRAINER"] == TEACHER and plans["tskd_settings"]["kd_weight"] == 1.0
-    out = _train(env, "DistillTrainer_test").stdout  # a second run reuses every cached target
-    assert "(0 computed now, 11 reused" in out
+    # the synthetic case is written again under its old name (as re-sampling does): its target is stale, the
+    # other ten are reused by the second run
+    syn_pkl, = glob.glob(os.path.join(env["nnUNet_preprocessed"], DATASET, "tskd_extension", "*", "fold_0", "*",
+                                      "syn_*.pkl"))
+    os.utime(syn_pkl)  # now: after its target was written
+    out = _train(env, "DistillTrainer_test").stdout
+    assert "(1 computed now, 10 reused" in out
     drawn = [l for l in out.splitlines() if "cases drawn this epoch" in l]
     assert drawn and sum(int(x.split()[-1]) for x in drawn[0].split(":")[-1].split(",")) == 2 * 2  # 2 iters x bs 2
 

@@ -72,11 +72,14 @@ def _build(base, test_ids=(), fold=0, train=TRAIN, val=VAL):
 
 def test_sources_and_unlabeled_cases_load_without_labels(distill_data):
     from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
-    from tskd_nnunet.data.transfer_set import TransferDataset
+    from tskd_nnunet.data.transfer_set import TransferDataset, format_counts, parse_counts
 
     base, _ = distill_data
     ts = _build(base)
     assert ts.counts() == {"labeled": 4, "pool": 5, "synthetic": 1, "real-unlabeled": 1}
+    # the log line of the counts reads back as written (the benchmark records it per run)
+    assert parse_counts("...: " + format_counts(ts.counts()) + "; validation: 4 cases") == ts.counts()
+    assert parse_counts("no such line") is None
     ds = TransferDataset(ts, nnUNetDatasetBlosc2)
     assert sorted(ds.identifiers) == sorted(TRAIN + POOL + ["syn_000", "unl_000"])
     data, seg, _, props = ds.load_case(TRAIN[0])
@@ -106,6 +109,34 @@ def test_loader_draws_only_transfer_cases_with_requested_fraction(distill_data):
     assert not set(keys) & set(VAL)
     frac = np.mean([k in ds.unlabeled for k in keys])
     assert 0.17 < frac < 0.33   # 320 draws at p = 0.25
+
+
+def test_synthetic_share_is_capped_without_changing_the_real_cases_draw(monkeypatch):
+    """TSKD_SYNTHETIC_FRACTION: many synthetic images take a fixed share of the batch, not one per case."""
+    from tskd_nnunet import config
+    from tskd_nnunet.data.transfer_set import sampling_probabilities
+
+    labeled, pool, syn = ["a", "b"], ["p1", "p2"], [f"syn_{k}" for k in range(96)]
+    ids, unlabeled, synthetic = labeled + pool + syn, set(pool + syn), set(syn)
+
+    def share(p, group):
+        return sum(x for i, x in zip(ids, p) if i in group)
+    assert sampling_probabilities(ids, unlabeled, None, synthetic, None) is None  # uniform: 96% synthetic
+    p = sampling_probabilities(ids, unlabeled, None, synthetic, 0.2)
+    assert share(p, synthetic) == pytest.approx(0.2)
+    assert p[0] == pytest.approx(p[2]) == pytest.approx(0.8 / 4)  # real cases: in proportion to their counts
+    p = sampling_probabilities(ids, unlabeled, 0.5, synthetic, 0.2)
+    assert share(p, synthetic) == pytest.approx(0.2) and share(p, pool) == pytest.approx(0.3)
+    assert share(p, labeled) == pytest.approx(0.5)
+    # no synthetic case: the cap changes nothing
+    assert sampling_probabilities(labeled + pool, set(pool), None, set(), 0.2) is None
+    assert sampling_probabilities(labeled + pool, set(pool), 0.5, set(), 0.2) == pytest.approx([0.25] * 4)
+
+    monkeypatch.setenv("TSKD_SYNTHETIC_FRACTION", "0.2")
+    assert config.synthetic_fraction_from_env() == 0.2
+    monkeypatch.setenv("TSKD_UNLABELED_FRACTION", "0.1")  # synthetic cases are unlabeled: 0.2 of 0.1 cannot be
+    with pytest.raises(config.TSKDConfigError, match="at most TSKD_UNLABELED_FRACTION"):
+        config.synthetic_fraction_from_env()
 
 
 def test_leaks_are_refused_with_the_file_named(distill_data):

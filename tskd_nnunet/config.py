@@ -116,6 +116,20 @@ def unlabeled_fraction_from_env() -> Optional[float]:
     return value
 
 
+def synthetic_fraction_from_env() -> Optional[float]:
+    """``TSKD_SYNTHETIC_FRACTION``: share of each batch drawn from synthetic cases (a cap: many synthetic images
+    would otherwise crowd out the real ones). Unset: synthetic cases are drawn like any other case."""
+    if env_str("TSKD_SYNTHETIC_FRACTION") is None:
+        return None
+    value = env_float("TSKD_SYNTHETIC_FRACTION", 0.2)
+    unlabeled = unlabeled_fraction_from_env()
+    if not 0.0 <= value < 1.0 or (unlabeled is not None and value > unlabeled):
+        raise TSKDConfigError(f"TSKD_SYNTHETIC_FRACTION={value} must be in [0, 1) and at most "
+                              f"TSKD_UNLABELED_FRACTION ({unlabeled}; synthetic cases are unlabeled). "
+                              f"Fix: export TSKD_SYNTHETIC_FRACTION=0.2")
+    return value
+
+
 # --- teacher (ViTLoRATeacherTrainer; documentation/teacher.md) -----------------------------------
 TEACHER_ENV_VARS = ("TSKD_TEACHER_BACKBONE", "TSKD_TEACHER_WEIGHTS", "TSKD_ALLOW_RANDOM_TEACHER",
                     "TSKD_TEACHER_ARCH_OVERRIDES", "TSKD_TEACHER_IMG_SIZE")

@@ -69,6 +69,12 @@ METHODS: Dict[str, Dict[str, Any]] = {
     "tskd_syn": {"trainer": "DistillTrainer_pool_syn", "data": "pool_synthetic", "needs": ["teacher"],
                  "stages": ["synthetic"], "env": {"TSKD_TEACHER_TRAINER": "{params[teacher_trainer]}"},
                  "description": "TS-KD student, transfer set = labeled + pool + diffusion-synthetic cases"},
+    # the same transfer set with the synthetic cases held to a fifth of each batch (uniform sampling gives 1,000
+    # synthetic images beside 256 real ones 80%): separates "synthetic images hurt" from "they crowd out real ones"
+    "tskd_syn_cap": {"trainer": "DistillTrainer_pool_syn", "data": "pool_synthetic", "needs": ["teacher"],
+                     "stages": ["synthetic"], "env": {"TSKD_TEACHER_TRAINER": "{params[teacher_trainer]}",
+                                                      "TSKD_SYNTHETIC_FRACTION": "0.2"},
+                     "description": "TS-KD + synthetic, synthetic cases capped at 20% of each batch"},
     "task_agnostic": {"trainer": "TaskAgnosticDistillTrainer", "data": "pool",
                       "env": {"TSKD_TEACHER_BACKBONE": "litemedsam"},
                       "description": "student distilled from the un-tuned foundation model's features, then fine-tuned"},

@@ -156,18 +156,17 @@ def _share_folder(dst: str, shared: str) -> None:
     _link(shared, dst)
 
 
-_TRANSFER_LINE = re.compile(r"Transfer set: (\d+) labeled, (\d+) pool, (\d+) synthetic, (\d+) real-unlabeled")
-
-
 def drawn_transfer_set(train_log: str) -> Optional[Dict[str, int]]:
-    """The transfer set a distillation trainer reported it draws from (the first "Transfer set:" line of its
-    log), None for trainers without one: what the run used, not only what its data scope offered."""
+    """The transfer set a distillation trainer reported it draws from (its log's ``format_counts`` line), None
+    for trainers without one: what the run used, not only what its data scope offered."""
+    from tskd_nnunet.data.transfer_set import parse_counts  # here: the runner itself imports neither torch nor nnU-Net
+
     try:
         with open(train_log, errors="replace") as f:
-            m = _TRANSFER_LINE.search(f.read())
+            counts = parse_counts(f.read())
     except OSError:
         return None
-    return None if m is None else dict(zip(("labeled", "pool", "synthetic", "real_unlabeled"), map(int, m.groups())))
+    return None if counts is None else {s.replace("-", "_"): n for s, n in counts.items()}  # JSON-friendly keys
 
 
 def sha256_file(path: str) -> Optional[str]:
@@ -611,20 +610,12 @@ class BenchmarkRunner:
             if not os.path.exists(output):
                 raise StepFailed(f"stage {stage} finished but its output {output} does not exist. Fix: make the "
                                  f"command write it or correct \"output\" of stage {stage}")
-            if spec.get("root") == "synthetic":
-                self._forget_targets(output, fold)
         except StepFailed as e:
             atomic_write_json(state_path, {**state, "status": "failed", "finished": _now(), "error": str(e),
                                            "error_tail": e.tail})
             raise StepFailed(f"stage {stage} failed: {e}", e.tail) from None
         atomic_write_json(state_path, {**state, "status": "done", "finished": _now(), "seconds": time.time() - t0,
                                        "output": output})
-
-    def _forget_targets(self, extension: str, fold: int) -> None:
-        """Cases just (re)sampled have new content under old names: drop their cached teacher targets (any key)."""
-        from tskd_nnunet.data.extension import list_extension_cases
-        from tskd_nnunet.distill.target_cache import drop_cases
-        drop_cases(self.workdir, fold, list_extension_cases(extension))  # the cache of targets_root
 
     # ---------------------------------------------------------------- runs
     def run_complete(self, budget: Budget, method: str, fold: int) -> bool:

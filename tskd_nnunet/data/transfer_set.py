@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple, Type
 
@@ -30,6 +31,21 @@ from tskd_nnunet.data.preprocessed_files import POOL_FILE, dataset_class_for, re
 LABELED, POOL, SYNTHETIC, REAL_UNLABELED = "labeled", "pool", "synthetic", "real-unlabeled"
 SOURCES = (LABELED, POOL, SYNTHETIC, REAL_UNLABELED)
 EXTENSION_PREFIXES = {"syn_": SYNTHETIC, "unl_": REAL_UNLABELED}
+
+
+_COUNTS_HEAD = "Transfer set: "
+_COUNTS_LINE = re.compile(re.escape(_COUNTS_HEAD) + ", ".join(rf"(\d+) {re.escape(s)}" for s in SOURCES))
+
+
+def format_counts(counts: Dict[str, int]) -> str:
+    """The trainer's log line of what it draws from; ``parse_counts`` reads it back (the benchmark's record)."""
+    return _COUNTS_HEAD + ", ".join(f"{counts[s]} {s}" for s in SOURCES)
+
+
+def parse_counts(log_text: str) -> Optional[Dict[str, int]]:
+    """Source -> count from the first ``format_counts`` line in a training log; None when there is none."""
+    m = _COUNTS_LINE.search(log_text)
+    return None if m is None else dict(zip(SOURCES, map(int, m.groups())))
 
 
 class TransferSetError(ValueError):
@@ -198,23 +214,41 @@ def build_transfer_set(preprocessed_base: str, main_folder: str, plans_name: str
     return ts
 
 
-def sampling_probabilities(identifiers: Sequence[str], unlabeled: Set[str],
-                           unlabeled_fraction: Optional[float]) -> Optional[np.ndarray]:
+def sampling_probabilities(identifiers: Sequence[str], unlabeled: Set[str], unlabeled_fraction: Optional[float],
+                           synthetic: Set[str] = frozenset(),
+                           synthetic_fraction: Optional[float] = None) -> Optional[np.ndarray]:
     """Per-identifier probabilities for nnU-Net's DataLoader.
 
-    ``None`` (nnU-Net's uniform draw) when ``unlabeled_fraction`` is None, i.e. each source is drawn
-    in proportion to its case count. Otherwise a sample is unlabeled with probability
-    ``unlabeled_fraction`` (uniform within each group); with one group empty, that group's share goes
-    to the other.
+    ``None`` (nnU-Net's uniform draw) when both fractions are None, i.e. each source is drawn in proportion to
+    its case count. ``unlabeled_fraction``: the share of samples from unlabeled cases (synthetic included);
+    ``synthetic_fraction``: the share from ``synthetic`` cases (a cap, so many synthetic images do not crowd out
+    the real ones). Uniform within each group; an empty group's share goes to the others in proportion.
     """
-    if unlabeled_fraction is None:
+    if not any(i in synthetic for i in identifiers):
+        synthetic_fraction = None  # a cap on nothing: the draw is unlabeled_fraction's alone
+    if unlabeled_fraction is None and synthetic_fraction is None:
         return None
-    n_u = sum(1 for i in identifiers if i in unlabeled)
-    n_l = len(identifiers) - n_u
-    if n_u == 0 or n_l == 0:
+    UNLABELED, REAL = "unlabeled", "real"  # pool + real-unlabeled (+ synthetic without a share of its own); all real
+    if synthetic_fraction is None:
+        shares = {LABELED: 1 - unlabeled_fraction, UNLABELED: unlabeled_fraction}
+    elif unlabeled_fraction is None:
+        shares = {REAL: 1 - synthetic_fraction, SYNTHETIC: synthetic_fraction}
+    else:
+        shares = {LABELED: 1 - unlabeled_fraction, UNLABELED: unlabeled_fraction - synthetic_fraction,
+                  SYNTHETIC: synthetic_fraction}
+
+    def group(i: str) -> str:
+        if SYNTHETIC in shares and i in synthetic:
+            return SYNTHETIC
+        if REAL in shares:
+            return REAL
+        return UNLABELED if UNLABELED in shares and i in unlabeled else LABELED
+
+    groups = [group(i) for i in identifiers]
+    size = Counter(groups)
+    if len(size) < 2:
         return None
-    p = np.array([unlabeled_fraction / n_u if i in unlabeled else (1 - unlabeled_fraction) / n_l
-                  for i in identifiers], dtype=np.float64)
+    p = np.array([shares[g] / size[g] for g in groups], dtype=np.float64)
     return p / p.sum()
 
 
@@ -251,6 +285,10 @@ class TransferDataset(nnUNetBaseDataset):
             keys = list((properties.get("class_locations") or {}).keys()) + list(self._extra_keys)
             properties["class_locations"] = {k: np.zeros((0, len(seg.shape)), dtype=np.int64) for k in keys}
         return data, seg, seg_prev, properties
+
+    def case_file(self, identifier: str) -> str:
+        """The case's properties file, written with every (re)write of the case in any nnU-Net format."""
+        return os.path.join(self._owner[identifier].source_folder, f"{identifier}.pkl")
 
     @staticmethod
     def save_case(data, seg, properties, output_filename_truncated):

@@ -11,7 +11,8 @@ its softmax (sigmoid for region training) is stored beside the preprocessed data
 
 ``<key>`` hashes every teacher's checkpoint (sha256) and trainer, the configuration's plans entry, the
 fold and the TTA setting, so another teacher, plans or fold can never read this cache: it gets a
-folder of its own (built when missing). Files are written to a temporary name and renamed, so an
+folder of its own (built when missing). A target older than its case's preprocessed files is computed again
+(the case was written anew under its old name). Files are written to a temporary name and renamed, so an
 interrupted build resumes where it stopped and no reader sees half a file.
 
 In training (``DistillTrainer`` in cached mode) :class:`CachedTargetDataset` appends the target and a
@@ -23,12 +24,11 @@ corners have validity 0 and get no KD loss.
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -68,17 +68,18 @@ def target_file(folder: str, identifier: str) -> str:
     return os.path.join(folder, f"{identifier}.npy")
 
 
-def drop_cases(preprocessed_base: str, fold, identifiers: Iterable[str]) -> None:
-    """Delete the cached targets of these cases in every cache folder of ``fold`` under ``preprocessed_base`` (any
-    plans, configuration, key): cases written again have new content under their old names."""
-    for folder in glob.glob(cache_folder(glob.escape(preprocessed_base), "*", "*", fold, "*")):
-        for identifier in identifiers:
-            if os.path.isfile(target_file(folder, identifier)):
-                os.remove(target_file(folder, identifier))
-
-
-def missing_cases(folder: str, identifiers: Iterable[str]) -> List[str]:
-    return [i for i in identifiers if not os.path.isfile(target_file(folder, i))]
+def missing_cases(folder: str, identifiers: Iterable[str],
+                  case_file: Optional[Callable[[str], str]] = None) -> List[str]:
+    """Cases without a target in ``folder``, and, given ``case_file`` (identifier -> a file its preprocessing
+    writes), cases whose file is newer than their target: written again after the target was computed (synthetic
+    cases re-sampled under the same names, a re-run preprocessing), so the target is stale."""
+    out = []
+    for i in identifiers:
+        target = target_file(folder, i)
+        if not os.path.isfile(target) or (case_file is not None and
+                                          os.stat(case_file(i)).st_mtime_ns > os.stat(target).st_mtime_ns):
+            out.append(i)
+    return out
 
 
 def probabilities(logits: torch.Tensor, multilabel: bool) -> torch.Tensor:
@@ -117,8 +118,10 @@ def probabilities_from_prediction(npz_file: str, spatial_shape: Sequence[int], p
 
 def build_cache(folder: str, teachers: Sequence[TeacherForCache], load_case, identifiers: Sequence[str],
                 device: torch.device, use_mirroring: bool = True, multilabel: bool = False,
-                manifest_extra: Optional[dict] = None, log=print, predictions: Optional[str] = None) -> int:
-    """Write ``<case>.npy`` (fp16 probabilities, averaged over ``teachers``) for every identifier that has none.
+                manifest_extra: Optional[dict] = None, log=print, predictions: Optional[str] = None,
+                case_file: Optional[Callable[[str], str]] = None) -> int:
+    """Write ``<case>.npy`` (fp16 probabilities, averaged over ``teachers``) for every identifier that has none
+    (or a stale one: ``missing_cases``).
     ``load_case(identifier)`` returns nnU-Net's preprocessed (data, ...). With ``predictions`` (a folder that
     ``nnUNetv2_predict -tr <the one teacher> --save_probabilities`` wrote), cases found there are taken from it
     instead of running the teacher again. Returns the number of cases written."""
@@ -131,7 +134,7 @@ def build_cache(folder: str, teachers: Sequence[TeacherForCache], load_case, ide
                 "what": "softmax (sigmoid for regions) at nnU-Net's preprocessed resolution, averaged over teachers"}
     manifest.update(manifest_extra or {})
     atomic_write_text(os.path.join(folder, "manifest.json"), json.dumps(manifest, indent=1))
-    todo = missing_cases(folder, identifiers)
+    todo = missing_cases(folder, identifiers, case_file)
     n_before = len(todo)
     if predictions is not None:
         if len(teachers) != 1:

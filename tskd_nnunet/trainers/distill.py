@@ -34,10 +34,10 @@ from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from tskd_nnunet import config
-from tskd_nnunet.config import (teacher_checkpoint_from_env, teacher_plans_from_env, teacher_trainer_from_env,
-                                unlabeled_fraction_from_env)
-from tskd_nnunet.data.transfer_set import (SOURCES, TransferDataset, TransferSet, build_transfer_set,
-                                           raw_test_ids, sampling_probabilities)
+from tskd_nnunet.config import (synthetic_fraction_from_env, teacher_checkpoint_from_env, teacher_plans_from_env,
+                                teacher_trainer_from_env, unlabeled_fraction_from_env)
+from tskd_nnunet.data.transfer_set import (SOURCES, SYNTHETIC, TransferDataset, TransferSet, build_transfer_set,
+                                           format_counts, raw_test_ids, sampling_probabilities)
 from tskd_nnunet.distill.losses import (DeepSupervisionKD, DistillationLoss, FeatureKD, FeatureTap, feature_tap_for,
                                         masked_supervised_loss, through_every_parameter, tokens_to_grid)
 from tskd_nnunet.distill.target_cache import CachedTargetDataset, missing_cases, split_batch, wrap_transforms
@@ -79,6 +79,7 @@ class DistillTrainer(ScheduledTrainer):
         self.target_cache_folder: Optional[str] = None
         self.transfer_set_counts: Dict[str, int] = {}
         self.unlabeled_fraction = unlabeled_fraction_from_env()
+        self.synthetic_fraction = synthetic_fraction_from_env()
         self.teacher_trainers = [t.strip() for t in teacher_trainer_from_env(self.teacher_trainer_name).split(",")]
         self.teacher_plans = teacher_plans_from_env(self.plans_manager.plans_name)
         self.teacher_checkpoint_name = teacher_checkpoint_from_env()
@@ -90,6 +91,7 @@ class DistillTrainer(ScheduledTrainer):
             "TSKD_KD_MODE": self.kd_mode, "TSKD_TEACHER_TRAINER": ",".join(self.teacher_trainers),
             "TSKD_TEACHER_PLANS": self.teacher_plans, "TSKD_TEACHER_CHECKPOINT": self.teacher_checkpoint_name,
             "TSKD_TEACHER_TTA": "1" if self.teacher_tta else "0", "TSKD_UNLABELED_FRACTION": self.unlabeled_fraction,
+            "TSKD_SYNTHETIC_FRACTION": self.synthetic_fraction,
             "kd_weight": self.kd_weight, "kd_temperature": self.kd_temperature, "feature_kd": self.feature_kd,
             "feature_kd_weight": self.feature_kd_weight, "student_width": self.student_width})
         return settings
@@ -141,27 +143,28 @@ class DistillTrainer(ScheduledTrainer):
         return self.teacher
 
     # ---- cached teacher targets (tskd_nnunet/distill/target_cache.py) ------------------------------
-    def prepare_target_cache(self, identifiers: List[str], load_case, predictions: Optional[str] = None) -> str:
-        """The folder of the teacher(s)' cached targets for these cases, built where missing. ``predictions``: a
-        folder of the teacher's ``nnUNetv2_predict --save_probabilities`` output to take cases from
+    def prepare_target_cache(self, dataset: TransferDataset, predictions: Optional[str] = None) -> str:
+        """The folder of the teacher(s)' cached targets for the dataset's cases, built where missing or stale.
+        ``predictions``: a folder of the teacher's ``nnUNetv2_predict --save_probabilities`` output to take cases from
         (tskd_cache_targets --from_predictions). Under DDP only rank 0 builds the teachers and writes (each file
         atomically); the other ranks receive its folder, check that every case is there, and only read
         (memory-mapped, read-only)."""
-        folder = self._build_target_cache(identifiers, load_case, predictions) if self.local_rank == 0 else None
+        folder = self._build_target_cache(dataset, predictions) if self.local_rank == 0 else None
         if self.is_ddp:
             import torch.distributed as dist
             shared = [folder]
             dist.broadcast_object_list(shared, src=0)  # also the barrier: rank 0 has finished writing
             folder = shared[0]
-        missing = missing_cases(folder, identifiers)
+        missing = missing_cases(folder, dataset.identifiers, dataset.case_file)
         if missing:
             raise TeacherError(f"Cached teacher targets {folder} lack {len(missing)} case(s), e.g. {missing[0]}. Fix: "
                                f"delete the folder; the next training run (or tskd_cache_targets) rebuilds it.")
         return folder
 
-    def _build_target_cache(self, identifiers: List[str], load_case, predictions: Optional[str]) -> str:
+    def _build_target_cache(self, dataset: TransferDataset, predictions: Optional[str]) -> str:
+        identifiers = dataset.identifiers
         if predictions is None and self.target_cache_folder and not missing_cases(self.target_cache_folder,
-                                                                                   identifiers):
+                                                                                   identifiers, dataset.case_file):
             return self.target_cache_folder  # a loader rebuilt over the same cases: no teacher to build
         from tskd_nnunet.distill.target_cache import build_cache, cache_folder, cache_key
         from tskd_nnunet.distill.teacher_io import load_teacher_for_cache
@@ -172,9 +175,11 @@ class DistillTrainer(ScheduledTrainer):
         key = cache_key(teachers, self.plans_manager.plans, self.configuration_name, self.fold, tta)
         folder = cache_folder(self.preprocessed_dataset_folder_base, self.plans_manager.plans_name,
                               self.configuration_name, self.fold, key)
-        n = build_cache(folder, teachers, load_case, identifiers, self.device, tta, self.label_manager.has_regions,
+        n = build_cache(folder, teachers, dataset.load_case, identifiers, self.device, tta,
+                        self.label_manager.has_regions,
                         {"key": key, "fold": self.fold, "configuration": self.configuration_name},
-                        log=lambda m: self.print_to_log_file(m, also_print_to_console=True), predictions=predictions)
+                        log=lambda m: self.print_to_log_file(m, also_print_to_console=True), predictions=predictions,
+                        case_file=dataset.case_file)
         self.print_to_log_file(f"Teacher targets: {folder} ({n} computed now, {len(identifiers) - n} reused; key "
                                f"{key} = teacher checkpoint(s) + plans + fold + TTA {tta})", also_print_to_console=True)
         return folder
@@ -244,8 +249,8 @@ class DistillTrainer(ScheduledTrainer):
         self._labeled_ids = set(self.transfer_set.labeled)
         self._source_of = self.transfer_set.source_of()
         counts = self.transfer_set.counts()
-        self.print_to_log_file("Transfer set: " + ", ".join(f"{counts[s]} {s}" for s in SOURCES) +
-                               f"; validation: {len(val_keys)} cases (never drawn for training)")
+        self.print_to_log_file(f"{format_counts(counts)}; validation: {len(val_keys)} cases (never drawn for "
+                               f"training)")
         self.transfer_set_counts = counts
         dataset = TransferDataset(self.transfer_set, self.dataset_class, self.folder_with_segs_from_previous_stage,
                                   self.label_manager.has_ignore_label, tuple([-1] + self.label_manager.all_labels))
@@ -254,7 +259,7 @@ class DistillTrainer(ScheduledTrainer):
     def build_target_cache(self, predictions: Optional[str] = None) -> str:
         """What ``tskd_cache_targets`` runs: the cache for this fold's whole transfer set, without training."""
         dataset, _ = self.transfer_dataset()
-        self.target_cache_folder = self.prepare_target_cache(dataset.identifiers, dataset.load_case, predictions)
+        self.target_cache_folder = self.prepare_target_cache(dataset, predictions)
         return self.target_cache_folder
 
     def get_tr_and_val_datasets(self):
@@ -262,7 +267,7 @@ class DistillTrainer(ScheduledTrainer):
         as image channels; validation is nnU-Net's own dataset of the fold's validation cases."""
         dataset_tr, val_keys = self.transfer_dataset()
         if self.kd_mode == "cached":
-            self.target_cache_folder = self.prepare_target_cache(dataset_tr.identifiers, dataset_tr.load_case)
+            self.target_cache_folder = self.prepare_target_cache(dataset_tr)
             dataset_tr = CachedTargetDataset(dataset_tr, self.target_cache_folder)
         dataset_val = self.dataset_class(self.preprocessed_dataset_folder, val_keys,
                                          folder_with_segs_from_previous_stage=self.folder_with_segs_from_previous_stage)
@@ -276,7 +281,8 @@ class DistillTrainer(ScheduledTrainer):
 
     def get_dataloaders(self):
         """nnU-Net 2.8's ``get_dataloaders`` with one change, for which nnU-Net has no hook: the training loader
-        gets ``sampling_probabilities`` (TSKD_UNLABELED_FRACTION; None, nnU-Net's uniform draw, when unset).
+        gets ``sampling_probabilities`` (TSKD_UNLABELED_FRACTION, TSKD_SYNTHETIC_FRACTION; None, nnU-Net's uniform
+        draw, when both are unset).
         Datasets and transforms come from the hooks above. tests/test_nnunet_hooks.py fails when the installed
         nnU-Net's ``get_dataloaders`` is not the one copied here (documentation/conventions.md says what to do)."""
         if self.dataset_class is None:
@@ -295,7 +301,9 @@ class DistillTrainer(ScheduledTrainer):
                                                         foreground_labels=self.label_manager.foreground_labels,
                                                         regions=regions, ignore_label=self.label_manager.ignore_label)
         dataset_tr, dataset_val = self.get_tr_and_val_datasets()
-        probs = sampling_probabilities(dataset_tr.identifiers, dataset_tr.unlabeled, self.unlabeled_fraction)
+        synthetic = {i for i in dataset_tr.identifiers if self._source_of.get(i) == SYNTHETIC}
+        probs = sampling_probabilities(dataset_tr.identifiers, dataset_tr.unlabeled, self.unlabeled_fraction,
+                                       synthetic, self.synthetic_fraction)
         common = dict(label_manager=self.label_manager, pad_sides=None,
                       oversample_foreground_percent=self.oversample_foreground_percent,
                       probabilistic_oversampling=self.probabilistic_oversampling)
