@@ -30,11 +30,12 @@ timings are wall-clock.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
 import time
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 import numpy as np
 import torch
@@ -50,12 +51,23 @@ from tskd_nnunet.synthetic.sample import SyntheticGenerator, check_generator_pro
 from tskd_nnunet.synthetic.train import DiffusionTrainSettings, save_grid_png, train_diffusion  # noqa: E402
 
 FLOOR = "real_floor.json"
+LAYOUTS = ("channels_last", "contiguous", "compiled")
 # generator architectures (UNet2DModel block widths, attention at the lowest level)
 ARCHS: Dict[str, Dict] = {
     "base": {"block_out_channels": (32, 64, 64), "attention": True},      # the default generator
     "lean": {"block_out_channels": (16, 32, 64, 64), "attention": False},  # a level deeper, half the width at 1/1
     "tiny": {"block_out_channels": (16, 32, 32), "attention": False},
 }
+
+
+def cached(path: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
+    """``compute()``, kept in ``path`` (.npy, written atomically) and read from there next time."""
+    if os.path.isfile(path):
+        return np.load(path)
+    value = compute()
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, value)
+    return value
 
 
 def train_arch(arch: str, a: argparse.Namespace) -> str:
@@ -101,6 +113,10 @@ def main() -> None:
     p.add_argument("--generator", nargs="+", default=[], metavar="ARCH=PATH",
                    help="a trained checkpoint to use as ARCH's generator instead of training one (e.g. the "
                         "benchmark runner's diffusion stage, trained on the same cases)")
+    p.add_argument("--layout", choices=LAYOUTS, default="channels_last",
+                   help="sampling layout on CPU: channels_last (the pipeline's default), contiguous (to measure "
+                        "channels-last's gain), compiled (channels-last + torch.compile of the UNet; one warm-up "
+                        "batch compiles it and is timed apart)")
     p.add_argument("--speed-only", action="store_true",
                    help="time training steps and sampling only (no quality: weights barely trained)")
     a = p.parse_args()
@@ -121,21 +137,33 @@ def main() -> None:
         for spec in a.samplers:
             sampler, steps = spec.split(":")
             g = SyntheticGenerator(ckpt_path, sampler, int(steps), a.device)
+            g.channels_last = a.layout != "contiguous"
             if held_f is None and not a.speed_only:  # held-out real crops and the real-vs-real floor, once
                 held_out = real_crops(name, a.plans, a.configuration, val_ids, g.patch_size, a.images, seed=1)
-                held_f = features(feat, held_out, device=device)
+                # the encoder's features of the same crops are kept in --work: a re-run (a missing row) skips them
+                key = hashlib.sha256(held_out.tobytes()).hexdigest()[:16]
+                held_f = cached(os.path.join(a.work, "features", f"held_out_{key}.npy"),
+                                lambda: features(feat, held_out, device=device))
                 grid_rows.append(g.imap.to_model(torch.from_numpy(held_out[:8])))
-                train_f = features(feat, real_crops(name, a.plans, a.configuration, pool, g.patch_size, a.images,
-                                                    seed=2), device=device)
-                atomic_write_text(os.path.join(a.out, FLOOR), json.dumps(
-                    {"fd": frechet_distance(train_f, held_f), "kid": kid(train_f, held_f)[0], "images": a.images},
-                    indent=1))
-            target = os.path.join(a.out, f"{'speed_' if a.speed_only else ''}{arch}_{sampler}{steps}.json")
+                if read_json(os.path.join(a.out, FLOOR), {}).get("images") != a.images:
+                    train_f = features(feat, real_crops(name, a.plans, a.configuration, pool, g.patch_size,
+                                                        a.images, seed=2), device=device)
+                    atomic_write_text(os.path.join(a.out, FLOOR), json.dumps(
+                        {"fd": frechet_distance(train_f, held_f), "kid": kid(train_f, held_f)[0], "images": a.images},
+                        indent=1))
+            layout = "" if a.layout == "channels_last" else f"_{a.layout}"
+            target = os.path.join(a.out, f"{'speed_' if a.speed_only else ''}{arch}_{sampler}{steps}{layout}.json")
             if os.path.isfile(target):
                 print(f"[{arch} {spec}] done before: {target}")
                 if not a.speed_only:
                     grid_rows.append(g.imap.to_model(torch.from_numpy(g.generate(0, range(8)))))
                 continue
+            warm_up_s = None
+            if a.layout == "compiled":  # compilation happens on the first call: timed apart, images discarded
+                g.unet = torch.compile(g.unet)
+                t0 = time.perf_counter()
+                g.generate(1, range(a.batch_size))
+                warm_up_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             imgs = np.concatenate([g.generate(0, range(i, min(i + a.batch_size, a.images)))
                                    for i in range(0, a.images, a.batch_size)])
@@ -145,7 +173,8 @@ def main() -> None:
             step_s = (log[-1][2] - log[0][2]) / (log[-1][0] - log[0][0]) if len(log) > 1 else None
             row = {"arch": arch, "block_out_channels": list(ARCHS[arch]["block_out_channels"]),
                    "attention": ARCHS[arch]["attention"], "parameters": sum(x.numel() for x in g.unet.parameters()),
-                   "sampler": sampler, "steps": int(steps), "images": a.images, "resolution": list(g.patch_size),
+                   "sampler": sampler, "steps": int(steps), "layout": a.layout, "compile_s": warm_up_s,
+                   "images": a.images, "resolution": list(g.patch_size),
                    "images_per_s": a.images / sec, "minutes_per_1000": 1000 * sec / a.images / 60,
                    "train_steps": int(g.ckpt["step"]), "train_batch_size": int(g.ckpt["settings"]["batch_size"]),
                    "generator": os.path.abspath(ckpt_path),
@@ -167,7 +196,9 @@ def main() -> None:
 
 
 def _option(r: dict) -> str:
-    return f"{r['arch']} {tuple(r['block_out_channels'])}{' +attn' if r['attention'] else ''}"
+    layout = r.get("layout", "channels_last")  # rows from before the option: channels-last
+    return (f"{r['arch']} {tuple(r['block_out_channels'])}{' +attn' if r['attention'] else ''}"
+            + ("" if layout == "channels_last" else f", {layout}"))
 
 
 def write_report(out: str) -> None:
@@ -207,6 +238,10 @@ def write_report(out: str) -> None:
             ts = f"{r['train_s_per_step']:.2f}" if r.get("train_s_per_step") else "-"
             lines.append(f"| {_option(r)} | {r['parameters'] / 1e6:.2f} M | {ts} | {r['sampler']} | {r['steps']} | "
                          f"{r['images_per_s']:.2f} | {r['minutes_per_1000']:.1f} | {r['load_average_1min']:.1f} |")
+    compiled = [r for r in rows if r.get("compile_s")]
+    lines += ["", "Sampling layout: channels-last unless the option names another (`--layout`)."] + [
+        f"- {_option(r)} {r['sampler']} {r['steps']}{' (speed only)' if r.get('speed_only') else ''}: the first "
+        f"batch (torch.compile's compilation) took {r['compile_s']:.0f} s, not in its rate" for r in compiled]
     atomic_write_text(os.path.join(out, "report.md"), "\n".join(lines) + "\n")
 
 

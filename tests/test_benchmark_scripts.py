@@ -88,6 +88,16 @@ def test_synthetic_options_report_keeps_speed_only_rows_apart(tmp_path):
     assert "| 8.3 | 60 (2000 steps) | 0.500 | 0.0100 |" in report
     assert "grid.png" not in report  # no grid was written: the report must not point to one
     assert report.index("FD / KID") < report.index("## Speed only")
+    # other sampling layouts are options of their own; a compiled one reports its compilation apart
+    for layout, rate in (("contiguous", 1.0), ("compiled", 4.0)):
+        (tmp_path / f"speed_lean_unipc10_{layout}.json").write_text(json.dumps(
+            dict(row, layout=layout, images_per_s=rate, minutes_per_1000=1000 / rate / 60,
+                 compile_s=75.0 if layout == "compiled" else None)))
+    options.write_report(str(tmp_path))
+    report = (tmp_path / "report.md").read_text()
+    assert "| lean (16, 32, 64, 64), contiguous | 1.04 M | 3.50 | unipc | 10 | 1.00 | 16.7 |" in report
+    assert "| lean (16, 32, 64, 64), compiled | 1.04 M | 3.50 | unipc | 10 | 4.00 | 4.2 |" in report
+    assert "lean (16, 32, 64, 64), compiled unipc 10 (speed only): the first batch (torch.compile's " in report
 
 
 def test_synthetic_options_given_generator_must_match_its_arch(tmp_path):
@@ -113,3 +123,19 @@ def test_synthetic_options_refuses_a_generator_it_would_not_use(monkeypatch, cap
         options.main()
     err = capsys.readouterr().err
     assert f"--generator {says}: give ARCH=PATH with ARCH one of --archs (base)" in err
+
+
+def test_synthetic_options_keeps_the_held_out_features_for_a_rerun(tmp_path):
+    pytest.importorskip("diffusers")
+    import numpy as np
+    options = load_script("bench_synthetic_options")
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return np.arange(6.0).reshape(2, 3)
+    path = str(tmp_path / "features" / "held_out_x.npy")
+    first = options.cached(path, compute)
+    again = options.cached(path, compute)
+    assert len(calls) == 1 and np.array_equal(first, again)
+    assert [f for f in os.listdir(tmp_path / "features")] == ["held_out_x.npy"]  # no temp file left

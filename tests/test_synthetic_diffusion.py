@@ -139,6 +139,9 @@ def test_same_seed_gives_same_images_whatever_the_batching(in_env, sampler):
     np.testing.assert_allclose(np.concatenate([gen.generate(7, [0]), gen.generate(7, [1, 2])]), a, atol=1e-4)
     assert np.abs(gen.generate(8, [0]) - a[:1]).mean() > 1e-3
     assert np.abs(a[0] - a[1]).mean() > 1e-3
+    gen.channels_last = False  # the sampling layout changes speed, not the images
+    np.testing.assert_allclose(gen.generate(7, [0, 1, 2]), a, atol=1e-4)
+    assert next(gen.unet.parameters()).is_contiguous()  # the model keeps its layout after sampling
 
 
 def test_sample_command_writes_an_extension_nnunet_reads(in_env):

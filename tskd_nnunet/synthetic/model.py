@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -128,14 +128,15 @@ class NormalisedImagePipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def __call__(self, batch_size: int = 1, generator: Union[torch.Generator, List[torch.Generator], None] = None,
-                 num_inference_steps: int = 50) -> torch.Tensor:
+                 num_inference_steps: int = 50, channels_last: Optional[bool] = None) -> torch.Tensor:
         size = self.unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         shape = (batch_size, self.unet.config.in_channels, *size)
         # noise from per-image CPU generators, then moved: identical on CPU and GPU runs
         image = randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=torch.float32)
         image = image.to(self._execution_device, self.unet.dtype)
-        channels_last = image.device.type == "cpu"  # oneDNN's channels-last convolutions: ~1.3-1.5x faster on CPU
+        if channels_last is None:  # oneDNN's channels-last convolutions: faster on CPU (bench_synthetic_options)
+            channels_last = image.device.type == "cpu"
         if channels_last:
             self.unet.to(memory_format=torch.channels_last)
             image = image.contiguous(memory_format=torch.channels_last)

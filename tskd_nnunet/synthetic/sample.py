@@ -69,6 +69,7 @@ class SyntheticGenerator:
         self.patch_size = tuple(self.ckpt["patch_size"])
         self.model_shape = tuple(self.ckpt["sample_shape"])
         self.resize = resize_mode(self.model_shape, self.patch_size, float(self.ckpt.get("scale", 1.0)))
+        self.channels_last: Optional[bool] = None  # sampling layout; None: channels-last on CPU
 
     def generate(self, seed: int, indices: Sequence[int]) -> np.ndarray:
         """``(len(indices), channels, *patch_size)`` float32 in nnU-Net's normalised space."""
@@ -86,7 +87,7 @@ class SyntheticGenerator:
                                        scheduler=build_sampling_scheduler(self.sampler, self.ckpt["train_scheduler_config"]))
         pipe.set_progress_bar_config(disable=True)
         return pipe(batch_size=len(indices), generator=image_generators(seed, indices),
-                    num_inference_steps=self.inference_steps)
+                    num_inference_steps=self.inference_steps, channels_last=self.channels_last)
 
 
 def resize_mode(model_shape: Sequence[int], patch_size: Sequence[int], scale: float) -> str:
