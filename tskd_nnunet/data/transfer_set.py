@@ -242,7 +242,7 @@ def sampling_probabilities(identifiers: Sequence[str], unlabeled: Set[str], unla
             return SYNTHETIC
         if REAL in shares:
             return REAL
-        return UNLABELED if UNLABELED in shares and i in unlabeled else LABELED
+        return UNLABELED if i in unlabeled else LABELED  # every branch without REAL has an UNLABELED share
 
     groups = [group(i) for i in identifiers]
     size = Counter(groups)
