@@ -1,0 +1,30 @@
+#!/bin/bash
+# Diagnostic outside the benchmark matrix: train the TS-KD student longer than the profile that trained its
+# teacher, on the same preprocessed budget, pool, cached teacher targets and test set as a committed run.
+# Answers "is the student limited by its schedule or by its teacher?" (documentation/benchmarking.md).
+#
+#   bash benchmarks/long_student.sh WORKDIR BUDGET SCHEDULE OUT [TRAINER]
+#   e.g. bash benchmarks/long_student.sh benchmark_work/chaos_t2_cpu_short 20 50,50,5 long_tskd_b20
+#
+# WORKDIR: a runner workdir whose `teacher` and `tskd` runs at BUDGET are done (their teacher and targets are
+# reused, nothing is recomputed); OUT: new folder for nnUNet_results, predictions and scores.csv (tskd_evaluate).
+# TRAINER: DistillTrainer (default) or TSKDPlainTrainer (the same schedule without a teacher, the paired baseline).
+set -euo pipefail
+[ $# -ge 4 ] || { sed -n 6,11p "$0"; exit 2; }
+W=$(realpath "$1"); B=$2; SCHEDULE=$3; OUT=$(realpath -m "$4"); TRAINER=${5:-DistillTrainer}
+DATA=$(basename "$(ls -d "$W"/nnUNet_raw/Dataset*/ | head -1)")
+ID=$(echo "$DATA" | sed -E 's/^Dataset0*([0-9]+)_.*/\1/')
+TEACHER_DIR=$(ls -d "$W"/runs/b$B/teacher/nnUNet_results/"$DATA"/*__nnUNetPlans__2d_128 2>/dev/null | head -1)
+[ -n "$TEACHER_DIR" ] || { echo "no finished teacher run at budget $B in $W/runs/b$B/teacher: run the benchmark's teacher first" >&2; exit 1; }
+TEACHER=$(basename "$TEACHER_DIR" | sed 's/__.*//')
+export nnUNet_raw=$W/nnUNet_raw nnUNet_preprocessed=$W/budgets/b$B/pool/nnUNet_preprocessed
+export nnUNet_results=$OUT/nnUNet_results TSKD_SCHEDULE=$SCHEDULE TSKD_TEACHER_TRAINER=$TEACHER
+mkdir -p "$nnUNet_results/$DATA"
+ln -sfn "$TEACHER_DIR" "$nnUNet_results/$DATA/$(basename "$TEACHER_DIR")"
+echo "$(date +%T) $TRAINER, budget $B, TSKD_SCHEDULE=$SCHEDULE, teacher $TEACHER_DIR"
+nnUNet_n_proc_DA=0 nnUNet_def_n_proc=1 nnUNetv2_train "$ID" 2d_128 0 -tr "$TRAINER" -p nnUNetPlans -device cpu
+nnUNetv2_predict -i "$nnUNet_raw/$DATA/imagesTs" -o "$OUT/predictions" -d "$ID" -c 2d_128 -p nnUNetPlans \
+  -tr "$TRAINER" -f 0 -device cpu -npp 1 -nps 1 --disable_progress_bar
+tskd_evaluate "$nnUNet_raw/$DATA/labelsTs" "$OUT/predictions" -djfile "$nnUNet_raw/$DATA/dataset.json" \
+  -o "$OUT/scores.csv"
+echo "$(date +%T) done: $OUT/scores.csv"
