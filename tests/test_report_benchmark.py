@@ -124,3 +124,35 @@ def test_overlay_grid_reads_paths_and_3d_arrays(tmp_path):
     out = plot_overlay_grid([[OverlayItem(tmp_path / "ref.png", tmp_path / "ref.png", tmp_path / "ref.png"), None],
                              [OverlayItem(vol, vol, np.zeros_like(vol))]], ["a", "b"], tmp_path / "o.png")
     assert out.stat().st_size > 0
+
+
+def test_per_class_splits_present_and_absent_cases(tmp_path):
+    """Both-empty cases score Dice 1; the per-class table must also show the Dice where the class is present
+    and the false-positive rate where it is absent, so 'predicts nothing' cannot pass for a good model."""
+    rows = []
+    for method, pred_absent, dice_present in (("nnUNetTrainer", 40, 0.6), ("DistillTrainer", 0, 0.0)):
+        for i in range(6):
+            present = i < 2  # kidney shown in 2 of 6 slices
+            pred = (40 if present else pred_absent) if dice_present else (0 if present else pred_absent)
+            d = (dice_present if present else (1.0 if pred == 0 else 0.0))
+            rows.append({"dataset": "Dataset902_CHAOS", "method": method, "budget": 20, "fold": 0,
+                         "case": f"s{i}", "class": "kidney", "dice": d, "nsd": d, "hd95": 0.0,
+                         "ref_voxels": 50 if present else 0, "pred_voxels": pred})
+    written = write_report(pd.DataFrame(rows), None, tmp_path, n_resamples=200, seed=0)
+    pc = pd.read_csv(written["per_class.csv"]).set_index("method")
+    # the empty predictor has the higher plain mean (4 of 6 both-empty) ...
+    assert pc.loc["DistillTrainer", "dice_mean"] == pytest.approx(4 / 6)
+    assert pc.loc["nnUNetTrainer", "dice_mean"] == pytest.approx(1.2 / 6)
+    # ... and the split shows why
+    assert pc.loc["DistillTrainer", "dice_present_mean"] == 0.0
+    assert pc.loc["nnUNetTrainer", "dice_present_mean"] == pytest.approx(0.6)
+    assert (pc["n_present"] == 2).all() and (pc["n_absent"] == 4).all()
+    assert pc.loc["nnUNetTrainer", "fp_rate"] == 1.0 and pc.loc["DistillTrainer", "fp_rate"] == 0.0
+    md = (tmp_path / "report.md").read_text()
+    assert "Dice where present (n)" in md and "| 0.600 [0.600, 0.600] (2) | 1.00 (4) |" in md
+
+
+def test_per_class_without_voxel_counts_keeps_plain_columns(report):
+    out, written, _ = report
+    pc = pd.read_csv(written["per_class.csv"])
+    assert "fp_rate" not in pc.columns and "Dice where present" not in (out / "report.md").read_text()

@@ -179,17 +179,32 @@ def _describe(x: np.ndarray, name: str, n_resamples: int, seed: int) -> Dict[str
 def per_class_summary(results: pd.DataFrame, metrics: Sequence[str] = METRICS, n_resamples: int = 10000,
                       seed: int = 0) -> pd.DataFrame:
     """Per (dataset, budget, method, class): n cases, mean, sd and 95% bootstrap CI over cases (case value =
-    mean over runs)."""
-    per_case = (results.groupby(["dataset", "budget", "method", "class", "case"], sort=False)[list(metrics)]
-                .mean().reset_index())
+    mean over runs). With ``ref_voxels``/``pred_voxels`` also the Dice over the cases whose reference shows
+    the class (``n_present``, ``dice_present_*``) and the false-positive rate over the others (``n_absent``,
+    ``fp_rate``: share of absent cases the class is predicted in, mean over runs): both-empty cases count as
+    Dice 1 (documentation/evaluation.md), so on slices where most organs are absent the plain mean rewards
+    predicting nothing."""
+    voxels = {"ref_voxels", "pred_voxels"} <= set(results.columns)
+    res = results.assign(_pred_pos=(results["pred_voxels"] > 0).astype(float)) if voxels else results
+    cols = list(metrics) + (["ref_voxels", "_pred_pos"] if voxels else [])
+    per_case = res.groupby(["dataset", "budget", "method", "class", "case"], sort=False)[cols].mean().reset_index()
+    extra = ["n_present", "dice_present_mean", "dice_present_ci_lo", "dice_present_ci_hi", "n_absent", "fp_rate"]
     rows = []
     for (ds, b, m, cls), g in per_case.groupby(["dataset", "budget", "method", "class"], sort=False):
         row = {"dataset": ds, "budget": b, "method": m, "class": cls, "n_cases": int(g["case"].nunique())}
         for c in metrics:
             row.update(_describe(g[c].to_numpy(float), c, n_resamples, seed))
+        if voxels and "dice" in metrics:
+            present = g["ref_voxels"].to_numpy(float) > 0
+            row.update({"n_present": int(present.sum()), "n_absent": int((~present).sum()),
+                        "fp_rate": float(g["_pred_pos"][~present].mean()) if (~present).any() else np.nan})
+            if present.any():
+                d = _describe(g["dice"][present].to_numpy(float), "dice_present", n_resamples, seed)
+                row.update({k: v for k, v in d.items() if not k.endswith("_sd")})
         rows.append(row)
     return pd.DataFrame(rows, columns=["dataset", "budget", "method", "class", "n_cases"]
-                        + [f"{c}_{k}" for c in metrics for k in ("mean", "sd", "ci_lo", "ci_hi")])
+                        + [f"{c}_{k}" for c in metrics for k in ("mean", "sd", "ci_lo", "ci_hi")]
+                        + (extra if voxels and "dice" in metrics else []))
 
 
 def gap_closed(cv: pd.DataFrame, summary: pd.DataFrame, metrics: Sequence[str] = ("dice", "nsd"),
@@ -473,10 +488,17 @@ def render_markdown(summary: pd.DataFrame, runs: pd.DataFrame, run_ids: Sequence
                            _fmt(r["signed_err_ml_mean"], 1), _fmt(r["ref_volume_ml_mean"], 1)]
                           for _, r in volumes.iterrows()]), ""]
     if len(per_class):
-        out += ["## Per class", "", "Mean [95% bootstrap CI over test cases].", ""]
-        out += [md_table(["dataset", "labels", "method", "class", "cases", "Dice", "NSD", "HD95 (mm)"],
+        split = "fp_rate" in per_class.columns
+        out += ["## Per class", "", "Mean [95% bootstrap CI over test cases]."
+                + (" A case whose reference and prediction both lack the class scores Dice 1, so the next columns "
+                   "split the cases: Dice over those whose reference shows the class (n), and the share of the "
+                   "others in which the class is predicted anyway (false positives, n)." if split else ""), ""]
+        head = ["dataset", "labels", "method", "class", "cases", "Dice", "NSD", "HD95 (mm)"]
+        out += [md_table(head + (["Dice where present (n)", "false positives where absent (n)"] if split else []),
                          [[str(r["dataset"]), str(r["budget"]), r["method"], str(r["class"]), str(r["n_cases"]),
                            _ci_cell(r, "dice"), _ci_cell(r, "nsd"), _ci_cell(r, "hd95", 2)]
+                          + ([f"{_ci_cell(r, 'dice_present')} ({r['n_present']})",
+                              f"{_fmt(r['fp_rate'], 2)} ({r['n_absent']})"] if split else [])
                           for _, r in per_class.iterrows()]), ""]
     out += ["## Runs", ""]
     id_cols = ["dataset", "method", "budget", *run_ids]
