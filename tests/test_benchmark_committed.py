@@ -252,8 +252,10 @@ def test_real_configs_load_and_dry_run(tmp_path):
         assert cfg.profiles["cpu"]["schedule"] == "50,50,5"
         assert cfg.profiles["cpu"]["params"]["teacher_trainer"] == "LiteMedSAMTeacherTrainer_last"
         issue_arms = ["nnUNetTrainer", "teacher", "tskd", "tskd_syn", "task_agnostic", "mae_ft", "moco_ft",
-                      "plain_labeled_only"]  # HC18 adds tskd_syn with its synthetic share capped
-        assert [m for m in cfg.methods_at(small) if m != "tskd_syn_cap"] == issue_arms
+                      "plain_labeled_only"]  # extra arms: HC18 tskd_syn_cap, CHAOS tskd_dice (session 9)
+        extra = {"hc18_cpu": ["tskd_syn_cap"], "chaos_t2_cpu": ["tskd_dice"]}[name]
+        assert [m for m in cfg.methods_at(small) if m not in extra] == issue_arms
+        assert set(extra) <= set(cfg.methods_at(small))
         assert cfg.methods_at(budgets[1]) == ["nnUNetTrainer", "teacher", "tskd"]
         assert cfg.methods_at("all") == ["nnUNetTrainer"]
         # paths relative to the config file, whatever the current folder

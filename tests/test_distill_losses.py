@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from tskd_nnunet.distill.losses import (DeepSupervisionKD, FeatureKD, FeatureTap, channel_wise_distillation,
-                                        deep_supervision_weights, kd_kl_loss, masked_supervised_loss, tokens_to_grid)
+                                        deep_supervision_weights, kd_kl_loss, kd_kl_loss_from_probs,
+                                        kd_soft_dice_loss, masked_supervised_loss, tokens_to_grid)
 
 
 def test_kd_is_zero_when_student_equals_teacher():
@@ -122,3 +123,44 @@ def test_tokens_to_grid_and_feature_tap():
     pre = FeatureTap(net, "1", take="input")
     net(torch.ones(1, 1, 3, 3))
     assert torch.equal(pre.pop(), net[0](torch.ones(1, 1, 3, 3)))
+
+
+def test_soft_dice_kd_against_hand_computation_background_left_out_and_masked():
+    # 2 classes, 2 pixels; student probs of class 1: 0.5 / 0.5 (logits 0); teacher: 1 / 0
+    s = torch.zeros(1, 2, 1, 2)
+    p = torch.tensor([[0.0, 1.0], [1.0, 0.0]]).reshape(1, 2, 1, 2)  # class 0 row, class 1 row
+    expected = 1 - (2 * 0.5 + 1e-5) / (1.0 + 1.0 + 1e-5)          # class 1 only: inter 0.5, sums 1 and 1
+    assert kd_soft_dice_loss(s, p).item() == pytest.approx(expected, rel=1e-5)
+    # the masked-out pixel (the teacher's background one) no longer counts: inter 0.5, sums 0.5 and 1
+    valid = torch.tensor([1.0, 0.0]).reshape(1, 1, 1, 2)
+    assert kd_soft_dice_loss(s, p, valid).item() == pytest.approx(1 - (1 + 1e-5) / (1.5 + 1e-5), rel=1e-5)
+    # equal to the teacher: ~0; sigmoid outputs count every channel
+    t = torch.tensor([[-20.0, 20.0], [20.0, -20.0]]).reshape(1, 2, 1, 2)
+    assert kd_soft_dice_loss(t, torch.softmax(t, 1)).item() == pytest.approx(0.0, abs=1e-6)
+    assert kd_soft_dice_loss(t, torch.sigmoid(t), multilabel=True).item() == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="differ in shape"):
+        kd_soft_dice_loss(s, p[:, :1])
+
+
+def test_soft_dice_term_does_not_shrink_with_the_organ():
+    """Why DistillTrainer_dice exists: missing an organ of 1% of the pixels costs the pixel KL 1/25 of what
+    missing a 25% organ costs (it is an average over pixels), while the Dice term charges both about fully."""
+    def missed(organ_px: int):
+        p = torch.zeros(1, 2, 20, 20)
+        p[:, 0] = 1
+        p[:, 0].view(-1)[:organ_px], p[:, 1].view(-1)[:organ_px] = 0, 1
+        s = torch.zeros(1, 2, 20, 20)
+        s[:, 0] = 20.0                                           # student: sure of background everywhere
+        return kd_kl_loss_from_probs(s, p, 1.0).item(), kd_soft_dice_loss(s, p).item()
+    (kl_small, dice_small), (kl_large, dice_large) = missed(4), missed(100)
+    assert kl_large / kl_small == pytest.approx(25, rel=0.01)
+    assert dice_small > 0.95 and dice_large > 0.95
+    # the module adds it with its weight; without the weight it is the KL alone (the unchanged default)
+    s, p = torch.randn(1, 2, 8, 8), torch.softmax(torch.randn(1, 2, 8, 8), 1)
+    assert DeepSupervisionKD(2.0)([s], teacher_probs=p).item() == pytest.approx(
+        kd_kl_loss_from_probs(s, p, 2.0).item(), rel=1e-6)
+    assert DeepSupervisionKD(2.0, dice_weight=0.5)([s], teacher_probs=p).item() == pytest.approx(
+        kd_kl_loss_from_probs(s, p, 2.0).item() + 0.5 * kd_soft_dice_loss(s, p).item(), rel=1e-6)
+    logits = torch.randn(1, 2, 8, 8)
+    assert DeepSupervisionKD(2.0, dice_weight=1.0)([s], logits).item() == pytest.approx(
+        kd_kl_loss(s, logits, 2.0).item() + kd_soft_dice_loss(s, torch.softmax(logits, 1)).item(), rel=1e-5)

@@ -66,6 +66,11 @@ METHODS: Dict[str, Dict[str, Any]] = {
     "tskd": {"trainer": "DistillTrainer", "data": "pool", "needs": ["teacher"],
              "env": {"TSKD_TEACHER_TRAINER": "{params[teacher_trainer]}"},
              "description": "TS-KD student, transfer set = labeled + unlabeled pool"},
+    # pixel KL + soft Dice against the teacher's probabilities: on CHAOS the KL alone left every small organ
+    # unlearned at the cpu_short schedule (documentation/benchmarking.md, session 9)
+    "tskd_dice": {"trainer": "DistillTrainer_dice", "data": "pool", "needs": ["teacher"],
+                  "env": {"TSKD_TEACHER_TRAINER": "{params[teacher_trainer]}"},
+                  "description": "TS-KD student, pixel KD + soft Dice vs the teacher, transfer set = labeled + pool"},
     "tskd_syn": {"trainer": "DistillTrainer_pool_syn", "data": "pool_synthetic", "needs": ["teacher"],
                  "stages": ["synthetic"], "env": {"TSKD_TEACHER_TRAINER": "{params[teacher_trainer]}"},
                  "description": "TS-KD student, transfer set = labeled + pool + diffusion-synthetic cases"},

@@ -77,6 +77,28 @@ def kd_kl_loss_from_probs(student_logits: torch.Tensor, teacher_probs: torch.Ten
     return (kl * mask).sum() / mask.sum().clamp_min(1.0) * (t * t)
 
 
+def kd_soft_dice_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
+                      valid: Optional[torch.Tensor] = None, multilabel: bool = False, smooth: float = 1e-5
+                      ) -> torch.Tensor:
+    """1 − mean over foreground classes of the batch soft Dice between the student's probabilities and the
+    teacher's (temperature 1), over the pixels where ``valid`` > 0.5. Why: the pixel KL is a cross-entropy,
+    dominated by background on images where an organ is ~1% of the pixels, so small organs are learned late;
+    nnU-Net's own loss adds Dice for the same reason. Class 0 (background) is left out for softmax outputs, as
+    in nnU-Net's Dice (``do_bg=False``); every channel counts for sigmoid (region) outputs."""
+    if student_logits.shape != teacher_probs.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher targets "
+                         f"{tuple(teacher_probs.shape)} differ in shape")
+    s = torch.sigmoid(student_logits.float()) if multilabel else torch.softmax(student_logits.float(), 1)
+    p = teacher_probs.float()
+    if not multilabel:
+        s, p = s[:, 1:], p[:, 1:]
+    w = torch.ones_like(s[:, :1]) if valid is None else (valid.float() > 0.5).float()
+    dims = [0, *range(2, s.ndim)]
+    inter = (s * p * w).sum(dims)
+    dice = (2 * inter + smooth) / ((s * w).sum(dims) + (p * w).sum(dims) + smooth)
+    return 1 - dice.mean()
+
+
 def deep_supervision_weights(num_outputs: int) -> np.ndarray:
     """nnU-Net's weights for deep-supervision outputs: 1/2^i, the lowest resolution 0, sum 1."""
     if num_outputs == 1:
@@ -96,10 +118,11 @@ def resize_logits_to(logits: torch.Tensor, shape: Sequence[int]) -> torch.Tensor
 class DeepSupervisionKD(nn.Module):
     """Pixel KD on every deep-supervision output of the student, with nnU-Net's weights."""
 
-    def __init__(self, temperature: float = 2.0, multilabel: bool = False):
+    def __init__(self, temperature: float = 2.0, multilabel: bool = False, dice_weight: float = 0.0):
         super().__init__()
         self.temperature = temperature
         self.multilabel = multilabel
+        self.dice_weight = dice_weight  # > 0: add kd_soft_dice_loss against the teacher's probabilities
 
     def forward(self, student_outputs: Outputs, teacher_logits: Optional[torch.Tensor] = None,
                 teacher_probs: Optional[torch.Tensor] = None, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -113,11 +136,14 @@ class DeepSupervisionKD(nn.Module):
                 continue
             if teacher_probs is not None:
                 v = resize_logits_to(valid, out.shape[2:]) if valid is not None else None
-                loss = kd_kl_loss_from_probs(out, resize_logits_to(teacher_probs, out.shape[2:]), self.temperature, v,
-                                             self.multilabel)
+                probs = resize_logits_to(teacher_probs, out.shape[2:])
+                loss = kd_kl_loss_from_probs(out, probs, self.temperature, v, self.multilabel)
             else:
-                loss = kd_kl_loss(out, resize_logits_to(teacher_logits, out.shape[2:]), self.temperature,
-                                  self.multilabel)
+                logits = resize_logits_to(teacher_logits, out.shape[2:])
+                loss = kd_kl_loss(out, logits, self.temperature, self.multilabel)
+                probs, v = (torch.sigmoid(logits.float()) if self.multilabel else torch.softmax(logits.float(), 1)), None
+            if self.dice_weight:
+                loss = loss + self.dice_weight * kd_soft_dice_loss(out, probs, v, self.multilabel)
             total = total + float(w) * loss
         return total
 

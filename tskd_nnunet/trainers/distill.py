@@ -59,6 +59,7 @@ class DistillTrainer(ScheduledTrainer):
     teacher_trainer_name: str = "LiteMedSAMTeacherTrainer"  # TSKD_TEACHER_TRAINER overrides (comma list: ensemble)
     kd_weight: float = 1.0            # alpha: weight of pixel KD (supervised loss has weight 1)
     kd_temperature: float = 2.0       # T of the softened distributions; the loss is scaled by T²
+    kd_dice_weight: float = 0.0       # > 0: also soft Dice vs the teacher's probabilities (small organs, _dice)
     feature_kd: Optional[str] = None  # None (off), "mse" or "cwd"
     feature_kd_weight: float = 1.0
     student_width: float = 1.0        # features_per_stage factor of the planned U-Net
@@ -94,6 +95,8 @@ class DistillTrainer(ScheduledTrainer):
             "TSKD_SYNTHETIC_FRACTION": self.synthetic_fraction,
             "kd_weight": self.kd_weight, "kd_temperature": self.kd_temperature, "feature_kd": self.feature_kd,
             "feature_kd_weight": self.feature_kd_weight, "student_width": self.student_width})
+        if self.kd_dice_weight:  # only when on: checkpoints from before the knob continue with --c
+            settings["kd_dice_weight"] = self.kd_dice_weight
         return settings
 
     def resolve_kd_mode(self) -> str:
@@ -120,7 +123,8 @@ class DistillTrainer(ScheduledTrainer):
         if not self.was_initialized and self.feature_kd and self.feature_source_is_teacher:
             self.load_teacher()  # the projection's size depends on the teacher
         super().initialize()
-        self.pixel_kd = DeepSupervisionKD(self.kd_temperature, multilabel=self.label_manager.has_regions)
+        self.pixel_kd = DeepSupervisionKD(self.kd_temperature, multilabel=self.label_manager.has_regions,
+                                          dice_weight=self.kd_dice_weight)
         heads = count_parameters(self.kd_heads) if self.kd_heads is not None else 0
         self.print_to_log_file(f"Student {type(unwrap_network(self.network)).__name__} (width {self.student_width}): "
                                f"{count_parameters(self.network) - heads:,} parameters")
@@ -405,6 +409,10 @@ class DistillTrainer(ScheduledTrainer):
 
 class DistillTrainer_T4(DistillTrainer):
     kd_temperature = 4.0
+
+
+class DistillTrainer_dice(DistillTrainer):
+    kd_dice_weight = 1.0
 
 
 class DistillTrainer_feat(DistillTrainer):
