@@ -185,9 +185,9 @@ def per_class_summary(results: pd.DataFrame, metrics: Sequence[str] = METRICS, n
     ``fp_rate``: share of absent cases the class is predicted in, mean over runs): both-empty cases count as
     Dice 1 (documentation/evaluation.md), so on slices where most organs are absent the plain mean rewards
     predicting nothing."""
-    voxels = {"ref_voxels", "pred_voxels"} <= set(results.columns)
-    res = results.assign(_pred_pos=(results["pred_voxels"] > 0).astype(float)) if voxels else results
-    cols = list(metrics) + (["ref_voxels", "_pred_pos"] if voxels else [])
+    split = {"ref_voxels", "pred_voxels"} <= set(results.columns) and "dice" in metrics
+    res = results.assign(_pred_pos=(results["pred_voxels"] > 0).astype(float)) if split else results
+    cols = list(metrics) + (["ref_voxels", "_pred_pos"] if split else [])
     per_case = res.groupby(["dataset", "budget", "method", "class", "case"], sort=False)[cols].mean().reset_index()
     extra = ["n_present", "dice_present_mean", "dice_present_ci_lo", "dice_present_ci_hi", "n_absent", "fp_rate"]
     rows = []
@@ -195,7 +195,7 @@ def per_class_summary(results: pd.DataFrame, metrics: Sequence[str] = METRICS, n
         row = {"dataset": ds, "budget": b, "method": m, "class": cls, "n_cases": int(g["case"].nunique())}
         for c in metrics:
             row.update(_describe(g[c].to_numpy(float), c, n_resamples, seed))
-        if voxels and "dice" in metrics:
+        if split:
             present = g["ref_voxels"].to_numpy(float) > 0
             row.update({"n_present": int(present.sum()), "n_absent": int((~present).sum()),
                         "fp_rate": float(g["_pred_pos"][~present].mean()) if (~present).any() else np.nan})
@@ -205,7 +205,7 @@ def per_class_summary(results: pd.DataFrame, metrics: Sequence[str] = METRICS, n
         rows.append(row)
     return pd.DataFrame(rows, columns=["dataset", "budget", "method", "class", "n_cases"]
                         + [f"{c}_{k}" for c in metrics for k in ("mean", "sd", "ci_lo", "ci_hi")]
-                        + (extra if voxels and "dice" in metrics else []))
+                        + (extra if split else []))
 
 
 def gap_closed(cv: pd.DataFrame, summary: pd.DataFrame, metrics: Sequence[str] = ("dice", "nsd"),

@@ -139,10 +139,11 @@ class DeepSupervisionKD(nn.Module):
                 probs = resize_logits_to(teacher_probs, out.shape[2:])
                 loss = kd_kl_loss_from_probs(out, probs, self.temperature, v, self.multilabel)
             else:
-                logits = resize_logits_to(teacher_logits, out.shape[2:])
+                logits, v = resize_logits_to(teacher_logits, out.shape[2:]), None
                 loss = kd_kl_loss(out, logits, self.temperature, self.multilabel)
-                probs, v = (torch.sigmoid(logits.float()) if self.multilabel else torch.softmax(logits.float(), 1)), None
-            if self.dice_weight:
+            if self.dice_weight:  # online: the teacher's probabilities only when the term is on (hot path)
+                if teacher_probs is None:
+                    probs = torch.sigmoid(logits.float()) if self.multilabel else torch.softmax(logits.float(), 1)
                 loss = loss + self.dice_weight * kd_soft_dice_loss(out, probs, v, self.multilabel)
             total = total + float(w) * loss
         return total
