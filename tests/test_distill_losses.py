@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from tskd_nnunet.distill.losses import (DeepSupervisionKD, FeatureKD, FeatureTap, channel_wise_distillation,
+from tskd_nnunet.distill.losses import (DeepSupervisionKD, FeatureKD, FeatureTap, channel_wise_distillation, harden,
                                         deep_supervision_weights, kd_kl_loss, kd_kl_loss_from_probs,
                                         kd_soft_dice_loss, masked_supervised_loss, tokens_to_grid)
 
@@ -164,3 +164,28 @@ def test_soft_dice_term_does_not_shrink_with_the_organ():
     logits = torch.randn(1, 2, 8, 8)
     assert DeepSupervisionKD(2.0, dice_weight=1.0)([s], logits).item() == pytest.approx(
         kd_kl_loss(s, logits, 2.0).item() + kd_soft_dice_loss(s, torch.softmax(logits, 1)).item(), rel=1e-5)
+
+
+def test_hard_labels_are_cross_entropy_plus_dice_on_the_teachers_argmax():
+    """DistillTrainer_hard's loss: nnU-Net's CE + soft Dice with the teacher's argmax as the label (pseudo-labels),
+    the same from cached probabilities and online logits; invalid pixels carry no loss."""
+    torch.manual_seed(0)
+    s, logits = torch.randn(2, 3, 8, 8), 3 * torch.randn(2, 3, 8, 8)
+    p = torch.softmax(logits, 1)
+    onehot = torch.nn.functional.one_hot(p.argmax(1), 3).movedim(-1, 1).float()
+    assert torch.equal(harden(p), onehot)
+    expected = torch.nn.functional.cross_entropy(s, p.argmax(1)).item() + kd_soft_dice_loss(s, onehot).item()
+    hard = DeepSupervisionKD(1.0, dice_weight=1.0, hard=True)
+    assert hard([s], teacher_probs=p).item() == pytest.approx(expected, rel=1e-4)
+    assert hard([s], logits).item() == pytest.approx(expected, rel=1e-4)
+    assert DeepSupervisionKD(1.0, dice_weight=1.0)([s], teacher_probs=p).item() != pytest.approx(expected, rel=1e-2)
+    valid = torch.ones(2, 1, 8, 8)
+    valid[:, :, :4] = 0
+    s2 = s.clone()
+    s2[:, :, :4] = 50 * torch.randn(2, 3, 4, 8)
+    assert hard([s2], teacher_probs=p, valid=valid).item() == pytest.approx(
+        hard([s], teacher_probs=p, valid=valid).item(), rel=1e-6)
+    # region (sigmoid) outputs: each channel thresholded at 0.5, at half the validity of a padded target
+    q = torch.tensor([[[[0.3, 0.6]]]])
+    assert harden(q, multilabel=True).tolist() == [[[[0.0, 1.0]]]]
+    assert harden(q, multilabel=True, valid=torch.tensor([[[[0.5, 0.5]]]])).tolist() == [[[[1.0, 1.0]]]]

@@ -237,3 +237,25 @@ def test_cache_command_builds_the_trainers_cache_and_ingests_the_teachers_own_pr
         got = np.load(os.path.join(folder, name))
         assert got.shape == ref.shape
         assert np.abs(got.astype(np.float32) - ref.astype(np.float32)).max() < 2e-2, name
+
+
+def test_hard_label_variant_is_recorded_and_builds_its_loss(use_nnunet_env):
+    """DistillTrainer_hard = T 1 + soft Dice + the teacher's argmax; its settings say so (a --c with another
+    variant is refused), and the default trainer's settings do not carry the knob (old checkpoints continue)."""
+    from tskd_nnunet.trainers.distill import DistillTrainer, DistillTrainer_hard
+
+    pre = os.path.join(use_nnunet_env["nnUNet_preprocessed"], DATASET)
+    with open(os.path.join(pre, "nnUNetPlans.json")) as f:
+        plans = json.load(f)
+    with open(os.path.join(pre, "dataset.json")) as f:
+        dataset_json = json.load(f)
+
+    def make(cls):  # nnU-Net pops continue_training from the plans it is given
+        return cls(dict(plans, continue_training=False), "2d", 0, dataset_json, torch.device("cpu"))
+    hard = make(DistillTrainer_hard)
+    settings = hard.training_settings()
+    assert settings["kd_hard_labels"] is True and settings["kd_temperature"] == 1.0
+    assert settings["kd_dice_weight"] == 1.0
+    assert "kd_hard_labels" not in make(DistillTrainer).training_settings()
+    hard.initialize()
+    assert hard.pixel_kd.hard and hard.pixel_kd.temperature == 1.0 and hard.pixel_kd.dice_weight == 1.0

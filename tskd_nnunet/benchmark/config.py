@@ -71,6 +71,10 @@ METHODS: Dict[str, Dict[str, Any]] = {
     "tskd_dice": {"trainer": "DistillTrainer_dice", "data": "pool", "needs": ["teacher"],
                   "env": {"TSKD_TEACHER_TRAINER": "{params[teacher_trainer]}"},
                   "description": "TS-KD student, pixel KD + soft Dice vs the teacher, transfer set = labeled + pool"},
+    # the teacher as annotator: its argmax through CE + soft Dice (nnU-Net's own loss) on every transfer-set case
+    "tskd_hard": {"trainer": "DistillTrainer_hard", "data": "pool", "needs": ["teacher"],
+                  "env": {"TSKD_TEACHER_TRAINER": "{params[teacher_trainer]}"},
+                  "description": "TS-KD student on the teacher's hard labels (CE + soft Dice), transfer set = labeled + pool"},
     "tskd_syn": {"trainer": "DistillTrainer_pool_syn", "data": "pool_synthetic", "needs": ["teacher"],
                  "stages": ["synthetic"], "env": {"TSKD_TEACHER_TRAINER": "{params[teacher_trainer]}"},
                  "description": "TS-KD student, transfer set = labeled + pool + diffusion-synthetic cases"},

@@ -51,6 +51,7 @@ REFERENCE_BUDGET = "all"  # the budget of "every training label", the top of the
 CONTRASTS = (("tskd_syn", "tskd", "effect of the synthetic images alone"),
              ("tskd_syn_cap", "tskd", "synthetic images at a 20% batch share"),
              ("tskd_dice", "tskd", "soft Dice vs the teacher added to the pixel KD"),
+             ("tskd_hard", "tskd", "the teacher's hard labels (CE + Dice) instead of its probabilities"),
              ("tskd", "task_agnostic", "task-specific vs task-agnostic distillation (same foundation, same data)"),
              ("tskd", "teacher", "student − its teacher"))
 LOWER_IS_BETTER = {"hd95"}

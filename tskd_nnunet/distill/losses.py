@@ -115,35 +115,53 @@ def resize_logits_to(logits: torch.Tensor, shape: Sequence[int]) -> torch.Tensor
     return F.interpolate(logits.float(), size=tuple(shape), mode="area")
 
 
+def harden(teacher_probs: torch.Tensor, multilabel: bool = False, valid: Optional[torch.Tensor] = None
+           ) -> torch.Tensor:
+    """The teacher's hard labels as probabilities: one-hot of the argmax (softmax outputs), or each channel
+    thresholded at 0.5 (sigmoid / region outputs; a target interpolated against padding, ``valid`` < 1, is
+    thresholded at half its validity)."""
+    p = teacher_probs.float()
+    if multilabel:
+        return (p > (0.5 if valid is None else 0.5 * valid.float())).float()
+    return F.one_hot(p.argmax(1), p.shape[1]).movedim(-1, 1).float()
+
+
 class DeepSupervisionKD(nn.Module):
     """Pixel KD on every deep-supervision output of the student, with nnU-Net's weights."""
 
-    def __init__(self, temperature: float = 2.0, multilabel: bool = False, dice_weight: float = 0.0):
+    def __init__(self, temperature: float = 2.0, multilabel: bool = False, dice_weight: float = 0.0,
+                 hard: bool = False):
         super().__init__()
         self.temperature = temperature
         self.multilabel = multilabel
         self.dice_weight = dice_weight  # > 0: add kd_soft_dice_loss against the teacher's probabilities
+        self.hard = hard  # the teacher's argmax instead of its probabilities (T = 1: cross-entropy, + Dice)
 
     def forward(self, student_outputs: Outputs, teacher_logits: Optional[torch.Tensor] = None,
                 teacher_probs: Optional[torch.Tensor] = None, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Teacher logits (online KD) or cached probabilities + validity (cached KD), at full resolution;
-        both are area-pooled to each output's shape."""
+        both are area-pooled to each output's shape (hard labels: then the argmax at that shape)."""
         outputs = list(student_outputs) if isinstance(student_outputs, (list, tuple)) else [student_outputs]
         weights = deep_supervision_weights(len(outputs))
         total = outputs[0].new_zeros((), dtype=torch.float32)
         for w, out in zip(weights, outputs):
             if w == 0:
                 continue
+            logits, probs, v = None, None, None
             if teacher_probs is not None:
                 v = resize_logits_to(valid, out.shape[2:]) if valid is not None else None
                 probs = resize_logits_to(teacher_probs, out.shape[2:])
+            else:
+                logits = resize_logits_to(teacher_logits, out.shape[2:])
+                if self.dice_weight or self.hard:  # online: probabilities only when a term needs them (hot path)
+                    probs = torch.sigmoid(logits.float()) if self.multilabel else torch.softmax(logits.float(), 1)
+            if self.hard:
+                probs = harden(probs, self.multilabel, v)
+            if logits is None or self.hard:
                 loss = kd_kl_loss_from_probs(out, probs, self.temperature, v, self.multilabel)
             else:
-                logits, v = resize_logits_to(teacher_logits, out.shape[2:]), None
                 loss = kd_kl_loss(out, logits, self.temperature, self.multilabel)
-            if self.dice_weight:  # online: the teacher's probabilities only when the term is on (hot path)
-                if teacher_probs is None:
-                    probs = torch.sigmoid(logits.float()) if self.multilabel else torch.softmax(logits.float(), 1)
+            if self.dice_weight:
                 loss = loss + self.dice_weight * kd_soft_dice_loss(out, probs, v, self.multilabel)
             total = total + float(w) * loss
         return total

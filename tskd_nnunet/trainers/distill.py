@@ -60,6 +60,7 @@ class DistillTrainer(ScheduledTrainer):
     kd_weight: float = 1.0            # alpha: weight of pixel KD (supervised loss has weight 1)
     kd_temperature: float = 2.0       # T of the softened distributions; the loss is scaled by T²
     kd_dice_weight: float = 0.0       # > 0: also soft Dice vs the teacher's probabilities (small organs, _dice)
+    kd_hard_labels: bool = False      # the teacher's argmax instead of its probabilities (_hard)
     feature_kd: Optional[str] = None  # None (off), "mse" or "cwd"
     feature_kd_weight: float = 1.0
     student_width: float = 1.0        # features_per_stage factor of the planned U-Net
@@ -97,6 +98,8 @@ class DistillTrainer(ScheduledTrainer):
             "feature_kd_weight": self.feature_kd_weight, "student_width": self.student_width})
         if self.kd_dice_weight:  # only when on: checkpoints from before the knob continue with --c
             settings["kd_dice_weight"] = self.kd_dice_weight
+        if self.kd_hard_labels:
+            settings["kd_hard_labels"] = True
         return settings
 
     def resolve_kd_mode(self) -> str:
@@ -124,7 +127,7 @@ class DistillTrainer(ScheduledTrainer):
             self.load_teacher()  # the projection's size depends on the teacher
         super().initialize()
         self.pixel_kd = DeepSupervisionKD(self.kd_temperature, multilabel=self.label_manager.has_regions,
-                                          dice_weight=self.kd_dice_weight)
+                                          dice_weight=self.kd_dice_weight, hard=self.kd_hard_labels)
         heads = count_parameters(self.kd_heads) if self.kd_heads is not None else 0
         self.print_to_log_file(f"Student {type(unwrap_network(self.network)).__name__} (width {self.student_width}): "
                                f"{count_parameters(self.network) - heads:,} parameters")
@@ -413,6 +416,14 @@ class DistillTrainer_T4(DistillTrainer):
 
 class DistillTrainer_dice(DistillTrainer):
     kd_dice_weight = 1.0
+
+
+class DistillTrainer_hard(DistillTrainer):
+    """Pseudo-labels: every transfer-set case learns the teacher's argmax through cross-entropy (KL at T = 1
+    against a one-hot target) + soft Dice, i.e. nnU-Net's own Dice + CE, with the teacher as annotator."""
+    kd_temperature = 1.0
+    kd_dice_weight = 1.0
+    kd_hard_labels = True
 
 
 class DistillTrainer_feat(DistillTrainer):
