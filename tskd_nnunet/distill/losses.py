@@ -77,6 +77,11 @@ def kd_kl_loss_from_probs(student_logits: torch.Tensor, teacher_probs: torch.Ten
     return (kl * mask).sum() / mask.sum().clamp_min(1.0) * (t * t)
 
 
+def class_probabilities(logits: torch.Tensor, multilabel: bool = False, dim: int = 1) -> torch.Tensor:
+    """Float32 probabilities of logits: sigmoid per channel (region outputs) or softmax over ``dim``."""
+    return torch.sigmoid(logits.float()) if multilabel else torch.softmax(logits.float(), dim)
+
+
 def kd_soft_dice_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
                       valid: Optional[torch.Tensor] = None, multilabel: bool = False, smooth: float = 1e-5
                       ) -> torch.Tensor:
@@ -88,7 +93,7 @@ def kd_soft_dice_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
     if student_logits.shape != teacher_probs.shape:
         raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher targets "
                          f"{tuple(teacher_probs.shape)} differ in shape")
-    s = torch.sigmoid(student_logits.float()) if multilabel else torch.softmax(student_logits.float(), 1)
+    s = class_probabilities(student_logits, multilabel)
     p = teacher_probs.float()
     if not multilabel:
         s, p = s[:, 1:], p[:, 1:]
@@ -154,7 +159,7 @@ class DeepSupervisionKD(nn.Module):
             else:
                 logits = resize_logits_to(teacher_logits, out.shape[2:])
                 if self.dice_weight or self.hard:  # online: probabilities only when a term needs them (hot path)
-                    probs = torch.sigmoid(logits.float()) if self.multilabel else torch.softmax(logits.float(), 1)
+                    probs = class_probabilities(logits, self.multilabel)
             if self.hard:
                 probs = harden(probs, self.multilabel, v)
             if logits is None or self.hard:

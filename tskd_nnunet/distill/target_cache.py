@@ -35,6 +35,7 @@ import torch
 
 from tskd_nnunet.atomic_io import atomic_path, atomic_write_text
 from tskd_nnunet.data.preprocessed_files import TARGETS_DIR
+from tskd_nnunet.distill.losses import class_probabilities
 from tskd_nnunet.distill.teacher_io import TeacherError  # also for a cache that is missing, stale or does not fit
 
 
@@ -83,7 +84,7 @@ def missing_cases(folder: str, identifiers: Iterable[str],
 
 
 def probabilities(logits: torch.Tensor, multilabel: bool) -> torch.Tensor:
-    return torch.sigmoid(logits.float()) if multilabel else torch.softmax(logits.float(), 0)
+    return class_probabilities(logits, multilabel, dim=0)
 
 
 def probabilities_from_prediction(npz_file: str, spatial_shape: Sequence[int], plans_manager,
