@@ -249,7 +249,7 @@ def test_real_configs_load_and_dry_run(tmp_path):
         path = os.path.join(REPO, "benchmarks", "configs", f"{name}.json")
         cfg = load_config(path)
         assert cfg.budgets == budgets and cfg.configuration == "2d_128" and cfg.batch_size == 8
-        assert cfg.profiles["cpu"]["schedule"] == "50,50,5"
+        assert cfg.profiles["cpu"]["schedule"] == "25,50,5"
         assert cfg.profiles["cpu"]["params"]["teacher_trainer"] == "LiteMedSAMTeacherTrainer_last"
         issue_arms = ["nnUNetTrainer", "teacher", "tskd", "tskd_syn", "task_agnostic", "mae_ft", "moco_ft",
                       "plain_labeled_only"]  # extra arms: HC18 tskd_syn_cap, CHAOS tskd_dice (session 9)
@@ -274,7 +274,7 @@ def test_real_configs_load_and_dry_run(tmp_path):
                           cwd=str(tmp_path), capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
-    assert "runs (13):" in proc.stdout and "-b 8 -c 2d_128" in proc.stdout and "TSKD_SCHEDULE=50,50,5" in proc.stdout
+    assert "runs (13):" in proc.stdout and "-b 8 -c 2d_128" in proc.stdout and "TSKD_SCHEDULE=25,50,5" in proc.stdout
     assert "TSKD_SYNTHETIC_FRACTION=0.2" in proc.stdout  # the capped arm's share reaches its training command
     assert "plain_labeled_only [pending]" in proc.stdout and "budget  all fold 0 nnUNetTrainer" in proc.stdout
     assert not (tmp_path / "w").exists() and not (tmp_path / "c").exists()

@@ -136,8 +136,9 @@ STAGES: Dict[str, Dict[str, Any]] = {
 }
 
 PROFILES: Dict[str, Dict[str, Any]] = {
-    # the CPU profile of the HC18/CHAOS benchmarks: 50 epochs x 50 iterations (+5 validation) for every method
-    "cpu": {"device": "cpu", "schedule": "50,50,5",
+    # the equal-schedule CPU profile: 25 epochs x 50 iterations = 1,250 steps at batch 8 (+5 validation) for every
+    # arm, teacher included; one (dataset, budget) chain fits a session (why: documentation/benchmarking.md, Profiles)
+    "cpu": {"device": "cpu", "schedule": "25,50,5",
             "env": {"nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1"},
             "params": {"pretrain_steps": 300, "diffusion_steps": 1000, "diffusion_sampler": "unipc",
                        "diffusion_sampling_steps": 10, "num_synthetic": 1000, "latency_cases": 3,
