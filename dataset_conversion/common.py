@@ -43,22 +43,39 @@ class ConversionError(Exception):
 
 
 # ----------------------------------------------------------------------------------------------- paths
-def _root(given: Optional[str], env_var: str, alternative: str = "") -> Path:
-    """``given`` if set, else ``$env_var``; neither → ConversionError naming the fix."""
+def _root(given: Optional[str], env_var: str, flag: str, alternative: str = "") -> Path:
+    """``given`` (the value of ``flag``) if set, else ``$env_var``; neither → ConversionError naming the fix.
+    A root that is a file, or lies under one, is refused before anything is read (it used to end in a
+    FileExistsError traceback when the output was created)."""
     root = given or os.environ.get(env_var)
     if not root:
         raise ConversionError(f"{env_var} is not set: export {env_var}=/path/to/{env_var} "
                               f"(see nnU-Net's documentation/setting_up_paths.md){alternative}")
+    where = f"{flag} {root}" if given else f"{env_var}={root}"
+    check_folder_path(Path(root), where, "pass a folder (it is created if missing)" if given else
+                      f"export {env_var}=<a folder>")
     return Path(root)
 
 
-def resolve_raw_root(output_root: Optional[str]) -> Path:
-    """``--output-root`` if given, else ``$nnUNet_raw``."""
-    return _root(output_root, "nnUNet_raw", " or pass --output-root DIR")
+def check_folder_path(path: Path, where: str, fix: str) -> None:
+    """``path`` must be a folder or creatable as one: neither it nor an existing parent may be a file."""
+    p = Path(path)
+    while not p.exists() and not p.is_symlink() and p != p.parent:
+        p = p.parent
+    if p.is_symlink() and not p.exists():
+        raise ConversionError(f"{where}: {p} is a broken symbolic link (-> {os.readlink(p)}): {fix}")
+    if p.exists() and not p.is_dir():
+        at = "" if p == Path(path) else f": {p}"
+        raise ConversionError(f"{where}{at} is a file, not a folder: {fix}")
 
 
-def resolve_preprocessed_root(preprocessed_root: Optional[str]) -> Path:
-    return _root(preprocessed_root, "nnUNet_preprocessed")
+def resolve_raw_root(output_root: Optional[str], flag: str = "--output-root") -> Path:
+    """``--output-root`` (``flag``) if given, else ``$nnUNet_raw``."""
+    return _root(output_root, "nnUNet_raw", flag, f" or pass {flag} DIR")
+
+
+def resolve_preprocessed_root(preprocessed_root: Optional[str], flag: str = "--preprocessed-root") -> Path:
+    return _root(preprocessed_root, "nnUNet_preprocessed", flag)
 
 
 def dataset_folder_name(dataset_id: int, name: str) -> str:
@@ -100,6 +117,9 @@ def strip_ending(name: str, endings: Sequence[str] = SUPPORTED_ENDINGS) -> Tuple
 def read_image(path: Path) -> sitk.Image:
     """SimpleITK read (PIL for GIF and other formats SimpleITK lacks) with an error naming the file."""
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise ConversionError(f"{path} is a broken symbolic link (-> {os.readlink(path)}): restore its target "
+                              f"or remove the link")
     if not path.is_file():
         raise ConversionError(f"missing file {path}: restore it or remove the case that refers to it")
     if strip_ending(path.name)[1] in PIL_ONLY_ENDINGS:
@@ -142,8 +162,7 @@ def _read_with_pil(path: Path) -> sitk.Image:
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise ConversionError(f"cannot read {path} ({' '.join(str(e).split())[:160]}): replace the file with a "
                               f"valid image or remove it") from None
-    if arr.ndim == 3 and arr.shape[-1] == 4 and np.all(arr[..., 3] == 255):  # opaque alpha adds nothing
-        arr = arr[..., :3]
+    # an alpha channel is kept here: channels_from_array drops it and says so, as for SimpleITK reads
     return sitk.GetImageFromArray(arr, isVector=arr.ndim == 3)
 
 
@@ -167,8 +186,9 @@ def channels_from_array(arr: np.ndarray, mode: str, path: Path) -> List[np.ndarr
         return [arr] if mode == "gray" else [arr, arr, arr]
     if arr.ndim != 3 or arr.shape[-1] not in (2, 3, 4):
         raise ConversionError(f"{path} has shape {arr.shape}; expected a 2D grey or RGB(A) image")
-    if arr.shape[-1] == 2:  # grey + alpha
-        arr = arr[..., :1]
+    if arr.shape[-1] in (2, 4):  # grey + alpha, RGBA: nnU-Net gets the grey/colour values only
+        note_alpha_dropped(path, arr[..., -1])
+        arr = arr[..., :-1]
     rgb = arr[..., :3]
     if mode == "rgb":
         if rgb.shape[-1] == 1:
@@ -180,6 +200,19 @@ def channels_from_array(arr: np.ndarray, mode: str, path: Path) -> List[np.ndarr
                       f"pass --channels rgb to keep the three colour channels")
     lum = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
     return [np.round(lum).astype(rgb.dtype)]
+
+
+def note_alpha_dropped(path: Path, alpha: Optional[np.ndarray] = None) -> None:
+    """Say once per conversion that alpha channels are not converted: transparency is not an image channel
+    nnU-Net could normalise, and dropping it silently would hide e.g. a mask stored in the alpha channel."""
+    if alpha is None:
+        detail = ""
+    elif np.issubdtype(alpha.dtype, np.integer) and alpha.size and alpha.min() == np.iinfo(alpha.dtype).max:
+        detail = ", fully opaque: nothing is lost"
+    else:
+        detail = ", not fully opaque: transparent pixels keep their colour values"
+    note_once("alpha", f"note: the alpha channel of images that have one is dropped (first: {path}{detail}); "
+                       f"only the grey/colour channels are converted")
 
 
 def read_2d_array(path: Path, mode: str = "gray") -> List[np.ndarray]:
@@ -428,6 +461,12 @@ def write_dataset(cases: Sequence[CaseSource], *, raw_root: Path, dataset_id: in
     if verbose and test_fraction > 0 and n_patients < 2:
         print(f"note: all {len(cases)} cases belong to one patient, so there is no test set (--test-fraction "
               f"{test_fraction} is ignored); every case is used for training")
+    if verbose and test_patients and 2 * len(test_patients) >= n_patients and \
+            len(test_patients) / n_patients > test_fraction:  # few patients: rounding and the minimum of 1
+        print(f"WARNING: --test-fraction {test_fraction} puts {len(test_patients)} of {n_patients} patients "
+              f"({100 * len(test_patients) / n_patients:.0f}%) in imagesTs/labelsTs ({test_fraction} x "
+              f"{n_patients} patients, rounded, at least one). Fix: --test-fraction 0 to train on every patient, "
+              f"or add patients")
     if verbose and test_patients and n_train_planned < 5:
         print(f"WARNING: --test-fraction {test_fraction} leaves {n_train_planned} training case(s); nnU-Net's "
               f"5-fold cross-validation needs at least 5: lower --test-fraction or add cases")

@@ -22,13 +22,15 @@ Writes ``$nnUNet_preprocessed/DatasetXXX_*/splits_final.json`` (nnU-Net's format
 """
 from __future__ import annotations
 
+import os
 import random
+import shutil
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from dataset_conversion.common import (CASE_PATIENT_MAP, ConversionError, converter_parser, find_dataset_folder,
                                        resolve_preprocessed_root, resolve_raw_root, run_cli)
-from tskd_nnunet.atomic_io import atomic_write_json, read_json
+from tskd_nnunet.atomic_io import atomic_path, atomic_write_json, read_json
 from tskd_nnunet.data.preprocessed_files import POOL_FILE
 
 
@@ -93,7 +95,7 @@ def make_label_budget_splits(cases: Sequence[str], patient_of: Dict[str, str], n
                              ) -> Tuple[List[Dict[str, List[str]]], List[List[str]]]:
     """Pure split logic: returns (splits [{'train', 'val'}] per fold, unlabeled pool per fold)."""
     if n_labeled < 1:
-        raise ConversionError(f"-n {n_labeled}: the label budget must be at least 1 case")
+        raise ConversionError(f"--n-labeled {n_labeled}: the label budget must be at least 1 case")
     if num_folds < 1:
         raise ConversionError(f"--folds {num_folds} must be at least 1")
     if num_folds == 1 and val_fraction is None:
@@ -143,13 +145,16 @@ def write_label_budget(dataset_id: int, n_labeled: int, num_folds: int = 5, seed
                        preprocessed_root: Optional[str] = None, verbose: bool = True,
                        spread: bool = False) -> List[Dict[str, List[str]]]:
     """Write splits_final.json and tskd_unlabeled_pool.json for ``dataset_id``; return the splits."""
-    raw_folder = find_dataset_folder(resolve_raw_root(raw_root), dataset_id)
+    raw_folder = find_dataset_folder(resolve_raw_root(raw_root, "--raw-root"), dataset_id)
     cases, patient_of = read_training_cases(raw_folder)
     splits, pools = make_label_budget_splits(cases, patient_of, n_labeled, num_folds, seed, val_fraction, spread)
     out = resolve_preprocessed_root(preprocessed_root) / raw_folder.name
     out.mkdir(parents=True, exist_ok=True)
+    replaced = _keep_previous(out, splits, pools, raw_folder.name)
     atomic_write_json(out / "splits_final.json", splits)
     atomic_write_json(out / POOL_FILE, pools)
+    if replaced:
+        print(replaced)
     if verbose:
         for k, (s, p) in enumerate(zip(splits, pools)):
             n_pat = len({patient_of[c] for c in s["train"]})
@@ -157,6 +162,48 @@ def write_label_budget(dataset_id: int, n_labeled: int, num_folds: int = 5, seed
                   f"{len(s['val'])} val, {len(p)} unlabeled pool")
         print(f"wrote {out / 'splits_final.json'} and {out / POOL_FILE}")
     return splits
+
+
+def _labeled_per_fold(splits: Sequence) -> str:
+    """'4' when every fold has 4 labeled cases, else '3-5'; '?' for a file that is not nnU-Net's format."""
+    try:
+        counts = [len(s["train"]) for s in splits]
+    except (TypeError, KeyError):
+        return "?"
+    if not counts:
+        return "0"
+    return str(counts[0]) if min(counts) == max(counts) else f"{min(counts)}-{max(counts)}"
+
+
+def _keep_previous(out: Path, splits: List[Dict[str, List[str]]], pools: List[List[str]],
+                   dataset_name: str) -> Optional[str]:
+    """Before splits_final.json / the pool are replaced by different ones: copy both to ``*.previous.json``
+    and return the line that says what was replaced (None when nothing is or the splits are the same).
+    Models trained on the previous splits saw other labeled cases, so existing fold folders are counted."""
+    target = out / "splits_final.json"
+    if not target.is_file():
+        return None
+    old = read_json(target, default=None)
+    old_pools = read_json(out / POOL_FILE, default=None)
+    if old == splits and old_pools == pools:
+        print(f"unchanged: {target} already holds these splits")
+        return None
+    kept = out / "splits_final.previous.json"
+    for src, dst in ((target, kept), (out / POOL_FILE, out / POOL_FILE.replace(".json", ".previous.json"))):
+        if src.is_file():
+            with atomic_path(dst) as tmp:  # a kill mid-copy leaves the earlier backup, never half a file
+                shutil.copyfile(src, tmp)
+    n_old_folds = len(old) if isinstance(old, list) else "?"
+    line = (f"replaced {target}: {_labeled_per_fold(old) if old is not None else '? (unreadable)'} -> "
+            f"{_labeled_per_fold(splits)} labeled cases per fold ({n_old_folds} -> {len(splits)} folds"
+            f"{'' if old_pools is not None else '; no unlabeled pool before: nnU-Net own split?'})"
+            f"; previous splits kept in {kept}")
+    results = os.environ.get("nnUNet_results")
+    folds = sorted(Path(results, dataset_name).glob("*/fold_*")) if results else []
+    if folds:
+        line += (f"; {len(folds)} fold folder(s) under {Path(results, dataset_name)} may have been "
+                 f"trained on the previous splits: retrain them for this budget")
+    return line
 
 
 def _main(argv: Optional[Sequence[str]] = None) -> None:

@@ -22,6 +22,14 @@ PathLike = Union[str, os.PathLike]
 RESULT_COLUMNS = ["case", "class", "dice", "nsd", "hd95", "ref_voxels", "pred_voxels",
                   "ref_volume_ml", "pred_volume_ml"]
 
+# A prediction must lie on its reference's voxel grid: voxels are compared index by index, so a prediction
+# whose header says "mirrored" or "shifted" used to score like a correct one. Tolerances, far above the
+# rounding of float32 headers (NIfTI) and far below any real flip, rotation or shift:
+ORIGIN_TOLERANCE_VOXELS = 0.01  # origin: within 1% of the voxel size, on each axis
+DIRECTION_TOLERANCE = 1e-3  # direction cosines: within 1e-3 each (about 0.06 degrees)
+# file endings a segmentation might be written in: nnU-Net's readers' plus JPEG
+_EXTRA_ENDINGS = (".jpg", ".jpeg")
+
 
 class EvaluationInputError(ValueError):
     """A bad input (file, folder, dataset.json, option): one line naming it and the fix.
@@ -101,14 +109,86 @@ def load_dataset_json(path: PathLike) -> dict:
 
 def _read_checked(rw, path: PathLike, role: str, file_ending: str,
                   allowed: Optional[Sequence[int]]) -> Tuple[np.ndarray, Tuple[float, ...]]:
+    seg, spacing, _ = _read_checked_with_props(rw, path, role, file_ending, allowed)
+    return seg, spacing
+
+
+def _read_checked_with_props(rw, path: PathLike, role: str, file_ending: str, allowed: Optional[Sequence[int]]
+                             ) -> Tuple[np.ndarray, Tuple[float, ...], dict]:
+    """(segmentation, spacing, nnU-Net reader properties); a file that cannot be read, has a spacing that is
+    not a positive number, or label values dataset.json does not name is refused in one line."""
     try:
-        seg, spacing = read_seg_2d_or_3d(rw, path)
+        seg, spacing, props = _read_seg(rw, path)
     except Exception as e:  # any reader failure is a bad file, named in one line
+        if "Zero-valued spacing" in str(e):
+            raise EvaluationInputError(f"{path}: the {role}'s header has a spacing of 0 or NaN, which ITK refuses "
+                                       f"to read; fix the header (the voxel size in mm)") from None
         raise EvaluationInputError(f"{path}: cannot read this {role} ({_one_line(e)}); the file is truncated or "
                                    f"not a valid '{file_ending}' segmentation: re-export or remove it") from None
+    if str(path).lower().endswith((".nii", ".nii.gz")):
+        _check_nifti_spacing(path, role)
+    if not all(np.isfinite(s) and s > 0 for s in spacing):
+        raise EvaluationInputError(f"{path}: the {role}'s spacing {tuple(spacing)} is not a positive voxel size; "
+                                   f"fix the header (the voxel size in mm)")
     if allowed is not None:
         check_label_values(seg, allowed, path, role)
-    return seg, spacing
+    return seg, spacing, props
+
+
+def _check_nifti_spacing(path: PathLike, role: str) -> None:
+    """A NIfTI pixdim of 0 or NaN is read by ITK (and so nnU-Net's SimpleITK reader) as 1 mm without a word,
+    which would put NSD and HD95 in made-up millimetres: refuse it, reading the header itself."""
+    import gzip
+
+    import nibabel as nib
+
+    header = None
+    for cls in (nib.Nifti1Header, nib.Nifti2Header):
+        try:  # the raw header: nib.load would "fix" pixdim 0 to 1 itself
+            with (gzip.open if str(path).lower().endswith(".gz") else open)(path, "rb") as f:
+                header = cls.from_fileobj(f, check=False)
+            if int(header["sizeof_hdr"]) == cls.sizeof_hdr:
+                break
+            header = None
+        except Exception:
+            continue
+    try:
+        ndim = int(header["dim"][0])
+        pixdim = [float(v) for v in header["pixdim"][1:1 + min(max(ndim, 1), 3)]]
+    except Exception:  # not readable by nibabel: the reader above already accepted it, nothing to add
+        return
+    if not all(np.isfinite(v) and v > 0 for v in pixdim):
+        raise EvaluationInputError(f"{path}: the {role}'s NIfTI header has spacing (pixdim) "
+                                   f"{tuple(round(v, 6) for v in pixdim)}, which nnU-Net's reader (ITK) reads as "
+                                   f"1 mm without a word; fix the header (the voxel size in mm, e.g. copy it from "
+                                   f"the image)")
+
+
+def _check_same_grid(ref_props: dict, pred_props: dict, ref_path: PathLike, pred_path: PathLike) -> None:
+    """Refuse a prediction whose direction or origin differs from its reference's (beyond the tolerances
+    above). Only readers that report them (SimpleITK: NIfTI, nrrd, mha) can be checked; PNG has neither."""
+    a, b = ref_props.get("sitk_stuff"), pred_props.get("sitk_stuff")
+    if not a or not b:
+        return
+    fix = ("write the prediction on the reference's grid (nnUNetv2_predict does), e.g. resample it with "
+           "SimpleITK onto the reference image")
+    d_ref, d_pred = np.asarray(a["direction"], float), np.asarray(b["direction"], float)
+    if d_ref.shape != d_pred.shape or np.max(np.abs(d_ref - d_pred)) > DIRECTION_TOLERANCE:
+        raise EvaluationInputError(
+            f"{pred_path}: prediction direction {_fmt_vec(d_pred)} differs from the reference's {_fmt_vec(d_ref)} "
+            f"({ref_path}; tolerance {DIRECTION_TOLERANCE:g} per element): the prediction is flipped or rotated "
+            f"against the reference, so its voxels would be compared with the wrong ones; {fix}")
+    o_ref, o_pred = np.asarray(a["origin"], float), np.asarray(b["origin"], float)
+    tol = ORIGIN_TOLERANCE_VOXELS * np.asarray(a["spacing"], float)
+    if o_ref.shape != o_pred.shape or np.any(np.abs(o_ref - o_pred) > tol):
+        raise EvaluationInputError(
+            f"{pred_path}: prediction origin {_fmt_vec(o_pred)} differs from the reference's {_fmt_vec(o_ref)} "
+            f"({ref_path}; tolerance {ORIGIN_TOLERANCE_VOXELS:g} voxel per axis): the prediction is shifted "
+            f"against the reference; {fix}")
+
+
+def _fmt_vec(v: np.ndarray) -> str:
+    return "(" + ", ".join(f"{float(x):g}" for x in np.ravel(v)) + ")"
 
 
 def reader_for(file_ending: str):
@@ -125,12 +205,18 @@ def read_seg_2d_or_3d(rw, path: PathLike) -> Tuple[np.ndarray, Tuple[float, ...]
     array is returned as 2D with its in-plane spacing, because eroding it in 3D would make every
     voxel a surface voxel.
     """
+    seg, spacing, _ = _read_seg(rw, path)
+    return seg, spacing
+
+
+def _read_seg(rw, path: PathLike) -> Tuple[np.ndarray, Tuple[float, ...], dict]:
+    """:func:`read_seg_2d_or_3d` plus the reader's properties (origin and direction for SimpleITK files)."""
     seg, props = rw.read_seg(str(path))
     seg = np.asarray(seg)[0]
     spacing = tuple(float(s) for s in props["spacing"])
     if seg.ndim == 3 and seg.shape[0] == 1:
-        return seg[0], spacing[1:]
-    return seg, spacing
+        return seg[0], spacing[1:], props
+    return seg, spacing, props
 
 
 def list_cases(folder: PathLike, file_ending: str) -> List[str]:
@@ -139,27 +225,50 @@ def list_cases(folder: PathLike, file_ending: str) -> List[str]:
                   if f.is_file() and f.name.endswith(file_ending) and not f.name.startswith("."))
 
 
+def other_format_files(folder: PathLike, cases: Sequence[str], file_ending: str) -> List[Path]:
+    """Files in ``folder`` named ``<case><ending>`` for one of ``cases`` with an image ending other than
+    ``file_ending`` (e.g. ``a.png`` where dataset.json says '.nii.gz')."""
+    from nnunetv2.imageio.reader_writer_registry import LIST_OF_IO_CLASSES
+
+    endings = {e.lower() for io in LIST_OF_IO_CLASSES for e in io.supported_file_endings}
+    endings = sorted((endings | set(_EXTRA_ENDINGS)) - {file_ending.lower()}, key=len, reverse=True)
+    wanted, out = set(cases), []
+    if not wanted:
+        return out
+    for f in sorted(Path(folder).iterdir()):
+        if f.name.startswith(".") or not f.is_file():
+            continue
+        ending = next((e for e in endings if f.name.lower().endswith(e)), None)
+        if ending and f.name[: -len(ending)] in wanted and not f.name.lower().endswith(file_ending.lower()):
+            out.append(f)
+    return out
+
+
 def _evaluate_case(args) -> List[dict]:
     (case, ref_path, pred_path, file_ending, classes, ignore_label, tolerance_mm, spacing_override,
      allowed) = args
     rw = reader_for(file_ending)
-    ref, spacing = _read_checked(rw, ref_path, "reference", file_ending, allowed)
+    ref, spacing, ref_props = _read_checked_with_props(rw, ref_path, "reference", file_ending, allowed)
     file_spacing = spacing
     if spacing_override is not None:
         spacing = tuple(float(s) for s in spacing_override)
         if len(spacing) != ref.ndim:
             raise EvaluationInputError(f"{case}: spacing override {spacing} does not match a {ref.ndim}D "
                                        f"segmentation")
+        if not all(np.isfinite(s) and s > 0 for s in spacing):
+            raise EvaluationInputError(f"{case}: spacing override {spacing} must be positive voxel sizes in mm "
+                                       f"(e.g. a pixel size missing from a CSV gives NaN)")
     if pred_path is None:
         pred = np.zeros_like(ref)
     else:
-        pred, pred_spacing = _read_checked(rw, pred_path, "prediction", file_ending, allowed)
+        pred, pred_spacing, pred_props = _read_checked_with_props(rw, pred_path, "prediction", file_ending, allowed)
         if pred.shape != ref.shape:
             raise EvaluationInputError(f"{pred_path}: prediction shape {pred.shape} != reference shape {ref.shape} "
                                        f"({ref_path}); predict at the reference's resolution")
         if not np.allclose(pred_spacing, file_spacing, rtol=1e-3):
             raise EvaluationInputError(f"{pred_path}: prediction spacing {pred_spacing} != reference spacing "
                                        f"{file_spacing} ({ref_path}); predict at the reference's spacing")
+        _check_same_grid(ref_props, pred_props, ref_path, pred_path)
     scores = evaluate_segmentation(pred, ref, classes, spacing, tolerance_mm, ignore_label)
     rows = []
     for name, s in scores.items():
@@ -226,6 +335,12 @@ def evaluate_folders(ref_folder: PathLike, pred_folder: PathLike, file_ending: s
         raise EvaluationInputError(f"{len(extra)} prediction(s) in {pred_folder} without a reference in {ref_folder}: "
                                    f"{extra[:10]}{' ...' if len(extra) > 10 else ''}; are these the right folders?")
     absent = [c for c in ref_cases if c not in pred_cases]
+    other = other_format_files(pred_folder, absent, file_ending)
+    if other:  # would be "missing", i.e. an error, or with --missing empty a case scored as empty
+        raise EvaluationInputError(
+            f"{len(other)} prediction(s) in another format than dataset.json's file_ending {file_ending!r}: "
+            f"{', '.join(str(p) for p in other[:3])}{' ...' if len(other) > 3 else ''}; write the predictions as "
+            f"'{file_ending}' (nnUNetv2_predict does) or pass the -djfile of the dataset they belong to")
     if absent and missing == "error":
         raise MissingInputError(f"{len(absent)} reference case(s) lack a prediction in {pred_folder}: {absent[:10]}"
                                 f"{' ...' if len(absent) > 10 else ''}; predict them or pass --missing empty")
