@@ -258,6 +258,15 @@ def test_real_configs_load_and_dry_run(tmp_path):
         assert set(extra) <= set(cfg.methods_at(small))
         assert cfg.methods_at(budgets[1]) == ["nnUNetTrainer", "teacher", "tskd"]
         assert cfg.methods_at("all") == ["nnUNetTrainer"]
+        # the equal-schedule matrix (issue #28) is the cpu profile's own; cpu_short keeps the list above
+        equal = ["nnUNetTrainer", "teacher", "tskd", "self_train", "tskd_ens"]
+        for b in budgets[:-1] if name == "chaos_t2_cpu" else budgets[:1]:
+            assert cfg.methods_at(b, profile="cpu") == equal == cfg.methods_at(b, profile="cpu_cuda")
+        assert cfg.methods_at("all", profile="cpu") == ["nnUNetTrainer"]
+        assert cfg.methods_at(budgets[1], profile="cpu_short") == cfg.methods_at(budgets[1])
+        curve = {"hc18_cpu": 10, "chaos_t2_cpu": 80}[name]  # plain at twice the profile's length
+        assert cfg.methods_at(curve, profile="cpu_long") == ["nnUNetTrainer"]
+        assert cfg.profiles["cpu_long"]["schedule"] == "50,50,5" and cfg.profiles["cpu_cuda"]["device"] == "cuda"
         # paths relative to the config file, whatever the current folder
         assert committed_root(cfg, "cpu", None, False) == os.path.join(
             REPO, "documentation", "benchmarks", f"{cfg.name}_cpu")
@@ -270,11 +279,12 @@ def test_real_configs_load_and_dry_run(tmp_path):
     assert load_config(os.path.join(REPO, "benchmarks", "configs", "chaos_t2_cpu.json")).spread is True
     proc = subprocess.run([sys.executable, "-m", "tskd_nnunet.benchmark.runner",
                            os.path.join(REPO, "benchmarks", "configs", "hc18_cpu.json"), "--workdir",
-                           str(tmp_path / "w"), "--committed", str(tmp_path / "c"), "--dry-run"],
+                           str(tmp_path / "w"), "--committed", str(tmp_path / "c"), "--dry-run", "--profile",
+                           "cpu_short"],
                           cwd=str(tmp_path), capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
-    assert "runs (13):" in proc.stdout and "-b 8 -c 2d_128" in proc.stdout and "TSKD_SCHEDULE=25,50,5" in proc.stdout
+    assert "runs (13):" in proc.stdout and "-b 8 -c 2d_128" in proc.stdout and "TSKD_SCHEDULE=20,15,4" in proc.stdout
     assert "TSKD_SYNTHETIC_FRACTION=0.2" in proc.stdout  # the capped arm's share reaches its training command
     assert "plain_labeled_only [pending]" in proc.stdout and "budget  all fold 0 nnUNetTrainer" in proc.stdout
     assert not (tmp_path / "w").exists() and not (tmp_path / "c").exists()

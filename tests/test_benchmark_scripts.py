@@ -139,3 +139,27 @@ def test_synthetic_options_keeps_the_held_out_features_for_a_rerun(tmp_path):
     again = options.cached(path, compute)
     assert len(calls) == 1 and np.array_equal(first, again)
     assert [f for f in os.listdir(tmp_path / "features")] == ["held_out_x.npy"]  # no temp file left
+
+
+@pytest.mark.parametrize("dataset,runs", [("hc18", 6), ("chaos_t2", 11)])
+def test_gpu_campaign_dry_run_lists_the_equal_schedule_matrix_on_cuda(dataset, runs, tmp_path):
+    """benchmarks/gpu_campaign.sh: one command for a dataset's whole equal-schedule matrix with -device cuda; its
+    --dry-run prints every run's exact command and runs nothing."""
+    import subprocess
+    import sys
+    proc = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_campaign.sh"), dataset, "--dry-run",
+                           "--workdir", str(tmp_path / "w"), "--committed", str(tmp_path / "c")],
+                          capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
+                          env={**os.environ, "PYTHON": sys.executable, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert f"runs ({runs}):" in out and "profile cpu_cuda (device cuda, TSKD_SCHEDULE=25,50,5)" in out
+    lines = [ln for ln in out.splitlines() if "nnUNetv2_train" in ln and "fold 0" in ln]
+    assert len(lines) == runs and all(ln.rstrip().endswith("-device cuda") for ln in lines)
+    for arm in ("teacher", "tskd", "self_train", "tskd_ens"):
+        assert f" {arm} " in out
+    assert "TSKD_TEACHER_TRAINER=LiteMedSAMTeacherTrainer_last,TSKDPlainTrainer" in out  # the ensemble teacher
+    assert not (tmp_path / "w").exists() and not (tmp_path / "c").exists()
+    bad = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_campaign.sh"), "kits"], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown dataset 'kits'. Fix: hc18 or chaos_t2" in bad.stderr

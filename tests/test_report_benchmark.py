@@ -156,3 +156,24 @@ def test_per_class_without_voxel_counts_keeps_plain_columns(report):
     out, written, _ = report
     pc = pd.read_csv(written["per_class.csv"])
     assert "fp_rate" not in pc.columns and "Dice where present" not in (out / "report.md").read_text()
+
+
+def test_lead_kept_is_the_share_of_the_teachers_lead(tmp_path):
+    """Plain 0.6, teacher 0.8 and a student at 0.75 on every case: lead kept (0.75-0.6)/(0.8-0.6) = 0.75; a student
+    below plain keeps a negative lead; at a budget where the teacher does not lead it is undefined, with a note."""
+    from tskd_nnunet.benchmark.report import write_report
+    rows = []
+    for budget, means in ((10, {"nnUNetTrainer": 0.6, "teacher": 0.8, "tskd": 0.75, "tskd_ens": 0.5}),
+                          (20, {"nnUNetTrainer": 0.8, "teacher": 0.7, "tskd": 0.75})):
+        for m, v in means.items():
+            for i in range(12):
+                rows.append({"dataset": "D", "method": m, "budget": budget, "fold": 0, "case": f"c{i}", "class": 1,
+                             "dice": v + (0.01 if i % 2 else -0.01), "nsd": v, "hd95": 1.0})
+    pd.DataFrame(rows).to_csv(tmp_path / "r.csv", index=False)
+    write_report(pd.read_csv(tmp_path / "r.csv"), None, tmp_path / "out", n_resamples=200)
+    lead = pd.read_csv(tmp_path / "out" / "lead_kept.csv")
+    dice = lead[lead["metric"] == "dice"].set_index(["budget", "method"])
+    assert dice.loc[(10, "tskd"), "lead_kept"] == pytest.approx(0.75)
+    assert dice.loc[(10, "tskd_ens"), "lead_kept"] == pytest.approx(-0.5)
+    assert np.isnan(dice.loc[(20, "tskd"), "lead_kept"]) and "is not better than nnUNetTrainer@20" in dice.loc[(20, "tskd"), "note"]
+    assert "## Lead kept" in (tmp_path / "out" / "report.md").read_text()

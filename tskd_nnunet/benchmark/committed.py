@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -67,8 +67,10 @@ class CommittedStore:
         return self.settings(method, budget, fold) is not None
 
     def write_run(self, method: str, budget: Any, fold: Any, cases: pd.DataFrame, settings: Dict[str, Any],
-                  overlays: Optional[Dict[str, np.ndarray]] = None) -> str:
-        """Write one finished run (atomically: a folder written beside and renamed). Never overwrites a done run."""
+                  overlays: Optional[Dict[str, np.ndarray]] = None,
+                  extra: Optional[Callable[[str], Dict[str, Any]]] = None) -> str:
+        """Write one finished run (atomically: a folder written beside and renamed). Never overwrites a done run.
+        ``extra(folder)`` writes more files into the run's folder (the model) and returns settings to add."""
         final = self.run_dir(method, budget, fold)
         if self.is_done(method, budget, fold):
             return final
@@ -81,10 +83,15 @@ class CommittedStore:
             if overlays:
                 with open(os.path.join(tmp, OVERLAYS), "wb") as f:
                     np.savez_compressed(f, **overlays)
-            atomic_write_json(os.path.join(tmp, SETTINGS), {**settings, "status": "done"})
-            if os.path.exists(final):  # an unfinished leftover (no settings): replace it
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            more = extra(tmp) if extra is not None else {}
+            atomic_write_json(os.path.join(tmp, SETTINGS), {**settings, **more, "status": "done"})
+            if os.path.exists(final):  # an unfinished leftover (no settings): moved aside, replaced, then deleted
+                aside = f"{tmp}.old"
+                os.replace(final, aside)
+                os.replace(tmp, final)
+                shutil.rmtree(aside)
+            else:
+                os.replace(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -63,9 +63,20 @@ METHODS: Dict[str, Dict[str, Any]] = {
                 "description": "LiteMedSAM (MedSAM distilled into TinyViT) fine-tuned in nnU-Net"},
     # every TS-KD arm distils over labeled + the unlabeled pool; tskd_syn adds synthetic cases on top, so
     # tskd_syn - tskd is the effect of the synthetic images alone
-    "tskd": {"trainer": "DistillTrainer", "data": "pool", "needs": ["teacher"],
+    # the student recipe is the profile's student_trainer (chosen from measurements: documentation/benchmarking.md)
+    "tskd": {"trainer": "{params[student_trainer]}", "data": "pool", "needs": ["teacher"],
              "env": {"TSKD_TEACHER_TRAINER": "{params[teacher_trainer]}"},
              "description": "TS-KD student, transfer set = labeled + unlabeled pool"},
+    # nnU-Net's own recipe for unlabeled data (train, predict the pool, retrain): the same student recipe and
+    # transfer set, distilled from the plain nnU-Net of the same budget; tskd - self_train = what the
+    # foundation model adds beyond self-training
+    "self_train": {"trainer": "{params[student_trainer]}", "data": "pool", "needs": [BASELINE_LABEL],
+                   "env": {"TSKD_TEACHER_TRAINER": "TSKDPlainTrainer"},
+                   "description": "self-training: the same student recipe distilled from plain nnU-Net (same pool)"},
+    # the ensemble teacher: LiteMedSAM and plain nnU-Net probabilities averaged (cached targets)
+    "tskd_ens": {"trainer": "{params[student_trainer]}", "data": "pool", "needs": ["teacher", BASELINE_LABEL],
+                 "env": {"TSKD_TEACHER_TRAINER": "{params[teacher_trainer]},TSKDPlainTrainer"},
+                 "description": "TS-KD student of the ensemble teacher (LiteMedSAM + plain nnU-Net, averaged)"},
     # pixel KL + soft Dice against the teacher's probabilities: on CHAOS the KL alone left every small organ
     # unlearned at the cpu_short schedule (documentation/benchmarking.md, session 9)
     "tskd_dice": {"trainer": "DistillTrainer_dice", "data": "pool", "needs": ["teacher"],
@@ -143,17 +154,24 @@ PROFILES: Dict[str, Dict[str, Any]] = {
             "params": {"pretrain_steps": 300, "diffusion_steps": 1000, "diffusion_sampler": "unipc",
                        "diffusion_sampling_steps": 10, "num_synthetic": 1000, "latency_cases": 3,
                        "preprocess_processes": 2,
-                       "teacher_trainer": "LiteMedSAMTeacherTrainer_last"}},
+                       "teacher_trainer": "LiteMedSAMTeacherTrainer_last", "student_trainer": "DistillTrainer_hard"}},
     # nnU-Net's own schedule (1000 epochs x 250 iterations): TSKD_SCHEDULE unset
     "gpu": {"device": "cuda", "schedule": None, "env": {},
             "params": {"pretrain_steps": 20000, "diffusion_steps": 30000, "diffusion_sampler": "ddim",
                        "diffusion_sampling_steps": 50,
                        "num_synthetic": 1000, "latency_cases": 10, "preprocess_processes": 8,
-                       "teacher_trainer": "LiteMedSAMTeacherTrainer"}},
+                       "teacher_trainer": "LiteMedSAMTeacherTrainer", "student_trainer": "DistillTrainer_hard"}},
 }
 # the HC18 teacher study's schedule (20 x 15): allowed for the real benchmark only once it ranks the arms as the
 # cpu profile does (its results go to a committed folder of their own, <name>_cpu_short)
 PROFILES["cpu_short"] = {**copy.deepcopy(PROFILES["cpu"]), "schedule": "20,15,4"}
+# the KL student every cpu_short run was made with (its committed results keep their trainer)
+PROFILES["cpu_short"]["params"]["student_trainer"] = "DistillTrainer"
+# the learning curve's far point: plain nnU-Net at twice the cpu profile's length (2,500 iterations)
+PROFILES["cpu_long"] = {**copy.deepcopy(PROFILES["cpu"]), "schedule": "50,50,5"}
+# the equal-schedule matrix on a GPU (benchmarks/gpu_campaign.sh): the cpu profile's schedule and parameters,
+# -device cuda; its results are committed apart (<name>_cpu_cuda)
+PROFILES["cpu_cuda"] = {**copy.deepcopy(PROFILES["cpu"]), "device": "cuda", "env": {}}
 
 FOUNDATION_DEFAULTS = {"kind": "mae", "arch": "vit_tiny", "backbone": None, "steps": 300, "resolution": 224,
                        "batch_size": 16, "weights": None, "arch_overrides": "", "img_size": ""}
@@ -196,6 +214,8 @@ class BenchmarkConfig:
     # methods listed per budget (before adding what they need); every budget lists ``methods`` when the config
     # gives a plain list
     budget_methods: Dict[Budget, List[str]] = field(default_factory=dict)
+    # profile -> its own budget_methods (a profile's "methods"), e.g. the equal-schedule cpu matrix
+    profile_methods: Dict[str, Dict[Budget, List[str]]] = field(default_factory=dict)
     spread: bool = False
     plan_commands: Optional[List[List[str]]] = None
     batch_size: Optional[int] = None
@@ -231,9 +251,11 @@ class BenchmarkConfig:
             visit(m, ())
         return order
 
-    def methods_at(self, budget: Budget, only: Optional[Sequence[str]] = None) -> List[str]:
-        """The methods run at ``budget`` (those listed there, restricted to ``only``), plus what they need."""
-        listed = self.budget_methods.get(budget, [])
+    def methods_at(self, budget: Budget, only: Optional[Sequence[str]] = None,
+                   profile: Optional[str] = None) -> List[str]:
+        """The methods run at ``budget`` (those listed there, restricted to ``only``), plus what they need; a
+        profile with methods of its own runs those."""
+        listed = self.profile_methods.get(profile, self.budget_methods).get(budget, [])
         return self.method_closure([m for m in listed if only is None or m in only])
 
 
@@ -328,35 +350,12 @@ def load_config(path: str) -> BenchmarkConfig:
     budgets = sorted([b for b in budgets if b != ALL]) + [b for b in budgets if b == ALL]
     if budgets == [ALL]:
         raise _err(path, "\"budgets\" needs at least one number of labeled cases besides \"all\"")
-    raw_methods = d.get("methods")
-    if isinstance(raw_methods, dict):
-        budget_methods = {}
-        for key, lst in raw_methods.items():
-            b = _budget_key(path, key, budgets)
-            if not isinstance(lst, list) or not all(isinstance(m, str) for m in lst):
-                raise _err(path, f"\"methods\" for budget {key!r} must be a list of method names")
-            budget_methods[b] = list(lst)
-        missing = [b for b in budgets if b not in budget_methods]
-        if missing:
-            raise _err(path, f"\"methods\" lists no methods for budget(s) {missing}; give each budget a list "
-                             f"(or remove the budget)")
-    elif isinstance(raw_methods, list) and raw_methods:
-        budget_methods = {b: list(raw_methods) for b in budgets}
-    else:
-        raise _err(path, f"\"methods\" must be a non-empty list of names from {sorted(method_defs)}, or an object "
-                         f"{{\"<budget>\": [names]}}")
-    methods: List[str] = []
-    for b, lst in budget_methods.items():
-        if not lst or not all(isinstance(m, str) for m in lst):
-            raise _err(path, f"\"methods\" for budget {b} must be a non-empty list of method names")
-        if len(set(lst)) != len(lst):
-            raise _err(path, f"\"methods\" lists a method twice at budget {b}: {lst}")
-        for m in lst:
-            if m not in method_defs:
-                raise _err(path, f"unknown method {m!r}; known: {sorted(method_defs)} "
-                                 f"(or define it under \"method_defs\")")
-            if m not in methods:
-                methods.append(m)
+    budget_methods = _parse_methods(path, d.get("methods"), budgets, method_defs, "\"methods\"", every_budget=True)
+    methods = list(dict.fromkeys(m for lst in budget_methods.values() for m in lst))
+    # a profile may run its own matrix (e.g. the equal-schedule cpu profile): "profiles": {"cpu": {"methods": ...}}
+    profile_methods = {name: _parse_methods(path, prof["methods"], budgets, method_defs,
+                                            f"\"profiles\".{name}.methods", every_budget=False)
+                       for name, prof in profiles.items() if isinstance(prof, dict) and prof.get("methods")}
     foundation = dict(FOUNDATION_DEFAULTS)
     foundation.update(d.get("foundation") or {})
     if foundation.get("backbone") is None:
@@ -394,9 +393,41 @@ def load_config(path: str) -> BenchmarkConfig:
         budgets=budgets, folds=folds, num_folds=num_folds, seed=int(d.get("seed", 0)), methods=methods,
         method_defs=method_defs, stage_defs=stage_defs, foundation=foundation, profiles=profiles,
         tolerance_mm=float(d.get("tolerance_mm", 2.0)), hc18_csv=d.get("hc18_csv"), raw=d,
-        budget_methods=budget_methods, spread=bool(d.get("spread", False)),
+        budget_methods=budget_methods, profile_methods=profile_methods, spread=bool(d.get("spread", False)),
         plan_commands=_command_list(path, d.get("plan_commands"), "plan_commands"), batch_size=batch,
         committed=committed, slice_thickness_mm=None if thickness is None else float(thickness), notes=list(notes))
     for b in budgets:
-        cfg.methods_at(b)  # rejects cycles early
+        for prof in [None] + list(profile_methods):
+            cfg.methods_at(b, profile=prof)  # rejects cycles early
     return cfg
+
+
+def _parse_methods(path: str, raw: Any, budgets: Sequence[Budget], method_defs: Dict[str, Any], where: str,
+                   every_budget: bool) -> Dict[Budget, List[str]]:
+    """A list (every budget runs it) or ``{"<budget>": [names]}``; ``every_budget``: each budget must be listed."""
+    if isinstance(raw, dict):
+        budget_methods = {}
+        for key, lst in raw.items():
+            b = _budget_key(path, key, budgets)
+            if not isinstance(lst, list) or not all(isinstance(m, str) for m in lst):
+                raise _err(path, f"{where} for budget {key!r} must be a list of method names")
+            budget_methods[b] = list(lst)
+        missing = [b for b in budgets if b not in budget_methods]
+        if missing and every_budget:
+            raise _err(path, f"{where} lists no methods for budget(s) {missing}; give each budget a list "
+                             f"(or remove the budget)")
+    elif isinstance(raw, list) and raw:
+        budget_methods = {b: list(raw) for b in budgets}
+    else:
+        raise _err(path, f"{where} must be a non-empty list of names from {sorted(method_defs)}, or an object "
+                         f"{{\"<budget>\": [names]}}")
+    for b, lst in budget_methods.items():
+        if not lst:
+            raise _err(path, f"{where} for budget {b} must be a non-empty list of method names")
+        if len(set(lst)) != len(lst):
+            raise _err(path, f"{where} lists a method twice at budget {b}: {lst}")
+        for m in lst:
+            if m not in method_defs:
+                raise _err(path, f"unknown method {m!r} in {where}; known: {sorted(method_defs)} "
+                                 f"(or define it under \"method_defs\")")
+    return budget_methods

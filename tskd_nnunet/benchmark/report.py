@@ -53,6 +53,8 @@ CONTRASTS = (("tskd_syn", "tskd", "effect of the synthetic images alone"),
              ("tskd_dice", "tskd", "soft Dice vs the teacher added to the pixel KD"),
              ("tskd_hard", "tskd", "the teacher's hard labels (CE + Dice) instead of its probabilities"),
              ("tskd", "task_agnostic", "task-specific vs task-agnostic distillation (same foundation, same data)"),
+             ("tskd", "self_train", "what the foundation model adds beyond nnU-Net self-training (same recipe, pool)"),
+             ("tskd_ens", "tskd", "plain nnU-Net averaged into the teacher (ensemble) vs the foundation teacher alone"),
              ("tskd", "teacher", "student − its teacher"))
 LOWER_IS_BETTER = {"hd95"}
 
@@ -353,6 +355,41 @@ def wilcoxon_vs_baseline(cv: pd.DataFrame, summary: pd.DataFrame, metrics: Seque
     return pd.DataFrame(rows, columns=cols)
 
 
+TEACHER_ARM = "teacher"
+STUDENT_ARMS = ("tskd", "tskd_ens", "tskd_hard", "tskd_dice")  # students of the foundation teacher
+_LEAD_REFERENCE = "teacher@n"  # budget label the teacher's rows take inside the gap-closed arithmetic
+
+
+def lead_kept(cv: pd.DataFrame, summary: pd.DataFrame, metrics: Sequence[str] = ("dice", "nsd"),
+              baseline: str = BASELINE, teacher: str = TEACHER_ARM, students: Sequence[str] = STUDENT_ARMS,
+              n_resamples: int = 10000, seed: int = 0) -> pd.DataFrame:
+    """Lead kept = (student@b - baseline@b) / (teacher@b - baseline@b): the share of its teacher's lead over plain
+    nnU-Net that a student keeps, per dataset and budget b. The gap-closed arithmetic (shared cases, paired
+    bootstrap CI) with the teacher at the same budget as the reference; undefined when the teacher does not lead."""
+    parts = []
+    for ds in dict.fromkeys(summary["dataset"]):
+        for b in sorted_budgets(summary[summary["dataset"] == ds]["budget"]):
+            at = cv[(cv["dataset"] == ds) & (cv["budget"] == b)]
+            ref = at[at["method"] == teacher]
+            if ref.empty:
+                continue
+            arms = at[at["method"].isin([baseline, *students])]
+            s_b = summary[(summary["dataset"] == ds) & (summary["budget"] == b)
+                          & summary["method"].isin([baseline, *students])]
+            g = gap_closed(pd.concat([arms, ref.assign(method=baseline, budget=_LEAD_REFERENCE)]), s_b, metrics,
+                           baseline, _LEAD_REFERENCE, n_resamples, seed)
+            g["note"] = g["note"].str.replace(f"{baseline} on all labels", "the teacher", regex=False) \
+                .str.replace(f"than at {b} ", f"than {baseline}@{b} ", regex=False)
+            parts.append(g)
+    cols = ["dataset", "budget", "method", "metric", "status", "n_cases", "method_mean", "baseline_mean",
+            "teacher_mean", "lead_kept", "ci_lo", "ci_hi", "note"]
+    if not parts:
+        return pd.DataFrame(columns=cols)
+    out = pd.concat(parts, ignore_index=True).rename(columns={"reference_mean": "teacher_mean",
+                                                               "gap_closed": "lead_kept"})
+    return out[cols]
+
+
 def paired_contrasts(cv: pd.DataFrame, contrasts: Sequence[Tuple[str, str, str]] = CONTRASTS,
                      metrics: Sequence[str] = ("dice", "nsd"), n_resamples: int = 10000, seed: int = 0
                      ) -> pd.DataFrame:
@@ -423,7 +460,7 @@ def render_markdown(summary: pd.DataFrame, runs: pd.DataFrame, run_ids: Sequence
                     baseline: str, title: str, n_resamples: int, seed: int,
                     gap: Optional[pd.DataFrame] = None, volumes: Optional[pd.DataFrame] = None,
                     notes: Sequence[str] = (), extra_sections: Sequence[str] = (),
-                    contrasts: Optional[pd.DataFrame] = None) -> str:
+                    contrasts: Optional[pd.DataFrame] = None, lead: Optional[pd.DataFrame] = None) -> str:
     out = [f"# {title}", ""]
     for n in notes:
         out += [f"- {n}"]
@@ -468,6 +505,18 @@ def render_markdown(summary: pd.DataFrame, runs: pd.DataFrame, run_ids: Sequence
                            (f"{r['gap_closed']:.2f} [{_fmt(r['ci_lo'], 2)}, {_fmt(r['ci_hi'], 2)}]"
                             if math.isfinite(r["gap_closed"]) else "–"), r["note"] or ""]
                           for _, r in gap.iterrows()]), ""]
+    if lead is not None and len(lead):
+        out += ["## Lead kept", "",
+                f"(student@n − {baseline}@n) / (teacher@n − {baseline}@n): the share of the teacher's lead over "
+                f"{baseline} that a student keeps (1 = all of it, 0 = none, < 0 = below {baseline}); same budget, "
+                f"shared test cases, 95% CI: paired percentile bootstrap.", ""]
+        out += [md_table(["dataset", "labels", "student", "metric", "student", f"{baseline}@n", "teacher@n",
+                          "lead kept [95% CI]", "note"],
+                         [[str(r["dataset"]), str(r["budget"]), r["method"], labels.get(r["metric"], r["metric"]),
+                           _fmt(r["method_mean"]), _fmt(r["baseline_mean"]), _fmt(r["teacher_mean"]),
+                           (f"{r['lead_kept']:.2f} [{_fmt(r['ci_lo'], 2)}, {_fmt(r['ci_hi'], 2)}]"
+                            if math.isfinite(r["lead_kept"]) else "–"), r["note"] or ""]
+                          for _, r in lead.iterrows()]), ""]
     if contrasts is not None and len(contrasts):
         out += ["## Paired contrasts", "",
                 f"Mean paired difference over shared test cases [95% percentile bootstrap CI, {n_resamples} "
@@ -576,6 +625,7 @@ def write_report(results: pd.DataFrame, runs: Optional[pd.DataFrame], out_dir: P
     per_class = (per_class_summary(results, METRICS, n_resamples, seed) if len(results)
                  else pd.DataFrame(columns=["class"]))
     gap = gap_closed(cv, summary, ("dice", "nsd"), baseline, REFERENCE_BUDGET, n_resamples, seed)
+    lead = lead_kept(cv, summary, ("dice", "nsd"), baseline, n_resamples=n_resamples, seed=seed)
     vol_patients, vol_summary = volume_errors(results, run_ids, n_resamples, seed)
     contrasts = paired_contrasts(cv, CONTRASTS, ("dice", "nsd"), n_resamples, seed)
     written: Dict[str, Path] = {}
@@ -584,6 +634,8 @@ def write_report(results: pd.DataFrame, runs: Optional[pd.DataFrame], out_dir: P
         tables.append(("gap_closed", gap))
     if len(contrasts):
         tables.append(("contrasts", contrasts))
+    if len(lead):
+        tables.append(("lead_kept", lead))
     if len(vol_summary):
         tables += [("organ_volume_error", vol_summary), ("organ_volume_per_patient", vol_patients)]
     for name, df in tables:
@@ -604,7 +656,7 @@ def write_report(results: pd.DataFrame, runs: Optional[pd.DataFrame], out_dir: P
         written[name] = out_dir / name
     md = render_markdown(summary, runs, run_ids, wil, per_class, value_columns, figures, baseline, title,
                          n_resamples, seed, gap=gap, volumes=vol_summary, notes=notes, extra_sections=extra_sections,
-                         contrasts=contrasts)
+                         contrasts=contrasts, lead=lead)
     written["report.md"] = atomic_write_text(out_dir / "report.md", md)
     return written
 

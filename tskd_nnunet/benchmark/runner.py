@@ -40,6 +40,8 @@ STATE = "state.json"
 # same code as the runner
 CODE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tskd_nnunet.atomic_io import atomic_write_json, read_json  # noqa: E402
+from tskd_nnunet.benchmark.committed_model import (CommittedModelError, committed_model, pack_model,  # noqa: E402
+                                                   restore_model)
 from tskd_nnunet.data.preprocessed_files import POOL_FILE, TARGETS_DIR  # noqa: E402
 # the one HC18 case-id -> CSV-name mapper, shared with tskd_evaluate --hc18-csv
 from tskd_nnunet.evaluation.clinical import hc18_case_to_filename  # noqa: E402,F401
@@ -693,9 +695,15 @@ class BenchmarkRunner:
         ckpt = os.path.join(self.model_dir(budget, dep), f"fold_{fold}", "checkpoint_final.pth")
         committed = self.store is not None and self.store.is_done(dep, budget, fold)
         if os.path.isfile(ckpt) and (committed or self.run_complete(budget, dep, fold)):
+            if committed:
+                self._backfill_model(budget, dep, fold)
             return
         if committed:
             tag = f"{dep} | budget {budget} | fold {fold}"
+            settings = self.committed_settings(budget, dep, fold)  # same trainer, plans, schedule, or stop
+            if committed_model(self.store.run_dir(dep, budget, fold), settings) is not None:
+                self._restore_model(budget, dep, fold, settings, for_method)
+                return
             _say(f"{tag}: results committed, but {for_method} needs its model, which is not in this work "
                  f"directory: training it again (same trainer, plans, schedule; its committed results are kept)")
             ddir = self.run_dir(budget, dep, fold)
@@ -712,6 +720,58 @@ class BenchmarkRunner:
         dep_state = read_json(os.path.join(self.run_dir(budget, dep, fold), STATE), {}) or {}
         raise StepFailed(f"needs {dep} (budget {budget}, fold {fold}), which is "
                          f"{dep_state.get('status', 'not run')}: {dep_state.get('error', '')}".rstrip(": "))
+
+    def _restore_model(self, budget: Budget, dep: str, fold: int, settings: Dict[str, Any], for_method: str) -> None:
+        """Rebuild a needed run's model folder from its committed weights, if it was made on this work
+        directory's labeled cases and plans; StepFailed (one line with the fix) otherwise."""
+        run_dir = self.store.run_dir(dep, budget, fold)
+        splits, _ = self.splits()[budget]
+        spec = self.cfg.method_defs[dep]
+        pp_root = (os.path.join(self.labeled_only_base(budget, fold), "nnUNet_preprocessed")
+                   if spec.get("plan_on") == "labeled" else self.base_pp_root)
+        differ = [what for what, here, there in (
+            ("labeled cases", sorted(splits[fold]["train"]), settings.get("labeled_cases")),
+            ("plans", self.plans_configuration(pp_root), settings.get("plans_configuration"))) if here != there]
+        if differ:
+            raise StepFailed(f"the committed {dep} model in {run_dir} was trained on other {' and '.join(differ)} than "
+                             f"this work directory's. Fix: delete {run_dir} to retrain it here, or run the config "
+                             f"(seed, budget, plans) it was made with")
+        try:
+            sha = restore_model(run_dir, settings, self.model_dir(budget, dep), fold)
+        except CommittedModelError as e:
+            raise StepFailed(str(e)) from None
+        _say(f"{dep} | budget {budget} | fold {fold}: model restored for {for_method} from the committed weights "
+             f"{os.path.join(run_dir, settings['model']['file'])} (sha256 {sha[:12]}..., same trainer, plans, schedule "
+             f"and labeled cases); not retrained")
+        atomic_write_json(os.path.join(self.run_dir(budget, dep, fold), "restored.json"),
+                          {"from": run_dir, "model_sha256": sha, "purpose": f"model for {for_method}",
+                           "restored": _now()})
+
+    def _backfill_model(self, budget: Budget, dep: str, fold: int) -> None:
+        """A run committed before its weights travelled with it (committed_model) gets them now, from this work
+        directory's checkpoint, if that is the very checkpoint its results were made with."""
+        run_dir = self.store.run_dir(dep, budget, fold)
+        settings = self.store.settings(dep, budget, fold) or {}
+        ckpt = os.path.join(self.model_dir(budget, dep), f"fold_{fold}", "checkpoint_final.pth")
+        if (not self.needed_by_others(dep) or "model" in settings or not os.path.isfile(ckpt)
+                or settings.get("checkpoint_sha256") != sha256_file(ckpt)):
+            return
+        tmp = os.path.join(run_dir, f".model.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        try:
+            rec = pack_model(self.model_dir(budget, dep), fold, tmp)
+            if rec.get("committed"):
+                os.replace(os.path.join(tmp, "model"), os.path.join(run_dir, "model"))
+            atomic_write_json(os.path.join(run_dir, "settings.json"), {**settings, "model": rec})
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _say(f"{dep} | budget {budget} | fold {fold}: its committed results now carry its weights "
+             f"({rec.get('bytes', 0) / 2**20:.1f} MB, {'committed' if rec.get('committed') else rec.get('why')})")
+
+    def needed_by_others(self, method: str) -> bool:
+        """True when another method distils from this one's model (its weights are committed with its results)."""
+        return any(method in d.get("needs", []) for d in self.cfg.method_defs.values())
 
     def _train(self, budget: Budget, method: str, fold: int, state: Dict[str, Any], logs: str) -> Dict[str, str]:
         """Stages, needed models, data root, then nnUNetv2_train unless checkpoint_final exists; returns the env."""
@@ -751,6 +811,7 @@ class BenchmarkRunner:
         tag = f"{method} | budget {budget} | fold {fold}"
         if self.committed_settings(budget, method, fold) is not None:
             _say(f"{tag}: done (committed in {self.store.run_dir(method, budget, fold)}), skipped")
+            self._backfill_model(budget, method, fold)
             return "done"
         if self.run_complete(budget, method, fold):
             if self.store is not None:
@@ -830,9 +891,11 @@ class BenchmarkRunner:
             sha = sha256_file(ckpt)
             dep_committed = self.store.settings(dep, budget, fold) if self.store is not None else None
             csha = (dep_committed or {}).get("checkpoint_sha256")
+            restored = read_json(os.path.join(self.run_dir(budget, dep, fold), "restored.json"), None)
             teacher = {"method": dep, "trainer": self.trainer(dep), "checkpoint_sha256": sha,
                        "committed_checkpoint_sha256": csha,
-                       "same_as_committed": None if csha is None else csha == sha}
+                       "same_as_committed": None if csha is None else csha == sha,
+                       "restored_from_committed_model": (restored or {}).get("model_sha256")}
         stages = {}
         for st in spec.get("stages", []):
             out = self.stage_output(st, fold)
@@ -887,8 +950,13 @@ class BenchmarkRunner:
             items.append((case, _read(os.path.join(self.raw_dataset, "imagesTs", f"{case}_0000{fe}"), False),
                           _read(os.path.join(self.raw_dataset, "labelsTs", case + fe), True),
                           _read(os.path.join(rdir, "predictions", case + fe), True)))
+        model_dir = self.model_dir(budget, method)
+
+        def model(folder: str) -> Dict[str, Any]:  # a teacher's weights travel with its results (committed_model)
+            return {"model": pack_model(model_dir, fold, folder)} if self.needed_by_others(method) else {}
+
         return self.store.write_run(method, budget, fold, cases, self.settings(budget, method, fold, state),
-                                    overlay_arrays(items) if items else None)
+                                    overlay_arrays(items) if items else None, extra=model)
 
     def _link_dependencies(self, budget: Budget, method: str) -> None:
         """Make each needed method's model folder visible in this method's nnUNet_results (e.g. the
@@ -972,7 +1040,7 @@ class BenchmarkRunner:
         """(budget, fold, method) in run order: per budget the methods listed there (restricted to ``only``)
         and what they need, dependencies first."""
         return [(b, f, m) for b in self.cfg.budgets if budgets is None or b in budgets
-                for f in self.cfg.folds for m in self.cfg.methods_at(b, only)]
+                for f in self.cfg.folds for m in self.cfg.methods_at(b, only, self.profile_name)]
 
     def run_status(self, b: Budget, m: str, f: int) -> str:
         if self.store is not None and self.store.is_done(m, b, f):
@@ -1043,7 +1111,7 @@ class BenchmarkRunner:
                 "profile": self.profile_name, "device": self.device, "schedule": self.profile.get("schedule"),
                 "configuration": self.cfg.configuration, "plans": self.cfg.plans, "batch_size": self.cfg.batch_size,
                 "budgets": self.cfg.budgets, "folds": self.cfg.folds, "baseline": BASELINE_LABEL,
-                "methods": {str(b): self.cfg.methods_at(b) for b in self.cfg.budgets},
+                "methods": {str(b): self.cfg.methods_at(b, profile=self.profile_name) for b in self.cfg.budgets},
                 "runs": [{"method": m, "budget": b, "fold": f, "trainer": self.trainer(m)}
                          for b, f, m in self.matrix()],
                 "title": f"Benchmark {self.cfg.name} (profile {self.profile_name}, device {self.device})",
@@ -1120,6 +1188,7 @@ class BenchmarkRunner:
         for b, f, m in matrix:
             if self.committed_settings(b, m, f) is not None:
                 _say(f"{m} | budget {b} | fold {f}: done (committed in {self.store.run_dir(m, b, f)}), skipped")
+                self._backfill_model(b, m, f)
                 counts["done"] += 1
             else:
                 todo.append((b, f, m))

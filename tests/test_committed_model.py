@@ -1,0 +1,190 @@
+"""Committed teacher weights: a finished teacher's trainable weights (fp16, weights only) travel with its committed
+results, and a runner on an empty work directory restores the teacher from them instead of retraining it; a file
+whose hash or settings differ is refused with one line and its fix.
+
+The teacher is real (LiteMedSAM, LoRA, trained 1 epoch on the phantom by nnUNetv2_train); the runner's other
+nnU-Net calls are the fakes of test_benchmark_committed (training of the student, prediction, measurement).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import tskd_nnunet.benchmark.runner as runner_mod
+from conftest import BIN, PHANTOM_ID, run_cmd, train_env
+from test_benchmark_committed import Fakes
+from test_teacher_train import _no_teacher_vars
+from tskd_nnunet.benchmark.committed import CommittedStore
+from tskd_nnunet.benchmark.committed_model import (MAX_MODEL_BYTES, CommittedModelError, pack_model,
+                                                   restore_model)
+from tskd_nnunet.benchmark.config import load_config
+from tskd_nnunet.benchmark.runner import BenchmarkRunner, committed_root
+from tskd_nnunet.distill.teacher_io import build_teacher_network, locate_teacher, read_checkpoint
+
+TEACHER = "LiteMedSAMTeacherTrainer_test"
+DATASET = "Dataset990_Phantom"
+CONFIG = {
+    "name": "phantom_model", "dataset": {"id": PHANTOM_ID, "convert": None}, "configuration": "2d",
+    "budgets": [4], "folds": [0], "num_folds": 3, "batch_size": 2, "methods": ["teacher", "tskd"],
+    "method_defs": {"teacher": {"trainer": TEACHER}, "tskd": {"trainer": "DistillTrainer",
+                                                             "env": {"TSKD_TEACHER_TRAINER": TEACHER}}},
+    "profiles": {"cpu": {"schedule": "1,2,1", "params": {"latency_cases": 1, "preprocess_processes": 1}}},
+    "committed": "{config_dir}/committed/{name}_{profile}",
+}
+
+
+@pytest.fixture(scope="module")
+def real_teacher(nnunet_env, tmp_path_factory) -> str:
+    """The model folder of a real 1-epoch LiteMedSAM LoRA teacher on the phantom."""
+    results = str(tmp_path_factory.mktemp("teacher") / "nnUNet_results")
+    os.makedirs(results)
+    run_cmd([os.path.join(BIN, "nnUNetv2_train"), str(PHANTOM_ID), "2d", "0", "-tr", TEACHER, "-device", "cpu"],
+            train_env(_no_teacher_vars(nnunet_env), results))
+    return os.path.join(results, DATASET, f"{TEACHER}__nnUNetPlans__2d")
+
+
+class TeacherFakes(Fakes):
+    """The teacher's 'training' copies the real teacher's model folder where nnUNetv2_train would write it."""
+
+    def __init__(self, real, base_pp, teacher_dir):
+        super().__init__(real, base_pp)
+        self.teacher_dir = teacher_dir
+
+    def __call__(self, cmd, env, log_path, step):
+        if os.path.basename(cmd[0]) == "nnUNetv2_train" and cmd[cmd.index("-tr") + 1] == TEACHER:
+            dst = os.path.join(env["nnUNet_results"], DATASET, os.path.basename(self.teacher_dir))
+            shutil.rmtree(dst, ignore_errors=True)
+            shutil.copytree(self.teacher_dir, dst)
+            self.trained.append(("teacher", TEACHER))
+            return
+        super().__call__(cmd, env, log_path, step)
+
+
+def _outputs(model_dir: str) -> torch.Tensor:
+    loc = locate_teacher(os.path.dirname(os.path.dirname(model_dir)), DATASET, TEACHER, "nnUNetPlans", "2d", 0)
+    net = build_teacher_network(loc, read_checkpoint(loc.checkpoint)).eval()
+    with torch.no_grad():
+        out = net(torch.linspace(-2, 2, 64 * 64).reshape(1, 1, 64, 64))
+    return torch.softmax(out[0] if isinstance(out, (list, tuple)) else out, 1)
+
+
+@pytest.fixture(scope="module")
+def bench(nnunet_env, real_teacher, tmp_path_factory):
+    root = tmp_path_factory.mktemp("model_bench")
+    (root / "phantom.json").write_text(json.dumps(CONFIG))
+    old = {k: os.environ.get(k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "PYTHONPATH")}
+    os.environ.update({k: nnunet_env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "PYTHONPATH")})
+    fakes = TeacherFakes(runner_mod.run_logged, nnunet_env["nnUNet_preprocessed"], real_teacher)
+    runner_mod.run_logged = fakes
+    try:
+        cfg = load_config(str(root / "phantom.json"))
+        store = committed_root(cfg, "cpu", None, False)
+        counts = BenchmarkRunner(cfg, "cpu", str(root / "work1"), committed=store).run()
+        shutil.rmtree(root / "work1")
+        yield {"root": root, "cfg": cfg, "store": store, "counts": counts, "fakes": fakes}
+    finally:
+        runner_mod.run_logged = fakes.real
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _student_again(bench, workdir, capsys):
+    """Drop the committed student and run it again on an empty work directory: its teacher must come from the
+    committed weights. Returns (counts, console output, what was 'trained')."""
+    store = CommittedStore(bench["store"])
+    shutil.rmtree(store.run_dir("tskd", 4, 0), ignore_errors=True)
+    fakes, n0 = bench["fakes"], len(bench["fakes"].trained)
+    runner_mod.run_logged = fakes
+    try:
+        capsys.readouterr()
+        counts = BenchmarkRunner(bench["cfg"], "cpu", str(workdir), committed=bench["store"]).run(only=["tskd"])
+    finally:
+        runner_mod.run_logged = fakes.real
+    return counts, capsys.readouterr().out, fakes.trained[n0:]
+
+
+def test_teacher_weights_are_committed_small_and_weights_only(bench):
+    assert bench["counts"] == {"done": 2, "failed": 0}
+    store = CommittedStore(bench["store"])
+    rec = store.settings("teacher", 4, 0)["model"]
+    assert rec["committed"] is True and rec["dtype"] == "float16" and 0 < rec["bytes"] <= MAX_MODEL_BYTES
+    path = os.path.join(store.run_dir("teacher", 4, 0), rec["file"])
+    assert os.path.getsize(path) == rec["bytes"] and len(rec["sha256"]) == 64
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    assert "optimizer_state" not in ckpt and ckpt["trainer_name"] == TEACHER
+    assert all(v.dtype == torch.float16 for v in ckpt["network_weights"].values() if v.is_floating_point())
+    # the frozen LiteMedSAM base is not in it (it is re-read from the package)
+    assert not [k for k in ckpt["network_weights"] if k.startswith("backbone.") and "lora_" not in k]
+    for f in ("plans.json", "dataset.json"):
+        assert os.path.isfile(os.path.join(store.run_dir("teacher", 4, 0), "model", f))
+    assert "model" not in store.settings("tskd", 4, 0)  # only models another arm needs travel
+
+
+def test_runner_restores_the_committed_teacher_on_an_empty_workdir(bench, real_teacher, tmp_path, capsys):
+    counts, out, trained = _student_again(bench, tmp_path / "w", capsys)
+    assert counts == {"done": 2, "failed": 0}
+    assert ("teacher", TEACHER) not in trained and trained[-1][2] == "DistillTrainer"  # only the student trained
+    assert "model restored for tskd from the committed weights" in out and "not retrained" in out
+    restored = tmp_path / "w" / "runs" / "b4" / "teacher" / "nnUNet_results" / DATASET / f"{TEACHER}__nnUNetPlans__2d"
+    plans = json.load(open(restored / "plans.json"))
+    from tskd_nnunet.models.litemedsam import packaged_checkpoint
+    assert plans["tskd_teacher"]["checkpoint"] == packaged_checkpoint()[0]
+    # the restored teacher predicts what the trained one does (fp16 weights: probabilities within 1e-2)
+    assert (_outputs(str(restored)) - _outputs(real_teacher)).abs().max() < 1e-2
+    store = CommittedStore(bench["store"])
+    assert store.settings("tskd", 4, 0)["teacher"]["restored_from_committed_model"] == \
+        store.settings("teacher", 4, 0)["model"]["sha256"]
+
+
+def test_changed_committed_weights_are_refused_with_the_fix(bench, tmp_path, capsys):
+    store = CommittedStore(bench["store"])
+    path = os.path.join(store.run_dir("teacher", 4, 0), store.settings("teacher", 4, 0)["model"]["file"])
+    saved = open(path, "rb").read()
+    try:
+        with open(path, "ab") as f:
+            f.write(b"\0")
+        counts, out, trained = _student_again(bench, tmp_path / "w", capsys)
+    finally:
+        with open(path, "wb") as f:
+            f.write(saved)
+    assert counts == {"done": 1, "failed": 1} and trained == []  # the teacher is done (committed)
+    assert "the file was changed. Fix: restore it with git" in out
+
+
+def test_committed_teacher_of_other_labels_is_refused_with_the_fix(bench, tmp_path, capsys):
+    store = CommittedStore(bench["store"])
+    sfile = os.path.join(store.run_dir("teacher", 4, 0), "settings.json")
+    saved = open(sfile).read()
+    try:
+        s = json.loads(saved)
+        s["labeled_cases"] = s["labeled_cases"][:-1] + ["someone_else"]
+        open(sfile, "w").write(json.dumps(s))
+        counts, out, trained = _student_again(bench, tmp_path / "w", capsys)
+    finally:
+        open(sfile, "w").write(saved)
+    assert counts == {"done": 1, "failed": 1} and trained == []  # the teacher is done (committed)
+    assert "was trained on other labeled cases than this work directory's. Fix: delete" in out
+
+
+def test_restore_refuses_another_litemedsam_base(real_teacher, tmp_path):
+    run = tmp_path / "run"
+    rec = pack_model(real_teacher, 0, str(run))
+    plans_file = run / "model" / "plans.json"
+    plans = json.load(open(plans_file))
+    plans["tskd_teacher"]["checkpoint_sha256"] = "0" * 64
+    json.dump(plans, open(plans_file, "w"))
+    with pytest.raises(CommittedModelError, match="adapts LiteMedSAM with sha256 000000000000.*Fix: pip install"):
+        restore_model(str(run), {"model": rec}, str(tmp_path / "out" / "m"), 0)
+    assert not os.path.exists(tmp_path / "out" / "m")  # nothing half-written
+
+
+def test_a_model_over_the_limit_is_not_committed(real_teacher, tmp_path):
+    rec = pack_model(real_teacher, 0, str(tmp_path), max_bytes=1000)
+    assert rec["committed"] is False and "MB >" in rec["why"] and not os.path.exists(tmp_path / "model")
