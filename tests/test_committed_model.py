@@ -188,3 +188,52 @@ def test_restore_refuses_another_litemedsam_base(real_teacher, tmp_path):
 def test_a_model_over_the_limit_is_not_committed(real_teacher, tmp_path):
     rec = pack_model(real_teacher, 0, str(tmp_path), max_bytes=1000)
     assert rec["committed"] is False and "MB >" in rec["why"] and not os.path.exists(tmp_path / "model")
+
+
+class Interrupted(TeacherFakes):
+    """The teacher's first 'training' is killed after an epoch (checkpoint_latest only); later ones finish and
+    record their command (a parked run must continue with --c)."""
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.killed, self.commands = False, []
+
+    def __call__(self, cmd, env, log_path, step):
+        if os.path.basename(cmd[0]) == "nnUNetv2_train" and cmd[cmd.index("-tr") + 1] == TEACHER:
+            self.commands.append(list(cmd))
+            if not self.killed:
+                self.killed = True
+                fold = os.path.join(env["nnUNet_results"], DATASET, os.path.basename(self.teacher_dir), "fold_0")
+                os.makedirs(fold, exist_ok=True)
+                shutil.copyfile(os.path.join(self.teacher_dir, "fold_0", "checkpoint_final.pth"),
+                                os.path.join(fold, "checkpoint_latest.pth"))
+                raise runner_mod.StepFailed("killed (test)")
+        super().__call__(cmd, env, log_path, step)
+
+
+def test_an_unfinished_teacher_is_parked_and_continued_on_a_new_machine(nnunet_env, real_teacher, tmp_path, capsys,
+                                                                       monkeypatch):
+    (tmp_path / "p.json").write_text(json.dumps({**CONFIG, "methods": ["teacher"]}))
+    for k in ("nnUNet_raw", "nnUNet_preprocessed", "PYTHONPATH"):
+        monkeypatch.setenv(k, nnunet_env[k])
+    fakes = Interrupted(runner_mod.run_logged, nnunet_env["nnUNet_preprocessed"], real_teacher)
+    runner_mod.run_logged = fakes
+    try:
+        cfg = load_config(str(tmp_path / "p.json"))
+        store = str(tmp_path / "committed")
+        first = BenchmarkRunner(cfg, "cpu", str(tmp_path / "w1"), committed=store)
+        assert first.run() == {"done": 0, "failed": 1}
+        assert first.park() == 1
+        parked = os.path.join(store, "partial", "teacher_b4_f0")
+        rec = json.load(open(os.path.join(parked, "partial.json")))
+        assert rec["trainer"] == TEACHER and rec["schedule"] == "1,2,1" and len(rec["sha256"]) == 64
+        shutil.rmtree(tmp_path / "w1")  # a new machine: only the committed folder is left
+        capsys.readouterr()
+        assert BenchmarkRunner(cfg, "cpu", str(tmp_path / "w2"), committed=store).run() == {"done": 1, "failed": 0}
+        out = capsys.readouterr().out
+    finally:
+        runner_mod.run_logged = fakes.real
+    assert "continuing the parked run from epoch" in out
+    assert "--c" not in fakes.commands[0] and fakes.commands[1][-1] == "--c"
+    assert not os.path.exists(parked)  # finished and committed: the parked checkpoint is gone
+    assert CommittedStore(store).settings("teacher", 4, 0)["model"]["committed"] is True

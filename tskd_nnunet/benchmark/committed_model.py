@@ -139,3 +139,40 @@ def restore_model(run_dir: str, settings: Dict[str, Any], model_dir: str, fold: 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return found
+
+
+# ------------------------------------------------------------------ an unfinished run, continued elsewhere
+PARTIAL = "partial"  # <committed root>/partial/<run>/{checkpoint_latest.pth, partial.json}
+PARTIAL_CHECKPOINT = "checkpoint_latest.pth"
+PARTIAL_RECORD = "partial.json"
+
+
+def park_checkpoint(ckpt: str, dest: str, record: Dict[str, Any]) -> Dict[str, Any]:
+    """Copy an unfinished run's latest nnU-Net checkpoint (weights, optimizer, epoch: everything ``--c`` needs) to
+    ``dest`` with its record (identity, epoch, sha256), atomically; returns the record."""
+    import torch
+
+    epoch = torch.load(ckpt, map_location="cpu", weights_only=False).get("current_epoch")
+    os.makedirs(dest, exist_ok=True)
+    tmp = os.path.join(dest, f".{PARTIAL_CHECKPOINT}.tmp-{os.getpid()}")
+    shutil.copyfile(ckpt, tmp)
+    os.replace(tmp, os.path.join(dest, PARTIAL_CHECKPOINT))
+    rec = {**record, "epoch": epoch, "sha256": _sha256(os.path.join(dest, PARTIAL_CHECKPOINT)),
+           "bytes": os.path.getsize(os.path.join(dest, PARTIAL_CHECKPOINT))}
+    atomic_write_json(os.path.join(dest, PARTIAL_RECORD), rec)
+    return rec
+
+
+def unpark_checkpoint(dest: str, fold_dir: str) -> Dict[str, Any]:
+    """Put a parked checkpoint back as ``fold_dir/checkpoint_latest.pth`` (nnU-Net's ``--c`` continues from it);
+    CommittedModelError when the file differs from its record."""
+    rec = read_json(os.path.join(dest, PARTIAL_RECORD), None) or {}
+    src = os.path.join(dest, PARTIAL_CHECKPOINT)
+    if not os.path.isfile(src) or _sha256(src) != rec.get("sha256"):
+        raise CommittedModelError(f"the parked checkpoint {src} is missing or differs from {PARTIAL_RECORD}. Fix: "
+                                  f"restore it with git, or delete {dest} to train the run from the start")
+    os.makedirs(fold_dir, exist_ok=True)
+    tmp = os.path.join(fold_dir, f".{PARTIAL_CHECKPOINT}.tmp-{os.getpid()}")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, os.path.join(fold_dir, PARTIAL_CHECKPOINT))
+    return rec

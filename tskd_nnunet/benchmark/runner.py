@@ -40,8 +40,9 @@ STATE = "state.json"
 # same code as the runner
 CODE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tskd_nnunet.atomic_io import atomic_write_json, read_json  # noqa: E402
-from tskd_nnunet.benchmark.committed_model import (CommittedModelError, committed_model, pack_model,  # noqa: E402
-                                                   restore_model)
+from tskd_nnunet.benchmark.committed_model import (PARTIAL, CommittedModelError, committed_model,  # noqa: E402
+                                                   pack_model, park_checkpoint, restore_model,
+                                                   unpark_checkpoint)
 from tskd_nnunet.data.preprocessed_files import POOL_FILE, TARGETS_DIR  # noqa: E402
 # the one HC18 case-id -> CSV-name mapper, shared with tskd_evaluate --hc18-csv
 from tskd_nnunet.evaluation.clinical import hc18_case_to_filename  # noqa: E402,F401
@@ -769,6 +770,54 @@ class BenchmarkRunner:
         _say(f"{dep} | budget {budget} | fold {fold}: its committed results now carry its weights "
              f"({rec.get('bytes', 0) / 2**20:.1f} MB, {'committed' if rec.get('committed') else rec.get('why')})")
 
+    # ---------------------------------------------------------------- unfinished runs across machines
+    def partial_dir(self, budget: Budget, method: str, fold: int) -> str:
+        return os.path.join(self.store.root, PARTIAL, os.path.basename(self.store.run_dir(method, budget, fold)))
+
+    def _partial_record(self, budget: Budget, method: str, fold: int) -> Dict[str, Any]:
+        """What a parked checkpoint must agree on with the run that continues it."""
+        splits, _ = self.splits()[budget]
+        return {**self.identity(budget, method), "labeled_cases": sorted(splits[fold]["train"]),
+                "dataset": self.dataset_name}
+
+    def park(self, only: Optional[Sequence[str]] = None, budgets: Optional[Sequence[Budget]] = None) -> int:
+        """Copy the latest checkpoint of every unfinished training into the committed folder's partial/, so a
+        later session on a new machine continues it (nnU-Net's --c) instead of starting over. Returns how many."""
+        if self.store is None:
+            raise BenchmarkError("--park needs a committed folder (the config's \"committed\" or --committed)")
+        n = 0
+        for b, f, m in self.matrix(only, budgets):
+            fold_dir = os.path.join(self.model_dir(b, m), f"fold_{f}")
+            latest = os.path.join(fold_dir, "checkpoint_latest.pth")
+            if self.store.is_done(m, b, f) or os.path.isfile(os.path.join(fold_dir, "checkpoint_final.pth")) \
+                    or not os.path.isfile(latest):
+                continue
+            rec = park_checkpoint(latest, self.partial_dir(b, m, f), self._partial_record(b, m, f))
+            _say(f"{m} | budget {b} | fold {f}: parked epoch {rec['epoch']} ({rec['bytes'] / 2**20:.0f} MB) in "
+                 f"{self.partial_dir(b, m, f)}; commit it, and a later run continues from there")
+            n += 1
+        return n
+
+    def _unpark(self, budget: Budget, method: str, fold: int, fold_dir: str) -> None:
+        """Continue a parked run: its checkpoint goes back into the (empty) fold folder before nnUNetv2_train."""
+        if self.store is None or any(os.path.isfile(os.path.join(fold_dir, c)) for c in CHECKPOINTS):
+            return
+        dest = self.partial_dir(budget, method, fold)
+        rec = read_json(os.path.join(dest, "partial.json"), None)
+        if not rec:
+            return
+        want = self._partial_record(budget, method, fold)
+        differ = [k for k, v in want.items() if rec.get(k) != v]
+        if differ:
+            raise StepFailed(f"the parked checkpoint in {dest} was made with other {', '.join(differ)}. Fix: delete "
+                             f"{dest} to train this run from the start")
+        try:
+            unpark_checkpoint(dest, fold_dir)
+        except CommittedModelError as e:
+            raise StepFailed(str(e)) from None
+        _say(f"{method} | budget {budget} | fold {fold}: continuing the parked run from epoch {rec['epoch']} "
+             f"({dest}, sha256 {rec['sha256'][:12]}...)")
+
     def needed_by_others(self, method: str) -> bool:
         """True when another method distils from this one's model (its weights are committed with its results)."""
         return any(method in d.get("needs", []) for d in self.cfg.method_defs.values())
@@ -794,6 +843,7 @@ class BenchmarkRunner:
             run_logged(_fmt_cmd(c, self.fields(fold, budget), f"method {method}"), env,
                        os.path.join(logs, "commands.log"), f"{method} command {i + 1}")
         if not os.path.isfile(os.path.join(fold_dir, "checkpoint_final.pth")):
+            self._unpark(budget, method, fold, fold_dir)
             run_logged(self.train_command(budget, method, fold), env, os.path.join(logs, "train.log"),
                        "nnUNetv2_train")
             if not os.path.isfile(os.path.join(fold_dir, "checkpoint_final.pth")):
@@ -955,8 +1005,10 @@ class BenchmarkRunner:
         def model(folder: str) -> Dict[str, Any]:  # a teacher's weights travel with its results (committed_model)
             return {"model": pack_model(model_dir, fold, folder)} if self.needed_by_others(method) else {}
 
-        return self.store.write_run(method, budget, fold, cases, self.settings(budget, method, fold, state),
-                                    overlay_arrays(items) if items else None, extra=model)
+        final = self.store.write_run(method, budget, fold, cases, self.settings(budget, method, fold, state),
+                                     overlay_arrays(items) if items else None, extra=model)
+        shutil.rmtree(self.partial_dir(budget, method, fold), ignore_errors=True)  # a parked start, now finished
+        return final
 
     def _link_dependencies(self, budget: Budget, method: str) -> None:
         """Make each needed method's model folder visible in this method's nnUNet_results (e.g. the
@@ -1276,6 +1328,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="print the planned stages and runs with their status; run nothing")
     p.add_argument("--report-only", action="store_true", help="write the report from what is finished; run nothing")
     p.add_argument("--skip-failed", action="store_true", help="do not retry runs that failed before")
+    p.add_argument("--park", action="store_true",
+                   help="copy the latest checkpoint of every unfinished training into the committed folder's partial/ "
+                        "(commit it; a later run on any machine continues from it); runs nothing")
     a = p.parse_args(argv)
     try:
         cfg = load_config(a.config)
@@ -1289,6 +1344,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                                  committed=committed_root(cfg, a.profile, a.committed, a.no_committed))
         if a.dry_run:
             print(runner.describe(a.only, budgets))
+            return 0
+        if a.park:  # beside a running training: reads its checkpoint_latest, which nnU-Net replaces atomically
+            print(f"parked {runner.park(a.only, budgets)} unfinished run(s)")
             return 0
         with WorkdirLock(runner.workdir):
             if a.report_only:
