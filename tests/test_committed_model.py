@@ -76,23 +76,18 @@ def _outputs(model_dir: str) -> torch.Tensor:
 def bench(nnunet_env, real_teacher, tmp_path_factory):
     root = tmp_path_factory.mktemp("model_bench")
     (root / "phantom.json").write_text(json.dumps(CONFIG))
-    old = {k: os.environ.get(k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "PYTHONPATH")}
-    os.environ.update({k: nnunet_env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "PYTHONPATH")})
     fakes = TeacherFakes(runner_mod.run_logged, nnunet_env["nnUNet_preprocessed"], real_teacher)
-    runner_mod.run_logged = fakes
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        for k in ("nnUNet_raw", "nnUNet_preprocessed", "PYTHONPATH"):
+            mp.setenv(k, nnunet_env[k])
+        mp.delenv("nnUNet_results", raising=False)
+        mp.setattr(runner_mod, "run_logged", fakes)
         cfg = load_config(str(root / "phantom.json"))
         store = committed_root(cfg, "cpu", None, False)
         counts = BenchmarkRunner(cfg, "cpu", str(root / "work1"), committed=store).run()
         shutil.rmtree(root / "work1")
+        mp.setattr(runner_mod, "run_logged", fakes.real)
         yield {"root": root, "cfg": cfg, "store": store, "counts": counts, "fakes": fakes}
-    finally:
-        runner_mod.run_logged = fakes.real
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _student_again(bench, workdir, capsys):

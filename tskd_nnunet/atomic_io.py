@@ -5,13 +5,19 @@ JSON, CSV, Markdown or PNG: everything is written to a temporary file in the sam
 into place with ``os.replace``, which is atomic on POSIX within one file system. Temporary files are
 hidden and start with ``.tmp_`` (cleanup code may rely on that).
 
+A folder whose files must belong together (an ONNX export: the models and the metadata that describes them) is
+written with ``atomic_folder``: into a hidden folder beside it, which then replaces the old folder as a whole.
+
 ``read_json`` is the one JSON reader: it returns a default, or raises the caller's own error class
 with a one-line message that names the file and the fix.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,6 +45,69 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, belongs to someone else
+        return True
+    return True
+
+
+def _clean_interrupted_swaps(path: Path) -> None:
+    """Leftovers of an ``atomic_folder`` whose process is gone (SIGKILL, a crash): its temporary folder is removed;
+    a parked old folder is put back if the swap was cut between its two renames (``path`` missing), else removed."""
+    pattern = re.compile(rf"^\.(tmp|old)_{re.escape(path.name)}\.(\d+)$")
+    for p in sorted(path.parent.iterdir()):
+        m = pattern.match(p.name)
+        if not m or not p.is_dir() or (_pid_alive(int(m.group(2))) and int(m.group(2)) != os.getpid()):
+            continue
+        if m.group(1) == "old" and not path.exists():
+            os.replace(p, path)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def replace_folder(new: PathLike, path: PathLike) -> None:
+    """Move the folder ``new`` onto ``path``, replacing a folder there as a whole: rename the old one aside, rename
+    the new one in, then delete the old one (``os.replace`` cannot replace a non-empty folder). An interruption
+    between the two renames puts the old folder back."""
+    new, path = Path(new), Path(path)
+    if not path.exists():
+        os.replace(new, path)
+        return
+    old = path.parent / f".old_{path.name}.{os.getpid()}"
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(path, old)
+    try:
+        os.replace(new, path)
+    except BaseException:
+        if not path.exists():
+            os.replace(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def atomic_folder(path: PathLike) -> Iterator[Path]:
+    """Yield an empty hidden folder ``.tmp_<name>.<pid>`` beside ``path``; if the block succeeds it replaces
+    ``path`` as a whole (``replace_folder``), else it is deleted and ``path`` stays as it was. A reader sees the old
+    folder or the new one, never a mix of both. Leftovers of a killed earlier call are cleaned up first."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _clean_interrupted_swaps(path)
+    tmp = path.parent / f".tmp_{path.name}.{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        replace_folder(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def atomic_write_text(path: PathLike, text: str) -> Path:
@@ -106,3 +175,12 @@ def read_json(path: PathLike, default: Any = _RAISE, error: Optional[Type[Except
             raise
         why = f"not valid JSON: {e}" if isinstance(e, ValueError) else (e.strerror or str(e))
         raise error(f"cannot read {path} ({why}).{f' Fix: {fix}' if fix else ''}") from None
+
+
+def sha256_of(path: Union[str, Path]) -> str:
+    """sha256 hex digest of a file (read in 4 MB blocks): the one file hash of the package."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()

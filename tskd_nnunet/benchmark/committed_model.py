@@ -15,12 +15,11 @@ writes an ordinary nnU-Net model folder (fp32 weights) that nnUNetv2_predict and
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from typing import Any, Dict, Optional
 
-from tskd_nnunet.atomic_io import atomic_write_json, read_json
+from tskd_nnunet.atomic_io import atomic_write_json, read_json, sha256_of
 
 MODEL = "model"
 MAX_MODEL_BYTES = 10 * 1024 * 1024  # issue #28: <= 10 MB per committed teacher
@@ -32,14 +31,6 @@ TEACHER_KEY = "tskd_teacher"  # plans.json entry of our LoRA teachers (teacher_n
 
 class CommittedModelError(RuntimeError):
     """A committed model cannot be used; the message names the file and the fix."""
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def pack_model(model_dir: str, fold: int, dest: str, max_bytes: int = MAX_MODEL_BYTES) -> Dict[str, Any]:
@@ -65,8 +56,8 @@ def pack_model(model_dir: str, fold: int, dest: str, max_bytes: int = MAX_MODEL_
     for f in MODEL_FILES:
         if os.path.isfile(os.path.join(model_dir, f)):
             shutil.copy2(os.path.join(model_dir, f), os.path.join(out, f))
-    return {"committed": True, "file": f"{MODEL}/fold_{fold}/{CHECKPOINT}", "sha256": _sha256(target),
-            "bytes": size, "parameters": n, "dtype": "float16", "source_sha256": _sha256(src)}
+    return {"committed": True, "file": f"{MODEL}/fold_{fold}/{CHECKPOINT}", "sha256": sha256_of(target),
+            "bytes": size, "parameters": n, "dtype": "float16", "source_sha256": sha256_of(src)}
 
 
 def committed_model(run_dir: str, settings: Dict[str, Any]) -> Optional[str]:
@@ -83,7 +74,6 @@ def _rebase_teacher(plans: Dict[str, Any], plans_file: str) -> None:
     if not spec or spec.get("backbone") != "litemedsam" or spec.get("checkpoint") is None:
         return
     from tskd_nnunet.models.litemedsam import packaged_checkpoint
-    from tskd_nnunet.models.vit_backbones import sha256_of
     path, _ = packaged_checkpoint()
     found = sha256_of(path)
     if found != spec.get("checkpoint_sha256"):
@@ -103,7 +93,7 @@ def restore_model(run_dir: str, settings: Dict[str, Any], model_dir: str, fold: 
     fix = f"Fix: restore it with git (git checkout -- {run_dir}), or delete {run_dir} to redo the run"
     if not os.path.isfile(src):
         raise CommittedModelError(f"the committed model {src} is missing. {fix}")
-    found = _sha256(src)
+    found = sha256_of(src)
     if found != settings["model"]["sha256"]:
         raise CommittedModelError(f"the committed model {src} has sha256 {found[:12]}..., its settings.json records "
                                   f"{settings['model']['sha256'][:12]}...: the file was changed. {fix}")
@@ -157,7 +147,7 @@ def park_checkpoint(ckpt: str, dest: str, record: Dict[str, Any]) -> Dict[str, A
     tmp = os.path.join(dest, f".{PARTIAL_CHECKPOINT}.tmp-{os.getpid()}")
     shutil.copyfile(ckpt, tmp)
     os.replace(tmp, os.path.join(dest, PARTIAL_CHECKPOINT))
-    rec = {**record, "epoch": epoch, "sha256": _sha256(os.path.join(dest, PARTIAL_CHECKPOINT)),
+    rec = {**record, "epoch": epoch, "sha256": sha256_of(os.path.join(dest, PARTIAL_CHECKPOINT)),
            "bytes": os.path.getsize(os.path.join(dest, PARTIAL_CHECKPOINT))}
     atomic_write_json(os.path.join(dest, PARTIAL_RECORD), rec)
     return rec
@@ -168,7 +158,7 @@ def unpark_checkpoint(dest: str, fold_dir: str) -> Dict[str, Any]:
     CommittedModelError when the file differs from its record."""
     rec = read_json(os.path.join(dest, PARTIAL_RECORD), None) or {}
     src = os.path.join(dest, PARTIAL_CHECKPOINT)
-    if not os.path.isfile(src) or _sha256(src) != rec.get("sha256"):
+    if not os.path.isfile(src) or sha256_of(src) != rec.get("sha256"):
         raise CommittedModelError(f"the parked checkpoint {src} is missing or differs from {PARTIAL_RECORD}. Fix: "
                                   f"restore it with git, or delete {dest} to train the run from the start")
     os.makedirs(fold_dir, exist_ok=True)

@@ -39,7 +39,7 @@ STATE = "state.json"
 # the folder holding this tskd_nnunet package (a source checkout or site-packages): child commands import the
 # same code as the runner
 CODE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tskd_nnunet.atomic_io import atomic_write_json, read_json  # noqa: E402
+from tskd_nnunet.atomic_io import atomic_write_json, read_json, sha256_of  # noqa: E402
 from tskd_nnunet.benchmark.committed_model import (PARTIAL, CommittedModelError, committed_model,  # noqa: E402
                                                    pack_model, park_checkpoint, restore_model,
                                                    unpark_checkpoint)
@@ -174,15 +174,7 @@ def drawn_transfer_set(train_log: str) -> Optional[Dict[str, int]]:
 
 def sha256_file(path: str) -> Optional[str]:
     """sha256 of a file, None when it does not exist."""
-    import hashlib
-
-    if not os.path.isfile(path):
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_of(path) if os.path.isfile(path) else None
 
 
 def git_commit(folder: str, exclude: Optional[str] = None) -> Dict[str, Any]:

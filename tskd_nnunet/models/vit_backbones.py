@@ -18,7 +18,6 @@ not match the requested model is a :class:`TeacherCheckpointError` saying which 
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import warnings
@@ -28,6 +27,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from tskd_nnunet import atomic_io
 
 SizeLike = Union[int, Sequence[int]]
 
@@ -102,11 +103,7 @@ def sha256_of(path: str) -> str:
     st = os.stat(path)
     key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
     if key not in _SHA_CACHE:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-        _SHA_CACHE[key] = h.hexdigest()
+        _SHA_CACHE[key] = atomic_io.sha256_of(path)
     return _SHA_CACHE[key]
 
 

@@ -13,7 +13,6 @@ each channel's [0.5, 99.5] percentile range of the fold's training data linearly
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -23,6 +22,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolve
                        UniPCMultistepScheduler)
 from diffusers.utils.torch_utils import randn_tensor
 from tskd_nnunet.atomic_io import atomic_torch_save as save_atomic  # noqa: E402
+from tskd_nnunet.atomic_io import sha256_of  # noqa: E402,F401  (re-exported: sample.py, tests)
 
 DEFAULT_BLOCK_OUT_CHANNELS: Tuple[int, ...] = (32, 64, 64)
 SAMPLERS = ("ddim", "dpm", "unipc")
@@ -165,14 +165,6 @@ def load_checkpoint(path: str) -> dict:
         raise DiffusionCheckpointError(f"{path} is not a tskd diffusion checkpoint. Fix: pass a checkpoint written "
                                        f"by tskd_train_diffusion")
     return ckpt
-
-
-def sha256_of(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def unet_from_checkpoint(ckpt: dict, use_ema: bool = True) -> UNet2DModel:
