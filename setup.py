@@ -85,6 +85,7 @@ setup(
             "tskd_plan_cpu = tskd_nnunet.plans_variant:main",
             "tskd_export = tskd_nnunet.export.cli:export_main",
             "tskd_predict_onnx = tskd_nnunet.export.cli:predict_main",
+            "tskd_export_nnunet = tskd_nnunet.export.nnunet_zip:main",
         ],
     },
 )

@@ -19,7 +19,9 @@ def trainer_dir():
 def register(environ=None):
     """Add our trainer folder to ``nnUNet_extTrainer`` unless present or disabled. True if added."""
     env = os.environ if environ is None else environ
-    if env.get("TSKD_NO_AUTOREGISTER", "").lower() in ("1", "true", "yes"):
+    # config.TRUE_VALUES (not imported: no package import at interpreter start); a value outside the yes/no set
+    # is refused when a trainer starts (config.check_environment), this hook must never fail
+    if env.get("TSKD_NO_AUTOREGISTER", "").strip().lower() in ("1", "true", "yes", "on"):
         return False
     folder = trainer_dir()
     current = [p for p in env.get("nnUNet_extTrainer", "").split(os.pathsep) if p]

@@ -19,8 +19,34 @@ def env_str(name: str, default: Optional[str] = None) -> Optional[str]:
     return default if value is None or value.strip() == "" else value.strip()
 
 
-def env_flag(name: str) -> bool:
-    return (env_str(name, "") or "").lower() in ("1", "true", "yes", "on")
+# the spellings of a yes/no setting (case-insensitive); anything else is refused, never read as "off" or "on"
+TRUE_VALUES = ("1", "true", "yes", "on")
+FALSE_VALUES = ("0", "false", "no", "off")
+
+
+def env_flag(name: str, default: bool = False) -> bool:
+    """A yes/no ``TSKD_*`` variable: one of TRUE_VALUES / FALSE_VALUES, ``default`` when unset or empty."""
+    value = env_str(name)
+    if value is None:
+        return default
+    if value.lower() in TRUE_VALUES:
+        return True
+    if value.lower() in FALSE_VALUES:
+        return False
+    raise TSKDConfigError(f"{name}={value!r} is not a yes/no value ({', '.join(TRUE_VALUES)} or "
+                          f"{', '.join(FALSE_VALUES)}). Fix: export {name}={'1' if default else '0'} "
+                          f"(the default), or unset it")
+
+
+def env_choice(name: str, choices: Tuple[str, ...], default: str) -> str:
+    """An enumerated ``TSKD_*`` variable (case-insensitive): one of ``choices``, ``default`` when unset or empty."""
+    value = env_str(name)
+    if value is None:
+        return default
+    if value.lower() not in choices:
+        raise TSKDConfigError(f"{name}={value!r} is not one of {', '.join(choices)}. Fix: export {name}={default}, "
+                              f"or unset it")
+    return value.lower()
 
 
 def env_float(name: str, default: float) -> float:
@@ -92,16 +118,12 @@ KD_MODES = ("cached", "online")
 def kd_mode_from_env(device_type: str) -> str:
     """``TSKD_KD_MODE``: ``cached`` (teacher targets computed once per case, then ride through nnU-Net's
     augmentation) or ``online`` (teacher on every augmented batch). Default: online on CUDA, cached elsewhere."""
-    value = (env_str("TSKD_KD_MODE") or ("online" if device_type == "cuda" else "cached")).lower()
-    if value not in KD_MODES:
-        raise TSKDConfigError(f"TSKD_KD_MODE={value!r} is not one of {KD_MODES}. Fix: export TSKD_KD_MODE=cached")
-    return value
+    return env_choice("TSKD_KD_MODE", KD_MODES, "online" if device_type == "cuda" else "cached")
 
 
 def teacher_tta_from_env() -> bool:
     """``TSKD_TEACHER_TTA``: mirroring test-time augmentation when caching teacher targets (default 1)."""
-    value = env_str("TSKD_TEACHER_TTA", "1")
-    return value.lower() not in ("0", "false", "no", "off")  # type: ignore[union-attr]
+    return env_flag("TSKD_TEACHER_TTA", default=True)
 
 
 def unlabeled_fraction_from_env() -> Optional[float]:
@@ -156,6 +178,27 @@ def teacher_weights() -> Optional[str]:
 def teacher_allow_random() -> bool:
     """``TSKD_ALLOW_RANDOM_TEACHER=1``: build the backbone without weights (smoke tests only)."""
     return env_flag("TSKD_ALLOW_RANDOM_TEACHER")
+
+
+def no_autoregister() -> bool:
+    """``TSKD_NO_AUTOREGISTER=1``: the start-up hook (tskd_nnunet_autoregister.py) leaves ``nnUNet_extTrainer``
+    alone. The hook itself runs at every interpreter start and must not fail, so a bad value is refused here,
+    when one of our trainers starts (``check_environment``)."""
+    return env_flag("TSKD_NO_AUTOREGISTER")
+
+
+# every yes/no and enumerated variable, checked together when a trainer starts (check_environment): a bad value
+# stops the run even where that trainer does not read the variable (a typo is never silently ignored)
+FLAG_VARS = {"TSKD_TEACHER_TTA": True, "TSKD_ALLOW_RANDOM_TEACHER": False, "TSKD_NO_AUTOREGISTER": False}
+CHOICE_VARS = {"TSKD_KD_MODE": (KD_MODES, "cached")}
+
+
+def check_environment() -> None:
+    """Refuse (TSKDConfigError, one line) any yes/no or enumerated ``TSKD_*`` variable set outside its set."""
+    for name, default in FLAG_VARS.items():
+        env_flag(name, default)
+    for name, (choices, default) in CHOICE_VARS.items():
+        env_choice(name, choices, default)
 
 
 def env_json_object(name: str) -> dict:

@@ -21,6 +21,11 @@ batchgeneratorsv2's ``regression_target`` before nnU-Net's augmentation (which m
 through crop, spatial transform and mirroring, and leaves it out of every intensity transform) and
 joins them back afterwards, so the batch carries image + target + validity. Padding and rotated-in
 corners have validity 0 and get no KD loss.
+
+Non-finite values never reach a student (documentation/reliability.md, "Round two"): a teacher output (or a
+probability file of ``--from_predictions``) holding NaN/Inf stops the build before its case is written, naming the
+teacher checkpoint (or file) and the case; when training starts, :func:`verify_targets` reads every cached target
+once and refuses an unreadable (truncated, empty) one or one holding NaN/Inf, naming the file.
 """
 from __future__ import annotations
 
@@ -113,8 +118,29 @@ def probabilities_from_prediction(npz_file: str, spatial_shape: Sequence[int], p
     if tuple(probs.shape[1:]) != tuple(spatial_shape):
         probs = np.asarray(configuration_manager.resampling_fn_probabilities(probs, list(spatial_shape), spacing,
                                                                             target))
+    if not np.isfinite(probs).all():
+        raise TeacherError(f"{npz_file} holds NaN/Inf probabilities: the teacher's predictions are not usable. Fix: "
+                           f"check the teacher (retrain it if its weights diverged), predict again, or leave the case "
+                           f"out of the folder.")
     probs = np.clip(probs, 0, None)
     return probs / np.clip(probs.sum(0, keepdims=True), 1e-8, None)
+
+
+def _teacher_logits(predictor, teacher: "TeacherForCache", data: torch.Tensor, identifier: str) -> torch.Tensor:
+    """The teacher's logits of one case by nnU-Net's sliding window; TeacherError naming the teacher checkpoint and
+    the case when they hold NaN/Inf (nnU-Net's predictor itself stops on Inf with a RuntimeError, lets NaN pass)."""
+    try:
+        logits = predictor.predict_sliding_window_return_logits(data).cpu()
+        finite = bool(torch.isfinite(logits).all())
+    except RuntimeError as e:
+        if "Encountered inf" not in str(e):
+            raise
+        finite = False
+    if not finite:
+        raise TeacherError(f"Teacher {teacher.checkpoint} gives NaN/Inf outputs on case {identifier}: its targets "
+                           f"would train the student to NaN; nothing was cached for this case. Fix: retrain the "
+                           f"teacher, or distil from another checkpoint of it (TSKD_TEACHER_CHECKPOINT).")
+    return logits
 
 
 def build_cache(folder: str, teachers: Sequence[TeacherForCache], load_case, identifiers: Sequence[str],
@@ -167,22 +193,42 @@ def build_cache(folder: str, teachers: Sequence[TeacherForCache], load_case, ide
     for identifier in tqdm(todo, desc="teacher targets", unit="case", mininterval=5):
         data = torch.from_numpy(np.asarray(load_case(identifier)[0], dtype=np.float32))
         with torch.no_grad():
-            probs = sum(probabilities(p.predict_sliding_window_return_logits(data).cpu(), multilabel)
-                        for p in predictors) / len(predictors)
+            probs = sum(probabilities(_teacher_logits(p, t, data, identifier), multilabel)
+                        for p, t in zip(predictors, teachers)) / len(predictors)
         with atomic_path(target_file(folder, identifier)) as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, probs.numpy().astype(np.float16))
     return n_before
 
 
+def _load_target(path: str) -> np.ndarray:
+    """``np.load`` of a cached target, memory-mapped; one-line TeacherError naming the file when it cannot be read
+    (a 0-byte file raises EOFError, a truncated one ValueError, ...)."""
+    try:
+        return np.load(path, mmap_mode="r")
+    except Exception as e:  # noqa: BLE001 - np.load raises EOFError, ValueError, OSError, UnpicklingError, ...
+        why = " ".join(str(e).split())[:120]
+        raise TeacherError(f"Cached teacher target {path} is unreadable ({type(e).__name__}{': ' + why if why else ''}"
+                           f"; truncated or empty?). Fix: delete it; the next training run (or tskd_cache_targets) "
+                           f"recomputes it.") from None
+
+
+def verify_targets(folder: str, identifiers: Iterable[str]) -> None:
+    """Read every case's cached target once: TeacherError naming the first file that is unreadable or holds NaN/Inf
+    (e.g. written by a teacher whose weights had diverged, before this check existed). A training start pays one
+    read of the cache for it."""
+    for identifier in identifiers:
+        path = target_file(folder, identifier)
+        if not np.isfinite(_load_target(path)).all():
+            raise TeacherError(f"Cached teacher target {path} holds NaN/Inf: a student would train on it to a NaN "
+                               f"checkpoint. Fix: delete {folder}; the next training run (or tskd_cache_targets) "
+                               f"rebuilds it, from a teacher whose outputs are checked.")
+
+
 def read_target(folder: str, identifier: str, spatial_shape: Sequence[int]) -> np.ndarray:
     """The cached probabilities of one case, memory-mapped; checked against the case's shape."""
     path = target_file(folder, identifier)
-    try:
-        target = np.load(path, mmap_mode="r")
-    except (OSError, ValueError) as e:
-        raise TeacherError(f"Cached teacher target {path} is unreadable ({type(e).__name__}). Fix: delete it; the "
-                               f"next training run (or tskd_cache_targets) recomputes it.") from None
+    target = _load_target(path)
     if tuple(target.shape[1:]) != tuple(spatial_shape):
         raise TeacherError(f"Cached teacher target {path} has shape {tuple(target.shape[1:])}, the preprocessed "
                            f"case {tuple(spatial_shape)}. Fix: delete {os.path.dirname(path)}; it was built for other "

@@ -11,6 +11,9 @@ and the ViT LoRA teacher (whose spec lives in its plans.json) load the same way.
 A LoRA teacher's adapters are merged into the base weights when it is loaded (it is frozen, so the
 result is the same network, and each forward pass does less work).
 
+A checkpoint whose weights hold NaN/Inf (a diverged training) is refused, naming the file: every target it
+gave would be NaN.
+
 Only ``checkpoint_final.pth`` is used by default: silently falling back to ``checkpoint_latest``
 would distil a half-trained teacher. ``TSKD_TEACHER_CHECKPOINT`` picks another file on purpose.
 """
@@ -175,6 +178,12 @@ def build_teacher_network(loc: TeacherLocation, checkpoint: dict) -> nn.Module:
         raise TeacherError(f"Teacher checkpoint {loc.checkpoint} was written by trainer "
                            f"{checkpoint['trainer_name']!r}, which nnU-Net cannot find; install the package that "
                            f"defines it") from None
+    bad = [k for k, v in checkpoint["network_weights"].items()
+           if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:  # every target of such a teacher is NaN; a student distilled from it trains to a NaN checkpoint
+        raise TeacherError(f"Teacher checkpoint {loc.checkpoint} holds NaN/Inf weights ({len(bad)} tensor(s), e.g. "
+                           f"{bad[0]}): its training diverged. Fix: retrain the teacher, or distil from a finite "
+                           f"checkpoint of it (export TSKD_TEACHER_CHECKPOINT=checkpoint_best.pth)")
     in_ch = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
     out_ch = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
     build = trainer_class.build_network_architecture

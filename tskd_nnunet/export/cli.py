@@ -35,7 +35,8 @@ def export_main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("-tr", default="nnUNetTrainer", help="trainer class. Default: nnUNetTrainer")
     p.add_argument("-p", default="nnUNetPlans", help="plans identifier. Default: nnUNetPlans")
     p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name. Default: checkpoint_final.pth")
-    p.add_argument("-o", required=True, help="output folder (created)")
+    p.add_argument("-o", required=True, help="output folder: created, or replaced as a whole once the new export is "
+                                             "complete (missing, empty or an earlier export)")
     p.add_argument("--int8", action="store_true", help="also write model_int8.onnx (onnxruntime quantization)")
     p.add_argument("--int8_method", choices=("static", "dynamic"), default="static",
                    help="static: int8 weights and activations, calibrated on training cases from "
@@ -44,6 +45,9 @@ def export_main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--opset", type=int, default=17, help="ONNX opset. Default: 17")
     args = p.parse_args(argv)
     _quiet_library_warnings()
+    if os.path.exists(args.o) and not os.path.isdir(args.o):  # before the slow imports
+        return _fail(p.prog, f"-o {args.o} is a file, not a folder. Fix: pass a folder for the export (created if "
+                             f"missing)")
 
     from tskd_nnunet.export.onnx_export import ExportError, export_model_folder
 
@@ -85,16 +89,22 @@ def predict_main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     _quiet_library_warnings()
 
-    from tskd_nnunet.export.onnx_predictor import OnnxModelError, OnnxPredictor
+    from tskd_nnunet.export.onnx_predictor import InputFolderError, OnnxModelError, OnnxPredictor, check_input_folder
 
     if not os.path.isdir(args.i):
         return _fail(p.prog, f"input folder {args.i} not found")
+    if not 0 < args.step_size <= 1:  # nnU-Net asserts this in a worker, after writing into -o
+        return _fail(p.prog, f"-step_size {args.step_size}: the sliding window moves by this fraction of the patch "
+                             f"size, 0 < step_size <= 1. Fix: -step_size 0.5 (the default)")
+    if os.path.exists(args.o) and not os.path.isdir(args.o):
+        return _fail(p.prog, f"-o {args.o} is a file, not a folder. Fix: pass a folder for the segmentations")
     try:
         predictor = OnnxPredictor(tile_step_size=args.step_size, use_gaussian=True,
                                   use_mirroring=not args.disable_tta, verbose=args.verbose,
                                   allow_tqdm=not args.disable_progress_bar, threads=args.threads)
         predictor.initialize_from_exported_folder(args.m, int8=args.int8)
-    except OnnxModelError as e:
+        check_input_folder(args.i, predictor.dataset_json, args.m)
+    except (OnnxModelError, InputFolderError) as e:
         return _fail(p.prog, str(e))
     os.makedirs(args.o, exist_ok=True)
     predictor.predict_from_files(args.i, args.o, save_probabilities=args.save_probabilities,

@@ -13,7 +13,11 @@ The export folder is self-describing::
     EXPORT/dataset.json        copied from the model folder
     EXPORT/tskd_export.json    trainer, configuration, fold, checkpoint, mirroring axes, shapes, checks
 
-Every file is written to a temporary file beside it and moved into place (``os.replace``).
+The whole folder is written as one (``atomic_io.atomic_folder``): into a hidden folder beside it, which then
+replaces the previous export (rename aside, rename in, delete). So a failed export or re-export leaves the
+previous one untouched, and ``model.onnx``, ``model_int8.onnx`` and ``tskd_export.json`` always come from one
+checkpoint; a re-export without ``--int8`` leaves no stale int8 model. ``-o`` must be missing, empty or an
+earlier export (nothing else in it: it is replaced as a whole).
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from tskd_nnunet.atomic_io import atomic_path, atomic_write_text
+from tskd_nnunet.atomic_io import atomic_folder, atomic_path, atomic_write_text
 
 MODEL_FP32 = "model.onnx"
 MODEL_INT8 = "model_int8.onnx"
@@ -39,8 +43,35 @@ INT8_OP_TYPES = ["Conv", "ConvTranspose", "MatMul", "Gemm"]
 FP32_TOLERANCE = 1e-3  # max |logit difference| ONNX fp32 vs PyTorch accepted at export time
 
 
+EXPORT_FILES = {MODEL_FP32, MODEL_INT8, META_FILE, "plans.json", "dataset.json"}
+
+
 class ExportError(RuntimeError):
     """Export cannot proceed; the one-line message names the file and the fix."""
+
+
+def first_line(e: BaseException, limit: int = 160) -> str:
+    """An exception's text on one line, shortened (for one-line error messages)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def check_output_folder(output_folder: str) -> None:
+    """``-o`` must be a folder that is missing, empty or an earlier export (it is replaced as a whole)."""
+    path = os.path.abspath(output_folder)
+    probe = path
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        where = "" if probe == path else f": {probe} is a file"
+        raise ExportError(f"-o {output_folder}{where or ' is a file'}, not a folder. Fix: pass a folder for the "
+                          f"export (created if missing)")
+    if probe == path:
+        others = sorted(set(os.listdir(path)) - EXPORT_FILES)
+        if others:
+            raise ExportError(f"-o {output_folder} is not a tskd_export folder (it holds {', '.join(others[:5])}"
+                              f"{' ...' if len(others) > 5 else ''}); an export replaces its folder as a whole. Fix: "
+                              f"pass a new or empty folder, or move those files out")
 
 
 # ----------------------------------------------------------------------------- the network
@@ -86,10 +117,19 @@ def export_network(network: torch.nn.Module, num_input_channels: int, patch_size
         import warnings
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # instance_norm train=True notices, deprecation of the legacy exporter
-            torch.onnx.export(network, (dummy,), str(tmp), dynamo=False, opset_version=opset,
-                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                              do_constant_folding=True)
+            try:
+                torch.onnx.export(network, (dummy,), str(tmp), dynamo=False, opset_version=opset,
+                                  input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                  dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                                  do_constant_folding=True)
+            except Exception as e:  # noqa: BLE001 - the exporter raises RuntimeError, SymbolicValueError, ...
+                raise ExportError(f"ONNX export at --opset {opset} failed ({first_line(e)}). Fix: "
+                                  f"{_opset_fix(opset)}") from None
+
+
+def _opset_fix(opset: int) -> str:
+    return (f"--opset {DEFAULT_OPSET} (the default)" if opset != DEFAULT_OPSET
+            else "report this network as not exportable")
 
 
 def ort_session(path: str, threads: int = 0):
@@ -235,11 +275,6 @@ def _quiet_root_logger():
 
 
 # ----------------------------------------------------------------------------- the whole export
-def _copy_atomic(src: str, dst: str) -> None:
-    with atomic_path(dst) as tmp:
-        shutil.copyfile(src, tmp)
-
-
 def export_model_folder(model_folder: str, output_folder: str, fold: Union[int, str] = 0,
                         checkpoint_name: str = "checkpoint_final.pth", int8: bool = False,
                         int8_method: str = "static", calibration_cases: int = 8,
@@ -248,8 +283,8 @@ def export_model_folder(model_folder: str, output_folder: str, fold: Union[int, 
     """Export fold ``fold`` of the trained ``model_folder`` into ``output_folder``; returns the metadata written."""
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 
+    check_output_folder(output_folder)
     predictor = load_trained_predictor(model_folder, fold, checkpoint_name)
-    network = predictor.network
     pm, cm, dj = predictor.plans_manager, predictor.configuration_manager, predictor.dataset_json
     cin = determine_num_input_channels(pm, cm, dj)
     cout = predictor.label_manager.num_segmentation_heads
@@ -257,16 +292,30 @@ def export_model_folder(model_folder: str, output_folder: str, fold: Union[int, 
     if cm.previous_stage_name is not None:
         raise ExportError(f"{model_folder} is a cascade stage (needs {cm.previous_stage_name}'s segmentations): "
                           f"not supported by tskd_export. Fix: export a 2d or 3d_fullres model")
-    os.makedirs(output_folder, exist_ok=True)
+    with atomic_folder(output_folder) as tmp:  # the previous export stays until this one is complete
+        return _export_into(predictor, model_folder, str(tmp), fold, checkpoint_name, int8, int8_method,
+                            calibration_cases, preprocessed_dataset_folder, opset, verbose, cin, cout, patch)
+
+
+def _export_into(predictor, model_folder: str, output_folder: str, fold, checkpoint_name: str, int8: bool,
+                 int8_method: str, calibration_cases: int, preprocessed_dataset_folder: Optional[str], opset: int,
+                 verbose: bool, cin: int, cout: int, patch: List[int]) -> dict:
+    """Every file of the export into ``output_folder`` (the temporary folder of ``export_model_folder``)."""
+    network, pm, cm = predictor.network, predictor.plans_manager, predictor.configuration_manager
     fp32_path = os.path.join(output_folder, MODEL_FP32)
     export_network(network, cin, patch, fp32_path, opset)
-    diff = compare_with_torch(network, fp32_path, cin, patch)
+    try:
+        diff = compare_with_torch(network, fp32_path, cin, patch)
+    except ExportError:
+        raise
+    except Exception as e:  # noqa: BLE001 - onnxruntime: NotImplemented, InvalidGraph, Fail, ...
+        raise ExportError(f"onnxruntime cannot run the model exported at --opset {opset} ({first_line(e)}). Fix: "
+                          f"{_opset_fix(opset)}") from None
     if diff > FP32_TOLERANCE:
-        os.remove(fp32_path)
         raise ExportError(f"ONNX export of {predictor.trainer_name} differs from PyTorch by {diff:.2e} "
                           f"(> {FP32_TOLERANCE}); nothing written. Fix: report this network as not exportable")
     if verbose:
-        print(f"{fp32_path}: {predictor.trainer_name}, input (batch, {cin}, {', '.join(map(str, patch))}), "
+        print(f"{MODEL_FP32}: {predictor.trainer_name}, input (batch, {cin}, {', '.join(map(str, patch))}), "
               f"{cout} output channels, {num_parameters(network)} parameters, max |ONNX - PyTorch| = {diff:.1e}")
     meta = {
         "format": 1,
@@ -296,13 +345,13 @@ def export_model_folder(model_folder: str, output_folder: str, fold: Union[int, 
         meta["models"]["int8"] = MODEL_INT8
         meta["int8"] = {"method": int8_method, "calibration_cases": len(patches) if patches else 0}
         if verbose:
-            print(f"{int8_path}: int8 ({int8_method}"
+            print(f"{MODEL_INT8}: int8 ({int8_method}"
                   f"{f', calibrated on {len(patches)} training patches' if patches else ''})")
     import onnxruntime
 
     meta["onnxruntime"] = onnxruntime.__version__
-    _copy_atomic(os.path.join(model_folder, "plans.json"), os.path.join(output_folder, "plans.json"))
-    _copy_atomic(os.path.join(model_folder, "dataset.json"), os.path.join(output_folder, "dataset.json"))
+    shutil.copyfile(os.path.join(model_folder, "plans.json"), os.path.join(output_folder, "plans.json"))
+    shutil.copyfile(os.path.join(model_folder, "dataset.json"), os.path.join(output_folder, "dataset.json"))
     atomic_write_text(os.path.join(output_folder, META_FILE), json.dumps(meta, indent=2) + "\n")
     return meta
 

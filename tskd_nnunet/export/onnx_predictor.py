@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from collections import defaultdict
 from typing import Optional
 
 import numpy as np
@@ -21,11 +23,46 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from tskd_nnunet.export.onnx_export import META_FILE, ort_session
+from tskd_nnunet.export.onnx_export import META_FILE, first_line as _first_line, ort_session
 
 
 class OnnxModelError(RuntimeError):
     """The exported folder or its ONNX file cannot be used; the one-line message names the file and the fix."""
+
+
+class InputFolderError(ValueError):
+    """The images to predict are not what the model takes; the one-line message names the file and the fix."""
+
+
+def check_input_folder(folder: str, dataset_json: dict, model_folder: str = "") -> None:
+    """Refuse, before any worker starts, what nnU-Net's prediction would crash on with a traceback: files without
+    the channel suffix (``CASE_0000.png``) and cases with another number of channel files than the model takes."""
+    ending = dataset_json["file_ending"]
+    channels = dataset_json.get("channel_names") or dataset_json.get("modality") or {}
+    expected = list(range(len(channels)))
+    files = sorted(f for f in os.listdir(folder) if f.endswith(ending) and os.path.isfile(os.path.join(folder, f)))
+    if not files:
+        raise InputFolderError(f"-i {folder} holds no {ending} images. Fix: pass the folder of images named as nnU-Net "
+                               f"reads them, CASE_0000{ending} (one file per channel: _0000, _0001, ...)")
+    pattern = re.compile(r"^(.+)_(\d{4})" + re.escape(ending) + "$")
+    bad = [f for f in files if not pattern.match(f)]
+    if bad:
+        raise InputFolderError(f"{len(bad)} file(s) in -i {folder} lack nnU-Net's channel suffix _0000 (e.g. {bad[0]})."
+                               f" Fix: name them CASE_0000{ending} (one file per channel: _0000, _0001, ...), e.g. "
+                               f"{bad[0][:-len(ending)]}_0000{ending}")
+    cases = defaultdict(list)
+    for f in files:
+        m = pattern.match(f)
+        cases[m.group(1)].append(int(m.group(2)))
+    wrong = sorted(c for c, found in cases.items() if sorted(found) != expected)
+    if wrong:
+        c = wrong[0]
+        found = ", ".join(f"{c}_{i:04d}{ending}" for i in sorted(cases[c]))
+        names = ", ".join(f"_{int(i):04d} {n}" for i, n in sorted(channels.items(), key=lambda kv: int(kv[0])))
+        raise InputFolderError(f"case {c} in -i {folder} has {len(cases[c])} channel file(s) ({found}), the model "
+                               f"takes {len(expected)} ({names}; {os.path.join(model_folder, 'dataset.json')}). Fix: "
+                               f"give every case exactly these channel files ({len(wrong)} of {len(cases)} case(s) "
+                               f"differ)")
 
 
 def _reexport_fix(folder: str, meta: Optional[dict]) -> str:
@@ -34,11 +71,6 @@ def _reexport_fix(folder: str, meta: Optional[dict]) -> str:
         return (f"re-export it: tskd_export -d DATASET -c {c} -f {meta.get('fold', 0)} -tr {meta.get('trainer_name')} "
                 f"-p {meta.get('plans_name', 'nnUNetPlans')} -o {folder}")
     return f"re-export it: tskd_export -d DATASET -c CONFIGURATION -f FOLD -tr TRAINER -o {folder}"
-
-
-def _first_line(e: BaseException, limit: int = 160) -> str:
-    text = " ".join(str(e).split())
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class OnnxNetwork(nn.Module):

@@ -14,6 +14,17 @@ Checkpoints (documentation/reliability.md):
 - ``--c`` with an unreadable checkpoint names the file and falls back to the previous good one
   (final -> latest -> best -> start over), saying so in the training log.
 
+Non-finite values (documentation/reliability.md, "Round two"): a training step whose loss or gradients are NaN/Inf
+is skipped (the optimizer leaves the weights alone) and logged; ``max_nonfinite_steps`` (5) such steps in a row stop
+the training with :class:`NonFiniteError`, naming the last good checkpoint, which is kept: a checkpoint whose
+weights are not all finite is never written.
+
+Errors: nnU-Net's ``nnUNetv2_train`` has no error handling of its own, so an exception from a trainer reached
+Python's handler as a 30-line traceback. A trainer of ours, once constructed, installs a ``sys.excepthook`` that
+prints our one-line error classes (``ONE_LINE_ERRORS``) as that one line alone (``module.Class: message``, the same
+last line as before) and leaves every other exception to the previous hook; in-process callers still receive the
+typed exception.
+
 Settings (documentation/configuration.md): every ``TSKD_*`` setting that changes what a trainer trains
 (``training_settings()``; subclasses add theirs) is printed at start, kept in the attribute
 ``tskd_settings`` (nnU-Net's debug.json) and in the plans under ``tskd_settings`` (plans.json and every
@@ -24,12 +35,13 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
+import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from tskd_nnunet.config import TSKDConfigError, save_every_from_env, schedule_from_env
+from tskd_nnunet.config import TSKDConfigError, check_environment, save_every_from_env, schedule_from_env
 
 # the order in which nnU-Net's --c looks for a checkpoint (nnunetv2/run/run_training.py)
 RESUME_CHAIN = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
@@ -39,6 +51,52 @@ SETTINGS_KEY = "tskd_settings"  # plans entry (so also each checkpoint's init_ar
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used; the message names the file and the fix."""
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the weights turned NaN/Inf; the message names the checkpoint kept and the fix."""
+
+
+# our error classes whose message is complete (names the file or variable and the fix), by qualified name, so
+# that the hook needs no import of the modules that define them
+ONE_LINE_ERRORS = frozenset({
+    "tskd_nnunet.config.TSKDConfigError", "tskd_nnunet.trainers.base.CheckpointError",
+    "tskd_nnunet.trainers.base.NonFiniteError", "tskd_nnunet.distill.teacher_io.TeacherError",
+    "tskd_nnunet.models.vit_backbones.TeacherCheckpointError", "tskd_nnunet.data.transfer_set.TransferSetError",
+    "tskd_nnunet.data.preprocessed_files.PreprocessedFileError"})
+
+
+def is_one_line_error(exc: BaseException) -> bool:
+    return any(f"{c.__module__}.{c.__qualname__}" in ONE_LINE_ERRORS for c in type(exc).__mro__)
+
+
+def install_one_line_errors() -> None:
+    """Make an uncaught error of ONE_LINE_ERRORS print as its one line (what nnUNetv2_train shows the user);
+    every other exception still goes to the previous hook. Idempotent."""
+    previous = sys.excepthook
+    if getattr(previous, "_tskd_one_line", False):
+        return
+
+    def hook(exc_type, exc, tb):
+        if is_one_line_error(exc):
+            print(f"{exc_type.__module__}.{exc_type.__qualname__}: {exc}", file=sys.stderr, flush=True)
+        else:
+            previous(exc_type, exc, tb)
+    hook._tskd_one_line = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
+
+
+def nonfinite_tensors(state: Dict[str, Any]) -> List[str]:
+    """Names of the floating-point tensors in ``state`` (a state dict) holding NaN or Inf."""
+    return [k for k, v in state.items()
+            if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    tensors = [t.detach() for t in tensors]
+    if not tensors:
+        return True
+    return bool(torch.isfinite(torch.nn.utils.get_total_norm(tensors, norm_type=float("inf"))))
 
 
 def read_checkpoint(path: str) -> Tuple[Optional[dict], Optional[str]]:
@@ -82,9 +140,16 @@ class ScheduledTrainer(nnUNetTrainer):
     per-epoch atomic ``checkpoint_latest.pth`` and a ``--c`` that survives a damaged checkpoint."""
 
     schedule: Optional[Tuple[int, int, int]] = None
+    # consecutive non-finite training steps that stop the run. One such step is skipped: a rare batch (an fp16
+    # overflow in a loss term, a degenerate crop) can give one, and skipping it costs nothing. Five in a row,
+    # with batches drawn at random, is no longer chance but the data, the teacher's targets or the weights; a
+    # diverged run gives a NaN at every step, so it stops within five steps of the last good one.
+    max_nonfinite_steps: int = 5
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
+        install_one_line_errors()
+        check_environment()  # before nnU-Net creates the fold folder and its log
         super().__init__(plans, configuration, fold, dataset_json, device)
         schedule = schedule_from_env() or self.schedule
         if schedule is not None:
@@ -93,6 +158,8 @@ class ScheduledTrainer(nnUNetTrainer):
         # the checkpoint file load_checkpoint really used (None: none, or started over)
         self.loaded_checkpoint_file: Optional[str] = None
         self.tskd_settings: Dict[str, Any] = {}  # filled in initialize(), once every subclass has set its own
+        self.nonfinite_in_a_row = 0
+        self._step_skipped = False
 
     def training_settings(self) -> Dict[str, Any]:
         """Every TSKD_* setting that changes what this run trains, by variable name (trainer attributes by their
@@ -107,12 +174,67 @@ class ScheduledTrainer(nnUNetTrainer):
             self.print_to_log_file("TSKD settings: " + ", ".join(f"{k}={'unset' if v is None else v}"
                                                                 for k, v in self.tskd_settings.items()),
                                    also_print_to_console=True)
+        was_initialized = self.was_initialized
         super().initialize()
+        if not was_initialized:
+            self.optimizer.register_step_pre_hook(self._skip_nonfinite_step)
+
+    # ---- non-finite steps: skipped; max_nonfinite_steps in a row stop the run ------------------
+    def _skip_nonfinite_step(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+        """Optimizer pre-step hook: with a NaN/Inf gradient (a NaN loss gives one everywhere) the step leaves every
+        weight as it is (an optimizer skips parameters without a gradient). Under AMP, nnU-Net's GradScaler skips
+        such steps before they get here."""
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not all_finite(p.grad for p in params):
+            for p in params:
+                p.grad = None
+            self._step_skipped = True
+
+    def train_step(self, batch: dict) -> dict:
+        """nnU-Net's step, then the count of non-finite steps in a row (their update was skipped)."""
+        self._step_skipped = False
+        out = super().train_step(batch)
+        bad = self._step_skipped or not np.all(np.isfinite(out["loss"]))
+        if self.is_ddp:  # every rank stops at the same step, or the others would wait for it forever
+            import torch.distributed as dist
+            flag = torch.tensor([float(bad)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            bad = bool(flag.item())
+        if not bad:
+            self.nonfinite_in_a_row = 0
+            return out
+        self.nonfinite_in_a_row += 1
+        self.print_to_log_file(f"WARNING: epoch {self.current_epoch}: non-finite loss or gradient (loss "
+                               f"{float(np.mean(out['loss']))}): step skipped, weights unchanged "
+                               f"({self.nonfinite_in_a_row} of {self.max_nonfinite_steps} in a row)",
+                               also_print_to_console=True)
+        if self.nonfinite_in_a_row >= self.max_nonfinite_steps:
+            msg = (f"training stopped in epoch {self.current_epoch}: the loss was non-finite (NaN/Inf) in "
+                   f"{self.nonfinite_in_a_row} consecutive steps ({self.max_nonfinite_steps} stop a run; see "
+                   f"{self.log_file}). {self._kept_checkpoints()} Fix: look for NaN/Inf in the inputs or the "
+                   f"teacher's targets, or lower the learning rate; then resume with --c or train again.")
+            self.print_to_log_file(msg, also_print_to_console=False)
+            raise NonFiniteError(msg)
+        return out
+
+    def _kept_checkpoints(self) -> str:
+        found = [os.path.join(self.output_folder, n) for n in RESUME_CHAIN
+                 if os.path.isfile(os.path.join(self.output_folder, n))]
+        return (f"Kept the last good checkpoint(s): {', '.join(found)}." if found else
+                f"No checkpoint was written before (nothing in {self.output_folder}).")
 
     # ---- writing: temp file in the same folder, then os.replace --------------------------------
     def save_checkpoint(self, filename: str, extra: Optional[dict] = None) -> None:
         """nnU-Net's checkpoint (plus ``extra`` entries, e.g. a student's KD heads) written to a temp file
-        and moved onto ``filename`` only when complete: one rename, never a file without its extras."""
+        and moved onto ``filename`` only when complete: one rename, never a file without its extras. Weights that
+        are not all finite are never written: the previous file stays."""
+        network = getattr(self, "network", None)
+        bad = nonfinite_tensors(network.state_dict()) if network is not None else []
+        if bad:
+            raise NonFiniteError(
+                f"not writing {filename}: the network's {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} "
+                f"hold NaN/Inf ({len(bad)} tensor(s)). {self._kept_checkpoints()} Fix: look for NaN/Inf in the "
+                f"inputs or the teacher's targets, or lower the learning rate; then resume with --c or train again.")
         folder, name = os.path.split(os.path.abspath(filename))
         tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
         try:

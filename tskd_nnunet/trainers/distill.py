@@ -40,7 +40,8 @@ from tskd_nnunet.data.transfer_set import (SOURCES, SYNTHETIC, TransferDataset, 
                                            format_counts, raw_test_ids, sampling_probabilities)
 from tskd_nnunet.distill.losses import (DeepSupervisionKD, DistillationLoss, FeatureKD, FeatureTap, feature_tap_for,
                                         masked_supervised_loss, through_every_parameter, tokens_to_grid)
-from tskd_nnunet.distill.target_cache import CachedTargetDataset, missing_cases, split_batch, wrap_transforms
+from tskd_nnunet.distill.target_cache import (CachedTargetDataset, missing_cases, split_batch, verify_targets,
+                                              wrap_transforms)
 from tskd_nnunet.distill.teacher_io import TeacherError, load_teacher
 from tskd_nnunet.models.students import (build_plans_student, build_vit_student, count_parameters,
                                          load_vit_student_weights, resolve_vit_student_spec)
@@ -70,6 +71,7 @@ class DistillTrainer(ScheduledTrainer):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.teacher: Optional[nn.Module] = None
+        self.teacher_checkpoint_file: Optional[str] = None  # what load_teacher loaded (named in its errors)
         self.kd_heads: Optional[nn.ModuleDict] = None
         self.pixel_kd: Optional[DeepSupervisionKD] = None
         self.transfer_set: Optional[TransferSet] = None
@@ -145,6 +147,7 @@ class DistillTrainer(ScheduledTrainer):
                                         self.dataset_json, self.fold, trainer, self.teacher_plans,
                                         self.teacher_checkpoint_name)
             self.teacher = network.to(self.device)
+            self.teacher_checkpoint_file = loc.checkpoint
             self.print_to_log_file(f"Teacher {trainer} from {loc.checkpoint}: {count_parameters(network):,} parameters "
                                    f"(frozen, eval mode)")
         return self.teacher
@@ -166,6 +169,7 @@ class DistillTrainer(ScheduledTrainer):
         if missing:
             raise TeacherError(f"Cached teacher targets {folder} lack {len(missing)} case(s), e.g. {missing[0]}. Fix: "
                                f"delete the folder; the next training run (or tskd_cache_targets) rebuilds it.")
+        verify_targets(folder, dataset.identifiers)  # every rank: each raises the same one-line error, none waits
         return folder
 
     def _build_target_cache(self, dataset: TransferDataset, predictions: Optional[str]) -> str:
@@ -213,6 +217,10 @@ class DistillTrainer(ScheduledTrainer):
         with torch.no_grad():
             out = self.load_teacher()(data)
         logits = (out[0] if isinstance(out, (list, tuple)) else out) if self.uses_teacher_logits() else None
+        if logits is not None and not bool(torch.isfinite(logits).all()):
+            raise TeacherError(f"Teacher {self.teacher_checkpoint_file} gives NaN/Inf outputs on the batch of epoch "
+                               f"{self.current_epoch} (online KD): the student would train to NaN. Fix: retrain the "
+                               f"teacher, or distil from another checkpoint of it (TSKD_TEACHER_CHECKPOINT).")
         feats = tokens_to_grid(self._taps["teacher"].pop()) if self.feature_kd else None
         return logits, feats
 
