@@ -130,7 +130,7 @@ def test_finished_runs_are_committed_with_their_settings(committed):
         for f in ("cases.csv", "settings.json", "overlays.npz"):
             assert os.path.getsize(os.path.join(committed["store"], "runs", n, f)) > 0, (n, f)
     teacher, tskd = store.settings("teacher", 4, 0), store.settings("tskd", 4, 0)
-    assert tskd["trainer"] == "DistillTrainer" and tskd["schedule"] == "1,2,1" and tskd["configuration"] == "2d"
+    assert tskd["trainer"] == "DistillTrainer_hard" and tskd["schedule"] == "1,2,1" and tskd["configuration"] == "2d"
     # "drawn": None: the faked training writes no trainer log to read the drawn transfer set from
     assert tskd["transfer_set"] == {"labeled": 4, "validation": 4, "pool": 4, "synthetic": 0, "drawn": None}
     assert tskd["teacher"]["checkpoint_sha256"] == teacher["checkpoint_sha256"]
@@ -180,7 +180,7 @@ def test_student_retrains_a_committed_teacher_missing_here(committed, tmp_path):
         shutil.rmtree(store.run_dir("tskd", 4, 0), ignore_errors=True)
         shutil.copytree(saved, store.run_dir("tskd", 4, 0))  # the other tests see the first run's files
     assert counts == {"done": 2, "failed": 0}
-    assert fakes.trained[n0:] == [("teacher", "b4", "TSKDPlainTrainer_test"), ("tskd", "b4", "DistillTrainer")]
+    assert fakes.trained[n0:] == [("teacher", "b4", "TSKDPlainTrainer_test"), ("tskd", "b4", "DistillTrainer_hard")]
     assert store.settings("teacher", 4, 0)["checkpoint_sha256"] == teacher_sha  # committed teacher untouched
     assert redone["teacher"]["committed_checkpoint_sha256"] == teacher_sha
     assert redone["teacher"]["same_as_committed"] is False

@@ -39,7 +39,11 @@ def pack_model(model_dir: str, fold: int, dest: str, max_bytes: int = MAX_MODEL_
     import torch  # imported here: the runner's CLI starts without torch
 
     src = os.path.join(model_dir, f"fold_{fold}", CHECKPOINT)
-    ckpt = torch.load(src, map_location="cpu", weights_only=False)
+    try:
+        ckpt = torch.load(src, map_location="cpu", weights_only=False)
+        ckpt["network_weights"]
+    except Exception as e:  # not an nnU-Net checkpoint: the results are committed, the model is not
+        return {"committed": False, "why": f"{src} is not a readable nnU-Net checkpoint ({type(e).__name__})"}
     weights = {k: (v.half() if torch.is_tensor(v) and v.is_floating_point() else v)
                for k, v in ckpt["network_weights"].items()}
     slim = {"network_weights": weights, **{k: ckpt[k] for k in KEEP_KEYS if k in ckpt}}

@@ -812,7 +812,8 @@ class BenchmarkRunner:
 
     def needed_by_others(self, method: str) -> bool:
         """True when another method distils from this one's model (its weights are committed with its results)."""
-        return any(method in d.get("needs", []) for d in self.cfg.method_defs.values())
+        planned = {m for b in self.cfg.budgets for m in self.cfg.methods_at(b, profile=self.profile_name)}
+        return any(method in self.cfg.method_defs[m].get("needs", []) for m in planned)
 
     def _train(self, budget: Budget, method: str, fold: int, state: Dict[str, Any], logs: str) -> Dict[str, str]:
         """Stages, needed models, data root, then nnUNetv2_train unless checkpoint_final exists; returns the env."""
