@@ -208,7 +208,8 @@ class Interrupted(TeacherFakes):
 
 def test_an_unfinished_teacher_is_parked_and_continued_on_a_new_machine(nnunet_env, real_teacher, tmp_path, capsys,
                                                                        monkeypatch):
-    (tmp_path / "p.json").write_text(json.dumps({**CONFIG, "methods": ["teacher"]}))
+    # tskd is planned (so the teacher's model is committed with its results) but only the teacher runs
+    (tmp_path / "p.json").write_text(json.dumps(CONFIG))
     for k in ("nnUNet_raw", "nnUNet_preprocessed", "PYTHONPATH"):
         monkeypatch.setenv(k, nnunet_env[k])
     fakes = Interrupted(runner_mod.run_logged, nnunet_env["nnUNet_preprocessed"], real_teacher)
@@ -217,14 +218,15 @@ def test_an_unfinished_teacher_is_parked_and_continued_on_a_new_machine(nnunet_e
         cfg = load_config(str(tmp_path / "p.json"))
         store = str(tmp_path / "committed")
         first = BenchmarkRunner(cfg, "cpu", str(tmp_path / "w1"), committed=store)
-        assert first.run() == {"done": 0, "failed": 1}
-        assert first.park() == 1
+        assert first.run(only=["teacher"]) == {"done": 0, "failed": 1}
+        assert first.park(only=["teacher"]) == 1
         parked = os.path.join(store, "partial", "teacher_b4_f0")
         rec = json.load(open(os.path.join(parked, "partial.json")))
         assert rec["trainer"] == TEACHER and rec["schedule"] == "1,2,1" and len(rec["sha256"]) == 64
         shutil.rmtree(tmp_path / "w1")  # a new machine: only the committed folder is left
         capsys.readouterr()
-        assert BenchmarkRunner(cfg, "cpu", str(tmp_path / "w2"), committed=store).run() == {"done": 1, "failed": 0}
+        second = BenchmarkRunner(cfg, "cpu", str(tmp_path / "w2"), committed=store)
+        assert second.run(only=["teacher"]) == {"done": 1, "failed": 0}
         out = capsys.readouterr().out
     finally:
         runner_mod.run_logged = fakes.real

@@ -23,8 +23,9 @@ def make_distill_dataset(nnunet_env: Dict[str, str], root: str) -> Dict[str, str
 
     pre = os.path.join(root, "nnUNet_preprocessed")
     base = os.path.join(pre, DATASET)
+    # only nnU-Net's own files: targets or extensions another test left in the session folder are not this copy's
     shutil.copytree(os.path.join(nnunet_env["nnUNet_preprocessed"], DATASET), base,
-                    ignore=shutil.ignore_patterns("splits_final.json"))
+                    ignore=shutil.ignore_patterns("splits_final.json", "tskd_*"))
     with open(os.path.join(base, "splits_final.json"), "w") as f:
         json.dump([{"train": TRAIN, "val": VAL}], f)
     with open(os.path.join(base, "tskd_unlabeled_pool.json"), "w") as f:

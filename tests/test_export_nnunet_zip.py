@@ -278,12 +278,15 @@ def _vanilla_python() -> str:
     return proc.stdout.strip().splitlines()[-1]
 
 
-def _vanilla_env(vanilla_bin: str, results: str) -> dict:
+def _vanilla_env(vanilla_bin: str, results: str, plugin_env: dict) -> dict:
     """What a recipient has: nnU-Net's commands of the vanilla venv and an nnUNet_results folder, nothing else
-    (no nnUNet_raw/preprocessed, no nnUNet_extTrainer, no PYTHONPATH, no user site-packages)."""
+    (no nnUNet_raw/preprocessed, no nnUNet_extTrainer, no PYTHONPATH, no user site-packages). Thread settings as
+    the plugin's run: nnU-Net sets torch's threads from nnUNet_def_n_proc, and another thread count changes the
+    last bits of the logits, which nnU-Net's fp16 sum of the tiles turns into up to ~3e-4 of probability."""
     env = {"PATH": os.pathsep.join([vanilla_bin, "/usr/bin", "/bin"]), "HOME": os.environ.get("HOME", "/tmp"),
-           "nnUNet_results": results, "PYTHONNOUSERSITE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "LANG": "C.UTF-8"}
+           "nnUNet_results": results, "PYTHONNOUSERSITE": "1", "LANG": "C.UTF-8"}
+    env.update({k: plugin_env[k] for k in ("nnUNet_def_n_proc", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+                if k in plugin_env})
     return env
 
 
@@ -338,7 +341,7 @@ def test_plain_nnunet_installs_and_predicts_the_student_zip(trainer, distilled, 
         # the recipient: a venv with only nnunetv2 + torch, run from a folder outside this checkout
         recipient = tmp_path / f"recipient_{precision}"
         (recipient / "nnUNet_results").mkdir(parents=True)
-        venv = _vanilla_env(vanilla_bin, str(recipient / "nnUNet_results"))
+        venv = _vanilla_env(vanilla_bin, str(recipient / "nnUNet_results"), env)
         assert _vanilla([vanilla_python, "-c", "import tskd_nnunet"], venv, str(recipient), False).returncode != 0
         lookup = _vanilla([vanilla_python, "-c", "import os; assert 'nnUNet_extTrainer' not in os.environ; "
                            "from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as f; "
