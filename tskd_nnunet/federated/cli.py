@@ -69,12 +69,14 @@ def wait_for_port(host: str, port: int, timeout: float, proc: Optional[subproces
 
 
 def stop(proc: Optional[subprocess.Popen], grace: float = 10.0) -> None:
-    """SIGTERM to the process group ``proc`` leads (started with start_new_session), SIGKILL after ``grace``."""
+    """SIGTERM to ``proc``, SIGKILL after ``grace`` s. Our Flower children stay in this command's process group,
+    so that a kill of the command's group (a crash, a test) takes them along; Flower's own helpers
+    (SuperExec, ServerApp/ClientApp processes) watch their parent's pid and end with it."""
     if proc is None or proc.poll() is not None:
         return
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
         try:
-            os.killpg(proc.pid, sig)
+            proc.send_signal(sig)
         except ProcessLookupError:
             return
         try:
@@ -214,8 +216,7 @@ def run_server(a: argparse.Namespace) -> int:
            "--serverappio-api-address", f"127.0.0.1:{a.serverappio_port}"]
     if a.node_key:
         cmd.append("--enable-supernode-auth")
-    superlink = subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env, cwd=work,
-                                 start_new_session=True)
+    superlink = subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env, cwd=work)
     runner = None
     try:
         wait_for_port("127.0.0.1", a.control_port, 120, superlink, log)
@@ -223,7 +224,7 @@ def run_server(a: argparse.Namespace) -> int:
             _register(key, env, work)
         cli_log = work / "flwr_run.log"
         runner = subprocess.Popen([_bin("flwr"), "run", str(app), CONNECTION, "--stream"], stdout=open(cli_log, "ab"),
-                                  stderr=subprocess.STDOUT, env=env, cwd=work, start_new_session=True)
+                                  stderr=subprocess.STDOUT, env=env, cwd=work)
         while True:
             status = read_json(result, default={}).get("status")
             if status in ("finished", "failed"):
@@ -300,8 +301,7 @@ def run_client(a: argparse.Namespace) -> int:
     if a.auth_key:
         cmd += ["--auth-supernode-private-key", str(Path(a.auth_key).resolve())]
     log = work / "supernode.log"
-    supernode = subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=_env(), cwd=work,
-                                 start_new_session=True)
+    supernode = subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=_env(), cwd=work)
     deadline = None if a.timeout is None else time.monotonic() + a.timeout
     try:
         while True:

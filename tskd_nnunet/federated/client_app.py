@@ -95,7 +95,9 @@ def plan(msg: Message, context: Context) -> Message:
 
 @app.query("init")
 def init(msg: Message, context: Context) -> Message:
-    state = site_ops.initial_state(_task(msg), _device(context))
+    task = _task(msg)
+    with site_ops.site_lock(task):
+        state = site_ops.initial_state(task, _device(context))
     return _reply(msg, context, arrays=state)
 
 
@@ -104,11 +106,11 @@ def train(msg: Message, context: Context) -> Message:
     task, rnd = _task(msg), int(msg.content["round"]["round"])
     _record_status(context, phase="training", round=rnd)
     global_state = dict(msg.content["arrays"].to_torch_state_dict())
-    state, metrics = site_ops.local_round(task, global_state, _device(context))
-    if _fault_round() == rnd:
-        state = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in state.items()}
-    folder = site_ops.output_folder(task)
-    site_ops.keep_sent(folder, rnd, state)
+    with site_ops.site_lock(task):
+        state, metrics = site_ops.local_round(task, global_state, _device(context))
+        if _fault_round() == rnd:
+            state = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in state.items()}
+        site_ops.keep_sent(site_ops.output_folder(task), rnd, state)
     _record_status(context, phase="trained", round=rnd)
     return _reply(msg, context, arrays=state, num_cases=metrics["num_train"], metrics=json.dumps(metrics))
 
@@ -118,6 +120,7 @@ def finish(msg: Message, context: Context) -> Message:
     task = _task(msg)
     provenance = json.loads(str(msg.content["round"]["provenance"]))
     global_state = dict(msg.content["arrays"].to_torch_state_dict())
-    folder, metrics = site_ops.install_global(task, global_state, _device(context), provenance)
+    with site_ops.site_lock(task):
+        folder, metrics = site_ops.install_global(task, global_state, _device(context), provenance)
     _record_status(context, phase="finished", model_folder=folder, rounds=provenance.get("rounds"))
     return _reply(msg, context, model_folder=folder, metrics=json.dumps(metrics))

@@ -19,9 +19,11 @@ federated teacher like any other; ``federated.json`` beside it says where the we
 """
 from __future__ import annotations
 
+import fcntl
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 import numpy as np
 import torch
@@ -50,6 +52,20 @@ class SiteTask:
     def from_config(cls, d: Dict[str, Any]) -> "SiteTask":
         ints = ("dataset", "fold", "total_epochs", "local_epochs")
         return cls(**{k: int(d[k]) if k in ints else str(d[k]) for k in cls.__dataclass_fields__})
+
+
+@contextmanager
+def site_lock(task: SiteTask) -> Iterator[None]:
+    """One trainer at a time in the site's model folder: a message of a federation that was restarted meanwhile
+    (the SuperLink killed while this site trained) waits for the training still running instead of racing it."""
+    folder = output_folder(task)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, ".federated.lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def build_trainer(task: SiteTask, device: torch.device):
