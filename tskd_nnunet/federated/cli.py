@@ -49,6 +49,8 @@ def _bin(name: str) -> str:
 def _env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     env = dict(os.environ)
     env.update(FLOWER_ENV)
+    # Flower starts its helpers (flower-superexec, flwr-serverapp, flwr-clientapp) by name from PATH
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.update(extra or {})
     return env
 
@@ -231,8 +233,14 @@ def run_server(a: argparse.Namespace) -> int:
                 break
             if superlink.poll() is not None:
                 raise FedCommandError(f"the SuperLink exited with {superlink.returncode}; see {log}")
-            if runner.poll() is not None and runner.returncode != 0:
-                raise FedCommandError(f"flwr run exited with {runner.returncode}; see {cli_log}")
+            if runner.poll() is not None:  # the run ended; its ServerApp writes the status just before
+                time.sleep(5)
+                status = read_json(result, default={}).get("status")
+                if status in ("finished", "failed"):
+                    break
+                tail = cli_log.read_text(errors="replace")[-3000:]
+                raise FedCommandError(f"flwr run exited with {runner.returncode} and the ServerApp wrote no result "
+                                      f"(see {cli_log}):\n{tail}")
             if deadline is not None and time.monotonic() > deadline:
                 raise FedCommandError(f"the federation did not finish within --timeout {a.timeout:.0f} s; "
                                       f"see {work / 'server.log'}; start the same command again to resume")
@@ -358,7 +366,8 @@ def make_ca_and_server_cert(out: Path, names: Sequence[str], days: int = 365) ->
                .sign(ca_key, hashes.SHA384()))
     key = ec.generate_private_key(ec.SECP384R1())
     sans: List[x509.GeneralName] = []
-    for n in names:
+    # the coordinator's own Flower CLI reaches the SuperLink's Control API on the loopback address
+    for n in [*names, *[x for x in ("127.0.0.1", "localhost") if x not in names]]:
         try:
             sans.append(x509.IPAddress(ipaddress.ip_address(n)))
         except ValueError:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
@@ -87,7 +88,6 @@ class ServerLog:
 
 class Federation:
     def __init__(self, grid: Grid, s: ServerSettings):
-        import os
         os.makedirs(s.work_dir, exist_ok=True)
         self.grid, self.s = grid, s
         self.log = ServerLog(os.path.join(s.work_dir, "server.log"))

@@ -90,7 +90,8 @@ def num_labeled_cases(trainer) -> Tuple[int, int]:
 def pseudo_dice(trainer) -> Tuple[float, List[float]]:
     """nnU-Net's pseudo-Dice of the trainer's current network: its ``validation_step`` over
     ``num_val_iterations_per_epoch`` batches of its validation loader, pooled like ``on_validation_epoch_end``."""
-    _, val_loader = trainer.get_dataloaders()
+    train_loader, val_loader = trainer.get_dataloaders()  # nnU-Net builds both; only the validation one is used
+    _finish(train_loader)
     trainer.set_deep_supervision_enabled(trainer.enable_deep_supervision)
     trainer.network.eval()
     tp = fp = fn = 0
