@@ -24,7 +24,7 @@ from typing import Dict, List
 import pytest
 import torch
 
-from conftest import BIN, PHANTOM_ID, REPO, predict_test_images, run_cmd, subprocess_env
+from conftest import BIN, PHANTOM_ID, REPO, predict_test_images, subprocess_env
 
 pytestmark = pytest.mark.slow  # about 8 min on 2 shared CPU cores
 
@@ -198,6 +198,8 @@ def test_a_nan_update_is_rejected_and_its_site_named(federation):
 
 def test_an_unregistered_node_is_refused(federation):
     assert federation["intruder_returncode"] != 0
+    assert "No SuperNode found with the given public key" in (federation["root"] / "client_intruder" / "supernode.log").read_text()
+    assert "the SuperLink refused this site's key" in federation["logs"]["intruder"].read_text()
     summary = json.loads((Path(federation["server_work"]) / "federation.json").read_text())
     assert "intruder" not in summary["installed"]
     assert all("intruder" not in h["sites"] for h in summary["history"])

@@ -29,7 +29,9 @@ from typing import Dict, List, Optional, Sequence
 
 from tskd_nnunet.atomic_io import atomic_write_text, read_json
 
-FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+# GRPC_ENABLE_FORK_SUPPORT=0: a ClientApp process holds gRPC threads while nnU-Net starts worker processes
+# (fingerprint, preprocessing, unpacking); gRPC's fork handlers then deadlocked the fork (seen with grpcio 1.85)
+FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "GRPC_ENABLE_FORK_SUPPORT": "0"}
 CONNECTION = "tskd"  # the name of the SuperLink connection in the server's Flower configuration
 
 
@@ -309,21 +311,43 @@ def run_client(a: argparse.Namespace) -> int:
     if a.auth_key:
         cmd += ["--auth-supernode-private-key", str(Path(a.auth_key).resolve())]
     log = work / "supernode.log"
-    supernode = subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=_env(), cwd=work)
-    deadline = None if a.timeout is None else time.monotonic() + a.timeout
+    start = time.monotonic()
+    deadline = None if a.timeout is None else start + a.timeout
+    supernode = _start_supernode(cmd, log)
     try:
         while True:
             if read_json(status_file, default={}).get("phase") == "finished":
                 print(f"tskd_fed_client: federated teacher installed: {read_json(status_file)['model_folder']}")
                 return 0
             if supernode.poll() is not None:
-                tail = log.read_text(errors="replace")[-2000:]
-                raise FedCommandError(f"the SuperNode exited with {supernode.returncode} (see {log}):\n{tail}")
+                text = log.read_text(errors="replace")
+                if UNREGISTERED in text[-4000:]:
+                    # Flower's SuperNode gives up when the SuperLink does not know its key; the coordinator may
+                    # register it later (or the SuperLink is restarting), so try again until --max-wait-time
+                    if time.monotonic() - start > a.max_wait_time:
+                        raise FedCommandError(f"the SuperLink refused this site's key for {a.max_wait_time:.0f} s "
+                                              f"({UNREGISTERED}). Fix: send the site's .pub file to the coordinator "
+                                              f"(tskd_fed_server --node-key)")
+                    print("tskd_fed_client: the SuperLink does not know this site's key (yet); retrying in 5 s",
+                          flush=True)
+                    time.sleep(5)
+                    supernode = _start_supernode(cmd, log)
+                    continue
+                raise FedCommandError(f"the SuperNode exited with {supernode.returncode} (see {log}):\n{text[-2000:]}")
             if deadline is not None and time.monotonic() > deadline:
                 raise FedCommandError(f"no finished federation within --timeout {a.timeout:.0f} s; see {log}")
             time.sleep(1.0)
     finally:
         stop(supernode)
+
+
+UNREGISTERED = "No SuperNode found with the given public key"
+
+
+def _start_supernode(cmd: List[str], log: Path) -> subprocess.Popen:
+    # FLWR_HOME in the site's work folder: the federation's app bundle is installed there, not in ~/.flwr
+    return subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
+                            env=_env({"FLWR_HOME": str(log.parent / "flwr_home")}), cwd=log.parent)
 
 
 # ------------------------------------------------------------------------------------------------- credentials
