@@ -99,7 +99,7 @@ def federation(tmp_path_factory):
                    "--serverappio-port", str(sapio), "--ssl-ca-certfile", str(certs / "ca.crt"),
                    "--ssl-certfile", str(certs / "server.pem"), "--ssl-keyfile", str(certs / "server.key"),
                    "--node-key", str(root / "keys" / "A.pub"), "--node-key", str(root / "keys" / "B.pub"),
-                   "--round-timeout", "900", "--join-timeout", "300", "--timeout", "1500"]
+                   "--round-timeout", "1800", "--join-timeout", "900", "--timeout", "3000"]
     base = subprocess_env({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
     site_env: Dict[str, Dict[str, str]] = {}
     for name, (n, seed) in SITES.items():
@@ -117,20 +117,20 @@ def federation(tmp_path_factory):
     try:
         procs["server"] = _start(server_args, base, logs["server"])
         for i, name in enumerate(("A", "B", "intruder")):
-            timeout = ["--timeout", "60", "--max-wait-time", "30"] if name == "intruder" else ["--timeout", "1500"]
+            timeout = ["--timeout", "600", "--max-wait-time", "30"] if name == "intruder" else ["--timeout", "3000"]
             procs[name] = _start([os.path.join(BIN, "tskd_fed_client"), "-d", str(PHANTOM_ID), "--site", name,
                                   "--superlink", f"127.0.0.1:{fleet}", "--root-certificates", str(certs / "ca.crt"),
                                   "--auth-key", str(root / "keys" / name), "-device", "cpu",
                                   "--work-dir", str(root / f"client_{name}"), "--clientappio-port", str(appio[i]),
                                   *timeout], site_env[name], logs[name])
         round1 = server_work / "rounds" / "round_0001.pt"
-        _wait(round1.exists, 1200, "round 1's checkpoint", procs, logs)
+        _wait(round1.exists, 2400, "round 1's checkpoint", procs, logs)
         results["round1_mtime"] = round1.stat().st_mtime_ns
         _kill(procs["server"])  # the coordinating site crashes: tskd_fed_server, SuperLink, ServerApp
         results["killed_returncode"] = procs["server"].returncode
         procs["server2"] = _start(server_args, base, logs["server2"])
         for name in ("server2", "A", "B", "intruder"):
-            procs[name].wait(timeout=1500)
+            procs[name].wait(timeout=3000)
             results[f"{name}_returncode"] = procs[name].returncode
         yield results
     finally:

@@ -223,7 +223,7 @@ def run_server(a: argparse.Namespace) -> int:
     superlink = subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env, cwd=work)
     runner = None
     try:
-        wait_for_port("127.0.0.1", a.control_port, 120, superlink, log)
+        wait_for_port("127.0.0.1", a.control_port, 600, superlink, log)
         for key in a.node_key:
             _register(key, env, work)
         cli_log = work / "flwr_run.log"
@@ -257,7 +257,7 @@ def run_server(a: argparse.Namespace) -> int:
 def _register(public_key: str, env: Dict[str, str], work: Path) -> None:
     """Register a site's public key with the SuperLink (a key registered by an earlier start is fine)."""
     proc = subprocess.run([_bin("flwr"), "supernode", "register", str(Path(public_key).resolve()), CONNECTION],
-                          env=env, cwd=work, capture_output=True, text=True, timeout=120)
+                          env=env, cwd=work, capture_output=True, text=True, timeout=600)
     out = (proc.stdout + proc.stderr).strip()
     if proc.returncode != 0 and "already" not in out.lower():
         raise FedCommandError(f"registering {public_key} failed: {out[-800:]}")
