@@ -201,15 +201,21 @@ class Federation:
             sites: Dict[str, Any] = {}
             for node in sorted(ok, key=lambda n: self.sites[n]):
                 info = ok[node]["info"]
-                metrics = json.loads(str(info["metrics"]))
-                update = dict(ok[node]["arrays"].to_torch_state_dict())
-                why = check_update(update, ckpt.state, int(info["num_cases"]), self.s.max_update_ratio)
+                try:
+                    metrics = json.loads(str(info["metrics"]))
+                    update = dict(ok[node]["arrays"].to_torch_state_dict())
+                    num_cases = info["num_cases"]
+                except Exception as e:  # a reply without our fields: refused like a bad update, the site named
+                    rejected.append((self.name(node), f"malformed reply ({type(e).__name__}: {e})"))
+                    self.log(f"round {rnd}: site {self.name(node)}: REJECTED: malformed reply ({type(e).__name__}: {e})")
+                    continue
+                why = check_update(update, ckpt.state, num_cases, self.s.max_update_ratio)
                 sites[self.sites[node]] = {**metrics, "node": node, "accepted": why is None, "reason": why}
-                self.log(f"round {rnd}: site {self.name(node)}: n={int(info['num_cases'])}, pseudo Dice global "
+                self.log(f"round {rnd}: site {self.name(node)}: n={num_cases}, pseudo Dice global "
                          f"{metrics['global_pseudo_dice']:.4f} -> local {metrics['local_pseudo_dice']:.4f}: "
                          f"{'accepted' if why is None else 'REJECTED: ' + why}")
                 if why is None:
-                    accepted.append((node, update, int(info["num_cases"])))
+                    accepted.append((node, update, int(num_cases)))
                 else:
                     rejected.append((self.name(node), why))
             entry = {"round": rnd, "attempt": attempt, "sites": sites, "rejected": rejected,
