@@ -18,6 +18,7 @@ import datetime
 import ipaddress
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -221,37 +222,67 @@ def run_server(a: argparse.Namespace) -> int:
     if a.node_key:
         cmd.append("--enable-supernode-auth")
     superlink = subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env, cwd=work)
-    runner = None
     try:
         wait_for_port("127.0.0.1", a.control_port, 600, superlink, log)
         for key in a.node_key:
             _register(key, env, work)
-        cli_log = work / "flwr_run.log"
-        runner = subprocess.Popen([_bin("flwr"), "run", str(app), CONNECTION, "--stream"], stdout=open(cli_log, "ab"),
-                                  stderr=subprocess.STDOUT, env=env, cwd=work)
+        run_id = _submit(app, env, work)
+        last_check = time.monotonic()
         while True:
             status = read_json(result, default={}).get("status")
             if status in ("finished", "failed"):
                 break
             if superlink.poll() is not None:
                 raise FedCommandError(f"the SuperLink exited with {superlink.returncode}; see {log}")
-            if runner.poll() is not None:  # the run ended; its ServerApp writes the status just before
-                time.sleep(5)
-                status = read_json(result, default={}).get("status")
-                if status in ("finished", "failed"):
-                    break
-                tail = cli_log.read_text(errors="replace")[-3000:]
-                raise FedCommandError(f"flwr run exited with {runner.returncode} and the ServerApp wrote no result "
-                                      f"(see {cli_log}):\n{tail}")
             if deadline is not None and time.monotonic() > deadline:
                 raise FedCommandError(f"the federation did not finish within --timeout {a.timeout:.0f} s; "
                                       f"see {work / 'server.log'}; start the same command again to resume")
+            if time.monotonic() - last_check > 60:  # Flower's view of the run: a ServerApp that died writes nothing
+                flower_status = _run_status(app, run_id, env, work)
+                if flower_status.startswith("finished"):
+                    time.sleep(10)
+                    status = read_json(result, default={}).get("status")
+                    if status in ("finished", "failed"):
+                        break
+                    raise FedCommandError(f"Flower ended run {run_id} ({flower_status}) without a result from the "
+                                          f"ServerApp; see {work / 'server.log'} and {log}")
+                last_check = time.monotonic()
             time.sleep(1.0)
         print(f"tskd_fed_server: federation {status}; summary {result}, log {work / 'server.log'}")
         return 0 if status == "finished" else 1
     finally:
-        stop(runner, grace=5)
         stop(superlink)
+
+
+def _flwr(args: List[str], env: Dict[str, str], work: Path) -> str:
+    """A Flower CLI command against our SuperLink; its output (the command's log gets a copy)."""
+    proc = subprocess.run([_bin("flwr"), *args], env=env, cwd=work, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    with open(work / "flwr_cli.log", "a", encoding="utf-8") as f:
+        f.write(f"$ flwr {' '.join(args)}\n{out}\n")
+    if proc.returncode != 0:
+        raise FedCommandError(f"flwr {' '.join(args[:2])} failed ({proc.returncode}): {out.strip()[-800:]}")
+    return out
+
+
+def _submit(app: Path, env: Dict[str, str], work: Path) -> str:
+    """``flwr run`` of the federation's app; the run id."""
+    out = _flwr(["run", str(app), CONNECTION, "--format", "json"], env, work)
+    m = re.search(r'"run-id":\s*"(\d+)"', out)
+    if not m:
+        raise FedCommandError(f"flwr run gave no run id: {out.strip()[-800:]}")
+    print(f"tskd_fed_server: federation submitted as Flower run {m.group(1)}", flush=True)
+    return m.group(1)
+
+
+def _run_status(app: Path, run_id: str, env: Dict[str, str], work: Path) -> str:
+    """Flower's status of the run ("pending", "running", "finished:completed", "finished:failed", ...)."""
+    try:
+        out = _flwr(["ls", str(app), CONNECTION, "--run-id", run_id, "--format", "json"], env, work)
+    except (FedCommandError, subprocess.TimeoutExpired):
+        return "unknown"
+    m = re.search(r'"status":\s*"([^"]+)"', out)
+    return m.group(1) if m else "unknown"
 
 
 def _register(public_key: str, env: Dict[str, str], work: Path) -> None:
