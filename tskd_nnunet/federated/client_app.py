@@ -28,6 +28,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from tskd_nnunet import config
 from tskd_nnunet.atomic_io import atomic_write_json, read_json
 from tskd_nnunet.federated import fingerprint as fpr
 from tskd_nnunet.federated import site as site_ops
@@ -61,16 +62,6 @@ def _reply(msg: Message, context: Context, arrays: Optional[Dict[str, torch.Tens
 
 def _task(msg: Message) -> site_ops.SiteTask:
     return site_ops.SiteTask.from_config(dict(msg.content["task"]))
-
-
-def _fault_round() -> Optional[int]:
-    fault = os.environ.get("TSKD_FED_FAULT", "")
-    if not fault:
-        return None
-    kind, _, rnd = fault.partition("@")
-    if kind != "nan" or not rnd.isdigit():
-        raise ValueError(f"TSKD_FED_FAULT={fault!r} is not understood. Fix: TSKD_FED_FAULT=nan@ROUND, or unset it")
-    return int(rnd)
 
 
 @app.query("fingerprint")
@@ -108,7 +99,7 @@ def train(msg: Message, context: Context) -> Message:
     global_state = dict(msg.content["arrays"].to_torch_state_dict())
     with site_ops.site_lock(task):
         state, metrics = site_ops.local_round(task, global_state, _device(context))
-        if _fault_round() == rnd:
+        if config.fed_fault_round() == rnd:
             state = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in state.items()}
         site_ops.keep_sent(site_ops.output_folder(task), rnd, state)
     _record_status(context, phase="trained", round=rnd)
