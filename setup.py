@@ -57,7 +57,9 @@ setup(
         "onnxruntime>=1.17",
     ],
     # monai: NSD/HD95 cross-check (tests/test_evaluation_crosscheck.py); exact pin in constraints.txt
-    extras_require={"test": ["pytest>=7", "monai>=1.4"]},
+    # federated: Flower's deployment engine (documentation/federated.md); exact pin in constraints.txt. The test
+    # extra carries it because tests/test_federated_*.py start real SuperLink/SuperNode processes.
+    extras_require={"test": ["pytest>=7", "monai>=1.4", "flwr==1.28.0"], "federated": ["flwr==1.28.0"]},
     entry_points={
         "console_scripts": [
             "tskd_trainer_dir = tskd_nnunet.discovery:print_trainer_dir",
@@ -86,6 +88,9 @@ setup(
             "tskd_export = tskd_nnunet.export.cli:export_main",
             "tskd_predict_onnx = tskd_nnunet.export.cli:predict_main",
             "tskd_export_nnunet = tskd_nnunet.export.nnunet_zip:main",
+            "tskd_fed_server = tskd_nnunet.federated.cli:server_main",
+            "tskd_fed_client = tskd_nnunet.federated.cli:client_main",
+            "tskd_fed_credentials = tskd_nnunet.federated.cli:credentials_main",
         ],
     },
 )
