@@ -64,7 +64,7 @@ setup(
             "tskd_demo = tskd_nnunet.demo.run_demo:main",
             "tskd_phantom = tskd_nnunet.demo.phantom:main",
             "tskd_evaluate = tskd_nnunet.evaluation.cli:main",
-            "tskd_report = tskd_nnunet.benchmark.report:main",
+            "tskd_report = tskd_nnunet.benchmark.report_cli:main",
             "tskd_convert_hc18 = dataset_conversion.Dataset501_HC18:main",
             "tskd_convert_chaos_slices = dataset_conversion.Dataset502_CHAOS_MR_T2SPIR_slices:main",
             "tskd_convert_chaos_mr = dataset_conversion.Dataset503_CHAOS_MR:main",

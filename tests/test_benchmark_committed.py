@@ -21,7 +21,7 @@ import tskd_nnunet.benchmark.runner as runner_mod
 from conftest import PHANTOM_ID, REPO
 from tskd_nnunet.benchmark.committed import CommittedStore, write_committed_report
 from tskd_nnunet.benchmark.config import load_config
-from tskd_nnunet.benchmark.report import main as report_main
+from tskd_nnunet.benchmark.report_cli import main as report_main
 from tskd_nnunet.benchmark.runner import BenchmarkError, BenchmarkRunner, committed_root
 
 CONFIG = {

@@ -31,8 +31,8 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from tskd_nnunet.benchmark.config import (ALL, BASELINE_LABEL, DATA_SCOPES, Budget, BenchmarkConfig,
-                                          BenchmarkConfigError, budget_tag, load_config)
+from tskd_nnunet.benchmark.config import (ALL, DATA_SCOPES, Budget, BenchmarkConfig, BenchmarkConfigError,
+                                          baseline_method, budget_tag, load_config)
 
 BIN = os.path.dirname(sys.executable)
 STATE = "state.json"
@@ -44,9 +44,9 @@ from tskd_nnunet.benchmark.committed_model import (PARTIAL, CommittedModelError,
                                                    pack_model, park_checkpoint, restore_model,
                                                    unpark_checkpoint)
 from tskd_nnunet.data.preprocessed_files import POOL_FILE, TARGETS_DIR  # noqa: E402
+from tskd_nnunet.data.splits import SPLITS_FILE, write_splits  # noqa: E402
 # the one HC18 case-id -> CSV-name mapper, shared with tskd_evaluate --hc18-csv
 from tskd_nnunet.evaluation.clinical import hc18_case_to_filename  # noqa: E402,F401
-SPLITS_FILE = "splits_final.json"
 EXTENSION_DIR = "tskd_extension"
 # files of a budget root that are the budget's own; everything else links to the shared preprocessed data
 # (the teacher-target cache links to one folder of the work dir: Runner.targets_root)
@@ -461,16 +461,16 @@ class BenchmarkRunner:
         """Per budget: (splits per fold, unlabeled pool per fold), validated against each other. Budget "all":
         every training case outside the fold's validation set is labeled, the pool is empty."""
         if self._splits is None:
-            from dataset_conversion.common import ConversionError
-            from dataset_conversion.label_budget import make_label_budget_splits, read_training_cases
             from pathlib import Path
+
+            from tskd_nnunet.data.label_budget import LabelBudgetError, make_label_budget_splits, read_training_cases
             numeric = [b for b in self.cfg.budgets if b != ALL]
             try:
                 cases, patient_of = read_training_cases(Path(self.raw_dataset))
                 out = {b: make_label_budget_splits(cases, patient_of, b, self.cfg.num_folds, self.cfg.seed,
                                                    spread=self.cfg.spread)
                        for b in numeric}
-            except ConversionError as e:
+            except LabelBudgetError as e:
                 raise BenchmarkError(f"label budget: {e}") from None
             first_splits, first_pools = out[numeric[0]]
             if ALL in self.cfg.budgets:
@@ -515,8 +515,7 @@ class BenchmarkRunner:
             cmds = self._plan(raw_root, pp_root, self.fields(fold, budget, plan_batch="auto"),
                               os.path.join(base, "plan.log"))
             ds_pp = os.path.join(pp_root, self.dataset_name)
-            atomic_write_json(os.path.join(ds_pp, SPLITS_FILE),
-                              [{"train": labeled, "val": labeled} for _ in range(self.cfg.num_folds)])
+            write_splits(ds_pp, [{"train": labeled, "val": labeled} for _ in range(self.cfg.num_folds)])
             atomic_write_json(os.path.join(ds_pp, POOL_FILE), [[] for _ in range(self.cfg.num_folds)])
             atomic_write_json(marker, {"status": "done", "finished": _now(), "labeled": labeled, "commands": cmds})
         return pp_root
@@ -530,8 +529,7 @@ class BenchmarkRunner:
             if entry not in OWN_ENTRIES and ".tmp" not in entry:
                 _link(os.path.join(src, entry), os.path.join(dst, entry))
         _share_folder(os.path.join(dst, TARGETS_DIR), self.targets_root)
-        if read_json(os.path.join(dst, SPLITS_FILE), None) != splits:
-            atomic_write_json(os.path.join(dst, SPLITS_FILE), splits)
+        write_splits(dst, splits)
         if read_json(os.path.join(dst, POOL_FILE), None) != pools:
             atomic_write_json(os.path.join(dst, POOL_FILE), pools)
         if extension is not None:
@@ -1155,7 +1153,7 @@ class BenchmarkRunner:
         return {"benchmark": self.cfg.name, "dataset": self.dataset_name, "dataset_id": self.cfg.dataset_id,
                 "profile": self.profile_name, "device": self.device, "schedule": self.profile.get("schedule"),
                 "configuration": self.cfg.configuration, "plans": self.cfg.plans, "batch_size": self.cfg.batch_size,
-                "budgets": self.cfg.budgets, "folds": self.cfg.folds, "baseline": BASELINE_LABEL,
+                "budgets": self.cfg.budgets, "folds": self.cfg.folds, "baseline": baseline_method(self.cfg.method_defs),
                 "methods": {str(b): self.cfg.methods_at(b, profile=self.profile_name) for b in self.cfg.budgets},
                 "runs": [{"method": m, "budget": b, "fold": f, "trainer": self.trainer(m)}
                          for b, f, m in self.matrix()],
@@ -1219,7 +1217,7 @@ class BenchmarkRunner:
 
         results, runs = self.collect()
         out = os.path.join(self.workdir, "report")
-        written = write_report(results, runs, out, baseline=BASELINE_LABEL, overlay_loader=self.overlay_loader,
+        written = write_report(results, runs, out, baseline=baseline_method(self.cfg.method_defs), overlay_loader=self.overlay_loader,
                                title=f"Benchmark {self.cfg.name} (profile {self.profile_name}, device {self.device})",
                                notes=self.matrix_record()["notes"])
         return str(written["report.md"])
