@@ -1,4 +1,5 @@
-"""``tskd_benchmark``: run a (method x label budget x fold) matrix through nnU-Net's commands and ours.
+"""The benchmark runner: a (method x label budget x fold) matrix through nnU-Net's commands and ours (its command
+line, ``tskd_benchmark``, is tskd_nnunet/benchmark/cli.py).
 
     tskd_benchmark CONFIG.json [--profile cpu|gpu] [--workdir DIR] [--only METHOD ...] [--budgets B ...]
                                [--committed DIR | --no-committed] [--dry-run] [--report-only] [--skip-failed]
@@ -20,9 +21,7 @@ decisions: documentation/benchmarking.md.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
-import fcntl
 import os
 import re
 import shutil
@@ -376,6 +375,11 @@ class BenchmarkRunner:
 
     def ensure_dataset(self) -> None:
         """Convert (if configured) and plan+preprocess (if the plans or data are missing)."""
+        self.ensure_converted()
+        self.ensure_planned()
+
+    def ensure_converted(self) -> None:
+        """Convert (if configured and not done); BenchmarkError when the raw dataset or its test set is missing."""
         logs = os.path.join(self.workdir, "logs")
         if self.cfg.convert is not None and not os.path.isdir(self.raw_dataset):
             cmd = _fmt_cmd(self.cfg.convert, self.fields(), f"{self.cfg.path} dataset.convert")
@@ -398,9 +402,13 @@ class BenchmarkRunner:
             if not os.path.isdir(os.path.join(self.raw_dataset, sub)):
                 raise BenchmarkError(f"{os.path.join(self.raw_dataset, sub)} is missing: the benchmark's test set is "
                                      f"the raw dataset's imagesTs/labelsTs. Fix: convert with a test split")
+
+    def ensure_planned(self) -> None:
+        """Plan and preprocess the converted dataset unless its plans and data exist."""
         if not self._planned():
             _say(f"plan and preprocess dataset {self.cfg.dataset_id} ({self.cfg.configuration})")
-            cmds = self._plan(self.raw_root, self.base_pp_root, self.fields(), os.path.join(logs, "plan_and_preprocess.log"))
+            cmds = self._plan(self.raw_root, self.base_pp_root, self.fields(),
+                              os.path.join(self.workdir, "logs", "plan_and_preprocess.log"))
             atomic_write_json(self._stage_marker("plan_and_preprocess"), {"status": "done", "finished": _now(),
                                                                           "commands": cmds})
 
@@ -824,10 +832,8 @@ class BenchmarkRunner:
             root = self.prepare_labeled_only(budget, fold)
         else:
             root = self.prepare_budget_root(budget, spec.get("data", "labeled"))
-        results = self.method_results(budget, method)
         self._link_dependencies(budget, method)
-        env = self.train_env(root, results, {k: _fmt(str(v), self.fields(fold, budget), f"method {method} env")
-                                             for k, v in spec.get("env", {}).items()})
+        env = self.method_env(budget, method, fold)
         fold_dir = os.path.join(self.model_dir(budget, method), f"fold_{fold}")
         t0 = time.time()
         for i, c in enumerate(spec.get("commands", [])):
@@ -843,6 +849,20 @@ class BenchmarkRunner:
         state["timings"]["train_s"] = round(time.time() - t0, 1)
         state["preprocessed_root"] = root
         return env
+
+    def method_root(self, budget: Budget, method: str, fold: int) -> str:
+        """The nnU-Net preprocessed root a method's run trains on (prepared by _train)."""
+        spec = self.cfg.method_defs[method]
+        if spec.get("plan_on") == "labeled":
+            return os.path.join(self.labeled_only_base(budget, fold), "nnUNet_preprocessed")
+        return self.budget_root(budget, spec.get("data", "labeled"))
+
+    def method_env(self, budget: Budget, method: str, fold: int) -> Dict[str, str]:
+        """The environment of a run's nnU-Net commands: its root, its results folder, the method's env."""
+        spec = self.cfg.method_defs[method]
+        return self.train_env(self.method_root(budget, method, fold), self.method_results(budget, method),
+                              {k: _fmt(str(v), self.fields(fold, budget), f"method {method} env")
+                               for k, v in spec.get("env", {}).items()})
 
     def run_one(self, budget: Budget, method: str, fold: int) -> str:
         """Run (or skip, or resume) one run; returns its final status."""
@@ -1248,35 +1268,6 @@ class BenchmarkRunner:
         return counts
 
 
-class WorkdirLock:
-    """One runner per work directory: two would train the same run twice."""
-
-    def __init__(self, workdir: str):
-        os.makedirs(workdir, exist_ok=True)
-        self.path = os.path.join(workdir, ".lock")
-        self.fh = None
-
-    def __enter__(self):
-        self.fh = open(self.path, "a+")
-        try:
-            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.fh.seek(0)
-            pid = self.fh.read().strip()
-            self.fh.close()
-            raise BenchmarkError(f"another tskd_benchmark (pid {pid or '?'}) is running in {os.path.dirname(self.path)}."
-                                 f" Fix: wait for it or use another --workdir") from None
-        self.fh.seek(0)
-        self.fh.truncate()
-        self.fh.write(str(os.getpid()))
-        self.fh.flush()
-        return self
-
-    def __exit__(self, *exc):
-        fcntl.flock(self.fh, fcntl.LOCK_UN)
-        self.fh.close()
-
-
 def _parse_budgets(values: Optional[List[str]], cfg: BenchmarkConfig) -> Optional[List[Budget]]:
     if not values:
         return None
@@ -1301,57 +1292,7 @@ def committed_root(cfg: BenchmarkConfig, profile: str, override: Optional[str], 
     return None
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="tskd_benchmark", description=__doc__.split("\n\n")[0],
-                                epilog="Layout, resumption and decisions: documentation/benchmarking.md")
-    p.add_argument("config", help="benchmark config (JSON), e.g. benchmarks/configs/hc18_cpu.json")
-    p.add_argument("--profile", default="cpu", help="cpu (short TSKD_SCHEDULE, -device cpu) or gpu (nnU-Net's full "
-                                                    "schedule, -device cuda), or one defined in the config")
-    p.add_argument("--workdir", default=None, help="where runs, logs and the report go (default benchmark_work/<name>_<profile>)")
-    p.add_argument("--only", nargs="+", default=None, metavar="METHOD",
-                   help="run only these methods (and the methods they need)")
-    p.add_argument("--budgets", nargs="+", default=None, metavar="BUDGET",
-                   help="run only these budgets of the config (e.g. 10 all)")
-    p.add_argument("--committed", default=None, metavar="DIR",
-                   help="committed results folder (overrides the config's \"committed\"): finished runs are written "
-                        "there and a run found there is done, on any machine; the report is rebuilt there from it")
-    p.add_argument("--no-committed", action="store_true", help="ignore the config's \"committed\" folder")
-    p.add_argument("--dry-run", action="store_true", help="print the planned stages and runs with their status; run nothing")
-    p.add_argument("--report-only", action="store_true", help="write the report from what is finished; run nothing")
-    p.add_argument("--skip-failed", action="store_true", help="do not retry runs that failed before")
-    p.add_argument("--park", action="store_true",
-                   help="copy the latest checkpoint of every unfinished training into the committed folder's partial/ "
-                        "(commit it; a later run on any machine continues from it); runs nothing")
-    a = p.parse_args(argv)
-    try:
-        cfg = load_config(a.config)
-        if a.only:
-            bad = [m for m in a.only if m not in cfg.method_defs]
-            if bad:
-                raise BenchmarkConfigError(f"--only {bad}: unknown method(s); known: {sorted(cfg.method_defs)}")
-        budgets = _parse_budgets(a.budgets, cfg)
-        workdir = a.workdir or os.path.join("benchmark_work", f"{cfg.name}_{a.profile}")
-        runner = BenchmarkRunner(cfg, a.profile, workdir, dry_run=a.dry_run, skip_failed=a.skip_failed,
-                                 committed=committed_root(cfg, a.profile, a.committed, a.no_committed))
-        if a.dry_run:
-            print(runner.describe(a.only, budgets))
-            return 0
-        if a.park:  # beside a running training: reads its checkpoint_latest, which nnU-Net replaces atomically
-            print(f"parked {runner.park(a.only, budgets)} unfinished run(s)")
-            return 0
-        with WorkdirLock(runner.workdir):
-            if a.report_only:
-                report = runner.report()
-                print(f"Report: {report}")
-                return 0
-            counts = runner.run(a.only, budgets)
-            report = runner.report()
-    except (BenchmarkError, BenchmarkConfigError) as e:
-        print(f"tskd_benchmark: error: {e}", file=sys.stderr)
-        return 2
-    print(f"\n{counts['done']} runs done, {counts['failed']} failed. Report: {report}")
-    return 1 if counts["failed"] else 0
+if __name__ == "__main__":  # the command moved to cli.py; ``python -m tskd_nnunet.benchmark.runner`` still runs it
+    import runpy
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    runpy.run_module("tskd_nnunet.benchmark.cli", run_name="__main__")
