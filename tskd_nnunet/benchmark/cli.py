@@ -122,7 +122,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 _snakemake(runner, a, budgets, extra)
                 counts = {"done": 0, "failed": 0}
                 for b, f, m in runner.matrix(a.only, budgets):
-                    counts["failed" if runner.run_status(b, m, f) == "failed" else "done"] += 1
+                    counts["done" if runner.run_status(b, m, f) in ("done", "committed") else "failed"] += 1
             else:
                 counts = runner.run(a.only, budgets)
             report = runner.report()
