@@ -100,3 +100,28 @@ def test_snakemake_has_a_job_for_every_pending_run_and_none_for_a_committed_one(
     if profile == "cpu_short":
         assert committed and len(keyed.get("commit", ())) < len(wf.matrix)
     assert not os.path.exists(runner.workdir)
+
+
+def test_a_student_trained_longer_than_its_teacher_is_a_method_of_the_config(tmp_path):
+    """What benchmarks/long_student.sh did by hand: a method with its own schedule, beside the profile's teacher."""
+    import json
+
+    raw = json.loads(open(os.path.join(REPO, "benchmarks", "configs", "hc18_cpu.json")).read())
+    raw["method_defs"] = {"tskd_long": {"trainer": "{params[student_trainer]}", "data": "pool", "needs": ["teacher"],
+                                        "env": {"TSKD_TEACHER_TRAINER": "{params[teacher_trainer]}"},
+                                        "schedule": "50,50,5"}}
+    raw["profiles"]["cpu_short"] = {"methods": {"20": ["tskd_long"]}}
+    path = tmp_path / "long.json"
+    path.write_text(json.dumps(raw))
+    cfg = load_config(str(path))
+    runner = BenchmarkRunner(cfg, "cpu_short", str(tmp_path / "w"), committed=str(tmp_path / "c"))
+    assert [m for _, _, m in runner.matrix()] == ["teacher", "tskd_long"]
+    assert runner.identity(20, "teacher")["schedule"] == "20,15,4"  # the teacher stays the profile's run
+    assert runner.identity(20, "tskd_long")["schedule"] == "50,50,5"
+    assert runner.method_env(20, "tskd_long", 0)["TSKD_SCHEDULE"] == "50,50,5"
+    assert runner.method_env(20, "teacher", 0)["TSKD_SCHEDULE"] == "20,15,4"
+    assert "TSKD_SCHEDULE=50,50,5" in runner.describe()
+    raw["method_defs"]["tskd_long"]["schedule"] = 50
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="must be a TSKD_SCHEDULE string"):
+        load_config(str(path))

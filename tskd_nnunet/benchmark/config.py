@@ -14,7 +14,8 @@ Method spec (``METHODS``)::
              "commands": [],                     # extra commands run before training, each a list of strings
              "baseline": False,                  # the report's baseline arm (exactly one method)
              "contrasts": [["tskd", "what it shows"]],  # report: paired difference this arm - that arm
-             "student_of": "teacher"}            # report: lead kept of this teacher's lead over the baseline
+             "student_of": "teacher",            # report: lead kept of this teacher's lead over the baseline
+             "schedule": "50,50,5"}              # its own TSKD_SCHEDULE instead of the profile's (optional)
 
 The method's name is its report label (committed results and reports name arms by it), e.g. the baseline arm
 ``nnUNetTrainer`` trains with ``TSKDPlainTrainer``. Everything the runner, the report and the plots know of an arm
@@ -386,6 +387,9 @@ def load_config(path: str) -> BenchmarkConfig:
         for st in spec.get("stages", []):
             if st not in stage_defs:
                 raise _err(path, f"method {m!r} needs unknown stage {st!r}; stages: {sorted(stage_defs)}")
+        if spec.get("schedule") is not None and not isinstance(spec["schedule"], str):
+            raise _err(path, f"method {m!r}: \"schedule\" must be a TSKD_SCHEDULE string, e.g. \"50,50,5\" "
+                             f"(epochs, iterations per epoch, validation iterations)")
         for other in [o for o, _ in spec.get("contrasts", [])] + [spec.get("student_of") or m]:
             if other not in method_defs:
                 raise _err(path, f"method {m!r}: its \"contrasts\" / \"student_of\" name unknown method {other!r}")

@@ -669,7 +669,7 @@ class BenchmarkRunner:
         """What a committed result of this run must have been made with (committed.IDENTITY_KEYS)."""
         spec = self.cfg.method_defs[method]
         return {"trainer": self.trainer(method), "plans": self.cfg.plans, "configuration": self.cfg.configuration,
-                "schedule": self.profile.get("schedule"), "device": self.device,
+                "schedule": self.schedule(method), "device": self.device,
                 "data_scope": spec.get("data", "labeled"), "plan_on": spec.get("plan_on", "all")}
 
     def committed_settings(self, budget: Budget, method: str, fold: int) -> Optional[Dict[str, Any]]:
@@ -857,12 +857,18 @@ class BenchmarkRunner:
             return os.path.join(self.labeled_only_base(budget, fold), "nnUNet_preprocessed")
         return self.budget_root(budget, spec.get("data", "labeled"))
 
+    def schedule(self, method: str) -> Optional[str]:
+        """TSKD_SCHEDULE of a method's training: its own ``"schedule"`` (e.g. a student trained longer than its
+        teacher, which stays the profile's run), else the profile's (None: nnU-Net's full schedule)."""
+        return self.cfg.method_defs[method].get("schedule", self.profile.get("schedule"))
+
     def method_env(self, budget: Budget, method: str, fold: int) -> Dict[str, str]:
         """The environment of a run's nnU-Net commands: its root, its results folder, the method's env."""
         spec = self.cfg.method_defs[method]
+        own = {"TSKD_SCHEDULE": spec["schedule"]} if spec.get("schedule") else {}
         return self.train_env(self.method_root(budget, method, fold), self.method_results(budget, method),
-                              {k: _fmt(str(v), self.fields(fold, budget), f"method {method} env")
-                               for k, v in spec.get("env", {}).items()})
+                              {**own, **{k: _fmt(str(v), self.fields(fold, budget), f"method {method} env")
+                                         for k, v in spec.get("env", {}).items()}})
 
     def run_one(self, budget: Budget, method: str, fold: int) -> str:
         """Run (or skip, or resume) one run; returns its final status."""
@@ -887,7 +893,7 @@ class BenchmarkRunner:
         state: Dict[str, Any] = {
             "method": method, "trainer": self.trainer(method), "budget": budget, "fold": fold, "status": "running",
             "attempts": int(old.get("attempts", 0)) + 1, "started": _now(), "profile": self.profile_name,
-            "device": self.device, "schedule": self.profile.get("schedule"), "data": spec.get("data", "labeled"),
+            "device": self.device, "schedule": self.schedule(method), "data": spec.get("data", "labeled"),
             "n_labeled": len(splits[fold]["train"]), "n_val": len(splits[fold]["val"]),
             "n_pool": len(pools[fold]) if DATA_SCOPES[spec.get("data", "labeled")]["pool"] else 0, "timings": {}}
         atomic_write_json(state_path, state)
@@ -1153,6 +1159,8 @@ class BenchmarkRunner:
         for b, f, m in matrix:
             spec = self.cfg.method_defs[m]
             env = {k: _fmt(str(v), self.fields(f, b), m) for k, v in spec.get("env", {}).items()}
+            if spec.get("schedule"):
+                env = {"TSKD_SCHEDULE": spec["schedule"], **env}
             env_s = " ".join(f"{k}={v}" for k, v in env.items() if v != "")
             plan = " plan_on=labeled (own dataset, nnU-Net's batch)" if spec.get("plan_on") == "labeled" else ""
             lines.append(f"  budget {str(b):>4} fold {f} {m:<18} [{self.run_status(b, m, f)}] "

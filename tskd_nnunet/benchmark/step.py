@@ -43,7 +43,7 @@ def train(wf: BenchmarkWorkflow, b: Budget, m: str, f: int) -> None:
     splits, pools = r.splits()[b]
     state = {"method": m, "trainer": r.trainer(m), "budget": b, "fold": f, "status": "running",
              "attempts": int(old.get("attempts", 0)) + 1, "started": _now(), "profile": r.profile_name,
-             "device": r.device, "schedule": r.profile.get("schedule"), "data": spec.get("data", "labeled"),
+             "device": r.device, "schedule": r.schedule(m), "data": spec.get("data", "labeled"),
              "n_labeled": len(splits[f]["train"]), "n_val": len(splits[f]["val"]),
              "n_pool": len(pools[f]) if DATA_SCOPES[spec.get("data", "labeled")]["pool"] else 0, "timings": {}}
     _save(r, b, m, f, state)
