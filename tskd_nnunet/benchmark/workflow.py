@@ -111,8 +111,9 @@ class BenchmarkWorkflow:
         if rule == "train":
             root = (self.path("labeled_only", b, f) if spec.get("plan_on") == "labeled"
                     else self.path("budget", b, spec.get("data", "labeled")))
+            # a needed run (the teacher) finished and committed first, as in the runner's order, and its model here
             return ([self.path("plan"), root] + [self.path("stage", s, f) for s in self.stages_of(m)]
-                    + [self.path("train", b, dep, f) for dep in spec.get("needs", [])])
+                    + [self.path(x, b, dep, f) for dep in spec.get("needs", []) for x in ("commit", "train")])
         before = {"predict": ["train"], "evaluate": ["predict"], "measure": ["train"],
                   "commit": ["train", "evaluate", "measure"]}[rule]
         return [self.path(x, b, m, f) for x in before]
