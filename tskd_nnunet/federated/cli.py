@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from tskd_nnunet.atomic_io import atomic_write_text, read_json
 
@@ -152,6 +152,15 @@ def write_flower_config(home: Path, control: str, ca: Optional[str], insecure: b
     atomic_write_text(home / "config.toml", "\n".join(lines) + "\n")
 
 
+def _exit_with(prog: str, run: Callable[[argparse.Namespace], int], a: argparse.Namespace) -> None:
+    """Run a command and exit with its status; a FedCommandError is one line on stderr and exit status 2."""
+    try:
+        sys.exit(run(a))
+    except FedCommandError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 def server_main(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="tskd_fed_server", description="Coordinate a federated TS-KD teacher "
                                 "(Flower SuperLink + the federation's ServerApp). documentation/federated.md")
@@ -182,12 +191,7 @@ def server_main(argv: Optional[Sequence[str]] = None) -> None:
                    help="a site's public key (.pub); repeat per site. Given: only these sites may connect")
     p.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (loopback tests only)")
     p.add_argument("--timeout", type=float, default=None, help="stop everything after this many seconds")
-    a = p.parse_args(argv)
-    try:
-        sys.exit(run_server(a))
-    except FedCommandError as e:
-        print(f"tskd_fed_server: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    _exit_with(p.prog, run_server, p.parse_args(argv))
 
 
 def run_server(a: argparse.Namespace) -> int:
@@ -312,12 +316,7 @@ def client_main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
     p.add_argument("--max-wait-time", type=float, default=600.0,
                    help="seconds the SuperNode keeps trying to (re)connect to the SuperLink (600)")
-    a = p.parse_args(argv)
-    try:
-        sys.exit(run_client(a))
-    except FedCommandError as e:
-        print(f"tskd_fed_client: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    _exit_with(p.prog, run_client, p.parse_args(argv))
 
 
 def run_client(a: argparse.Namespace) -> int:
