@@ -55,16 +55,23 @@ setup(
         "Pillow",
         "onnx>=1.16",  # tskd_export / tskd_predict_onnx (documentation/export.md)
         "onnxruntime>=1.17",
+        # the benchmark engine (tskd_benchmark --engine snakemake, tskd_nnunet/benchmark/Snakefile)
+        "snakemake>=9,<10",
     ],
     # monai: NSD/HD95 cross-check (tests/test_evaluation_crosscheck.py); exact pin in constraints.txt
-    extras_require={"test": ["pytest>=7", "monai>=1.4"]},
+    # federated: Flower's deployment engine (documentation/federated.md); exact pin in constraints.txt. The test
+    # extra carries it because tests/test_federated_*.py start real SuperLink/SuperNode processes.
+    extras_require={"test": ["pytest>=7", "monai>=1.4", "flwr==1.28.0"], "federated": ["flwr==1.28.0"],
+                    # tskd_benchmark --engine snakemake --executor slurm (benchmarks/snakemake/slurm)
+                    "slurm": ["snakemake-executor-plugin-slurm>=2"]},
+    package_data={"tskd_nnunet.benchmark": ["Snakefile"]},
     entry_points={
         "console_scripts": [
             "tskd_trainer_dir = tskd_nnunet.discovery:print_trainer_dir",
             "tskd_demo = tskd_nnunet.demo.run_demo:main",
             "tskd_phantom = tskd_nnunet.demo.phantom:main",
             "tskd_evaluate = tskd_nnunet.evaluation.cli:main",
-            "tskd_report = tskd_nnunet.benchmark.report:main",
+            "tskd_report = tskd_nnunet.benchmark.report_cli:main",
             "tskd_convert_hc18 = dataset_conversion.Dataset501_HC18:main",
             "tskd_convert_chaos_slices = dataset_conversion.Dataset502_CHAOS_MR_T2SPIR_slices:main",
             "tskd_convert_chaos_mr = dataset_conversion.Dataset503_CHAOS_MR:main",
@@ -76,7 +83,7 @@ setup(
             "tskd_pretrain_moco = tskd_nnunet.pretrain.cli:moco_main",
             "tskd_pretrain_cnn_mim = tskd_nnunet.pretrain.cli:cnn_mim_main",
             "tskd_pretrain_cnn_moco = tskd_nnunet.pretrain.cli:cnn_moco_main",
-            "tskd_benchmark = tskd_nnunet.benchmark.runner:main",
+            "tskd_benchmark = tskd_nnunet.benchmark.cli:main",
             "tskd_train_diffusion = tskd_nnunet.synthetic.train:main",
             "tskd_sample_diffusion = tskd_nnunet.synthetic.sample:main",
             "tskd_synthetic_quality = tskd_nnunet.synthetic.quality:main",
@@ -86,6 +93,9 @@ setup(
             "tskd_export = tskd_nnunet.export.cli:export_main",
             "tskd_predict_onnx = tskd_nnunet.export.cli:predict_main",
             "tskd_export_nnunet = tskd_nnunet.export.nnunet_zip:main",
+            "tskd_fed_server = tskd_nnunet.federated.cli:server_main",
+            "tskd_fed_client = tskd_nnunet.federated.cli:client_main",
+            "tskd_fed_credentials = tskd_nnunet.federated.cli:credentials_main",
         ],
     },
 )

@@ -28,4 +28,4 @@ while [ $# -gt 0 ]; do
 done
 PY=${PYTHON:-python}
 if [ -x "$HERE/../.venv/bin/python" ] && [ -z "${PYTHON:-}" ]; then PY=$HERE/../.venv/bin/python; fi
-exec "$PY" -m tskd_nnunet.benchmark.runner "$CONFIG" --profile cpu_cuda --workdir "$WORKDIR" ${ARGS[@]+"${ARGS[@]}"}
+exec "$PY" -m tskd_nnunet.benchmark.cli "$CONFIG" --profile cpu_cuda --workdir "$WORKDIR" ${ARGS[@]+"${ARGS[@]}"}

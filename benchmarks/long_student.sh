@@ -2,6 +2,8 @@
 # Diagnostic outside the benchmark matrix: train the TS-KD student longer than the profile that trained its
 # teacher, on the same preprocessed budget, pool, cached teacher targets and test set as a committed run.
 # Answers "is the student limited by its schedule or by its teacher?" (documentation/benchmarking.md).
+# Superseded by a method with its own "schedule" in the benchmark config (documentation/benchmarking.md,
+# Snakemake engine); kept until the results it made are re-made that way.
 #
 #   bash benchmarks/long_student.sh WORKDIR BUDGET SCHEDULE OUT [TRAINER]
 #   e.g. bash benchmarks/long_student.sh benchmark_work/chaos_t2_cpu_short 20 50,50,5 long_tskd_b20
@@ -15,7 +17,7 @@
 #     all.csv long_tskd_b20/results.csv long_plain_b20/results.csv
 #   tskd_report -results all.csv -o REPORT_DIR --baseline TSKDPlainTrainer@50,50,5
 set -euo pipefail
-[ $# -ge 4 ] || { sed -n 6,17p "$0"; exit 2; }
+[ $# -ge 4 ] || { sed -n 8,19p "$0"; exit 2; }
 W=$(realpath "$1"); B=$2; SCHEDULE=$3; OUT=$(realpath -m "$4"); TRAINER=${5:-DistillTrainer}
 DATA=$(basename "$(ls -d "$W"/nnUNet_raw/Dataset*/ | head -1)")
 ID=$(echo "$DATA" | sed -E 's/^Dataset0*([0-9]+)_.*/\1/')

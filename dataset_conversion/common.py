@@ -27,10 +27,10 @@ import numpy as np
 import SimpleITK as sitk
 
 from tskd_nnunet.cli_args import NNUNetStyleParser
+from tskd_nnunet.data.label_budget import CASE_PATIENT_MAP
 
 # nnU-Net's recommended spacing of the dummy axis when a 2D image is stored as a 1 x H x W volume.
 DUMMY_SLICE_SPACING = 999.0
-CASE_PATIENT_MAP = "case_patient_map.json"
 # formats SimpleITK cannot read (GIF: DRIVE, many ultrasound sets) are read with PIL
 PIL_ONLY_ENDINGS = (".gif", ".webp", ".ppm", ".pgm", ".pbm")
 NATURAL_IMAGE_ENDINGS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff") + PIL_ONLY_ENDINGS

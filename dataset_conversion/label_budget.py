@@ -23,121 +23,17 @@ Writes ``$nnUNet_preprocessed/DatasetXXX_*/splits_final.json`` (nnU-Net's format
 from __future__ import annotations
 
 import os
-import random
 import shutil
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
-from dataset_conversion.common import (CASE_PATIENT_MAP, ConversionError, converter_parser, find_dataset_folder,
+from dataset_conversion.common import (ConversionError, converter_parser, find_dataset_folder,
                                        resolve_preprocessed_root, resolve_raw_root, run_cli)
 from tskd_nnunet.atomic_io import atomic_path, atomic_write_json, read_json
+# the split logic lives in the library (the benchmark runner uses it too); re-exported for callers of this module
+from tskd_nnunet.data.label_budget import LabelBudgetError, make_label_budget_splits, read_training_cases
 from tskd_nnunet.data.preprocessed_files import POOL_FILE
-
-
-def read_training_cases(raw_folder: Path) -> Tuple[List[str], Dict[str, str]]:
-    """Case ids in imagesTr and their patient ids (from case_patient_map.json, else the case itself)."""
-    ds_json = raw_folder / "dataset.json"
-    if not ds_json.is_file():
-        raise ConversionError(f"missing file {ds_json}: convert the dataset first")
-    ending = read_json(ds_json, error=ConversionError, fix="convert the dataset again")["file_ending"]
-    suffix = "_0000" + ending
-    cases = sorted(p.name[: -len(suffix)] for p in (raw_folder / "imagesTr").iterdir() if p.name.endswith(suffix))
-    if not cases:
-        raise ConversionError(f"no *{suffix} files in {raw_folder / 'imagesTr'}: convert the dataset first")
-    map_file = raw_folder / CASE_PATIENT_MAP
-    if map_file.is_file():
-        mapping = read_json(map_file, error=ConversionError, fix="convert the dataset again, or delete the file "
-                                                                     "to treat every case as its own patient")
-        missing = [c for c in cases if c not in mapping]
-        if missing:
-            raise ConversionError(f"case {missing[0]} is not in {map_file}: add it ({{case: patient}}) or "
-                                  f"delete the file to treat every case as its own patient")
-        patient_of = {c: str(mapping[c]) for c in cases}
-    else:
-        patient_of = {c: c for c in cases}
-    return cases, patient_of
-
-
-def _draw_labeled(patients: List[str], cases_of: Dict[str, List[str]], n: int, rng: random.Random) -> List[str]:
-    order = list(patients)
-    rng.shuffle(order)
-    chosen, count = [], 0
-    for p in order:  # greedy fill without passing n
-        if count + len(cases_of[p]) <= n:
-            chosen.append(p)
-            count += len(cases_of[p])
-        if count == n:
-            break
-    if count < n:  # one more patient if overshooting gets closer to n than stopping short
-        rest = [p for p in order if p not in chosen]
-        if rest:
-            best = min(rest, key=lambda p: len(cases_of[p]))
-            if not chosen or count + len(cases_of[best]) - n < n - count:  # never zero labeled cases
-                chosen.append(best)
-    return chosen
-
-
-def _draw_spread(patients: List[str], cases_of: Dict[str, List[str]], n: int, rng: random.Random) -> List[str]:
-    """n single cases, one per patient per round (seeded patient and case order): as many patients as possible."""
-    order = list(patients)
-    rng.shuffle(order)
-    queues = {p: rng.sample(cases_of[p], len(cases_of[p])) for p in order}
-    chosen: List[str] = []
-    while len(chosen) < n:
-        for p in order:
-            if queues[p] and len(chosen) < n:
-                chosen.append(queues[p].pop())
-    return chosen
-
-
-def make_label_budget_splits(cases: Sequence[str], patient_of: Dict[str, str], n_labeled: int, num_folds: int,
-                             seed: int, val_fraction: Optional[float] = None, spread: bool = False
-                             ) -> Tuple[List[Dict[str, List[str]]], List[List[str]]]:
-    """Pure split logic: returns (splits [{'train', 'val'}] per fold, unlabeled pool per fold)."""
-    if n_labeled < 1:
-        raise ConversionError(f"--n-labeled {n_labeled}: the label budget must be at least 1 case")
-    if num_folds < 1:
-        raise ConversionError(f"--folds {num_folds} must be at least 1")
-    if num_folds == 1 and val_fraction is None:
-        val_fraction = 0.2
-    if val_fraction is not None and not 0.0 < val_fraction < 1.0:
-        raise ConversionError(f"--val-fraction {val_fraction} must be in (0, 1)")
-    cases_of: Dict[str, List[str]] = {}
-    for c in cases:
-        cases_of.setdefault(patient_of[c], []).append(c)
-    patients = sorted(cases_of)
-    if len(patients) < max(2, num_folds):
-        raise ConversionError(f"only {len(patients)} training patient(s): need at least {max(2, num_folds)} "
-                              f"for {num_folds} fold(s) with a validation set")
-    rng = random.Random(seed)
-    shuffled = list(patients)
-    rng.shuffle(shuffled)
-    n_pat = len(shuffled)
-    bounds = [round(k * n_pat / num_folds) for k in range(num_folds + 1)]
-    splits, pools = [], []
-    for k in range(num_folds):
-        if val_fraction is None:
-            val_p = shuffled[bounds[k]:bounds[k + 1]]
-        else:
-            n_val = min(max(1, round(val_fraction * n_pat)), n_pat - 1)
-            val_p = [shuffled[(bounds[k] + i) % n_pat] for i in range(n_val)]
-        val_set = set(val_p)
-        train_p = [p for p in patients if p not in val_set]
-        available = sum(len(cases_of[p]) for p in train_p)
-        if n_labeled > available:
-            raise ConversionError(f"label budget {n_labeled} exceeds the {available} training cases outside "
-                                  f"validation in fold {k}: choose a smaller --n-labeled or fewer --folds")
-        fold_rng = random.Random(f"{seed}-{k}")
-        if spread:
-            train = sorted(_draw_spread(train_p, cases_of, n_labeled, fold_rng))
-        else:
-            train = sorted(c for p in _draw_labeled(train_p, cases_of, n_labeled, fold_rng) for c in cases_of[p])
-        labeled = set(train)
-        val = sorted(c for p in val_p for c in cases_of[p])
-        pool = sorted(c for p in train_p for c in cases_of[p] if c not in labeled)
-        splits.append({"train": train, "val": val})
-        pools.append(pool)
-    return splits, pools
+from tskd_nnunet.data.splits import SPLITS_FILE
 
 
 def write_label_budget(dataset_id: int, n_labeled: int, num_folds: int = 5, seed: int = 0,
@@ -146,12 +42,15 @@ def write_label_budget(dataset_id: int, n_labeled: int, num_folds: int = 5, seed
                        spread: bool = False) -> List[Dict[str, List[str]]]:
     """Write splits_final.json and tskd_unlabeled_pool.json for ``dataset_id``; return the splits."""
     raw_folder = find_dataset_folder(resolve_raw_root(raw_root, "--raw-root"), dataset_id)
-    cases, patient_of = read_training_cases(raw_folder)
-    splits, pools = make_label_budget_splits(cases, patient_of, n_labeled, num_folds, seed, val_fraction, spread)
+    try:
+        cases, patient_of = read_training_cases(raw_folder)
+        splits, pools = make_label_budget_splits(cases, patient_of, n_labeled, num_folds, seed, val_fraction, spread)
+    except LabelBudgetError as e:
+        raise ConversionError(str(e)) from None
     out = resolve_preprocessed_root(preprocessed_root) / raw_folder.name
     out.mkdir(parents=True, exist_ok=True)
     replaced = _keep_previous(out, splits, pools, raw_folder.name)
-    atomic_write_json(out / "splits_final.json", splits)
+    atomic_write_json(out / SPLITS_FILE, splits)
     atomic_write_json(out / POOL_FILE, pools)
     if replaced:
         print(replaced)
@@ -160,7 +59,7 @@ def write_label_budget(dataset_id: int, n_labeled: int, num_folds: int = 5, seed
             n_pat = len({patient_of[c] for c in s["train"]})
             print(f"fold {k}: {len(s['train'])} labeled cases ({n_pat} patients; asked {n_labeled}), "
                   f"{len(s['val'])} val, {len(p)} unlabeled pool")
-        print(f"wrote {out / 'splits_final.json'} and {out / POOL_FILE}")
+        print(f"wrote {out / SPLITS_FILE} and {out / POOL_FILE}")
     return splits
 
 
@@ -180,7 +79,7 @@ def _keep_previous(out: Path, splits: List[Dict[str, List[str]]], pools: List[Li
     """Before splits_final.json / the pool are replaced by different ones: copy both to ``*.previous.json``
     and return the line that says what was replaced (None when nothing is or the splits are the same).
     Models trained on the previous splits saw other labeled cases, so existing fold folders are counted."""
-    target = out / "splits_final.json"
+    target = out / SPLITS_FILE
     if not target.is_file():
         return None
     old = read_json(target, default=None)

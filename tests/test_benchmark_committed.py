@@ -21,7 +21,7 @@ import tskd_nnunet.benchmark.runner as runner_mod
 from conftest import PHANTOM_ID, REPO
 from tskd_nnunet.benchmark.committed import CommittedStore, write_committed_report
 from tskd_nnunet.benchmark.config import load_config
-from tskd_nnunet.benchmark.report import main as report_main
+from tskd_nnunet.benchmark.report_cli import main as report_main
 from tskd_nnunet.benchmark.runner import BenchmarkError, BenchmarkRunner, committed_root
 
 CONFIG = {
@@ -277,7 +277,7 @@ def test_real_configs_load_and_dry_run(tmp_path):
             assert os.path.normpath(cfg.hc18_csv.format(config_dir=cfg.config_dir)).startswith(data)
         assert any("-b" in c and "{plan_batch}" in c for c in cfg.plan_commands)
     assert load_config(os.path.join(REPO, "benchmarks", "configs", "chaos_t2_cpu.json")).spread is True
-    proc = subprocess.run([sys.executable, "-m", "tskd_nnunet.benchmark.runner",
+    proc = subprocess.run([sys.executable, "-m", "tskd_nnunet.benchmark.cli",
                            os.path.join(REPO, "benchmarks", "configs", "hc18_cpu.json"), "--workdir",
                            str(tmp_path / "w"), "--committed", str(tmp_path / "c"), "--dry-run", "--profile",
                            "cpu_short"],

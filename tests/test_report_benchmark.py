@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from tskd_nnunet.benchmark.plots import OverlayItem, select_worst_median_best
-from tskd_nnunet.benchmark.report import main as report_main
+from tskd_nnunet.benchmark.report_cli import main as report_main
 from tskd_nnunet.benchmark.report import write_report
 from tskd_nnunet.evaluation.stats import paired_wilcoxon
 

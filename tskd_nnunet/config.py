@@ -265,3 +265,15 @@ def student_arch_overrides() -> dict:
     """``TSKD_STUDENT_ARCH_OVERRIDES``: JSON object changing the ViT student's backbone architecture
     (same keys as TSKD_TEACHER_ARCH_OVERRIDES), e.g. '{"depth": 2, "embed_dim": 64, "num_heads": 2}'."""
     return env_json_object("TSKD_STUDENT_ARCH_OVERRIDES")
+
+
+def fed_fault_round() -> Optional[int]:
+    """``TSKD_FED_FAULT=nan@R`` (a drill at one federated site): the round whose update this site sends as NaN."""
+    value = env_str("TSKD_FED_FAULT")
+    if value is None:
+        return None
+    kind, _, rnd = value.partition("@")
+    if kind != "nan" or not rnd.isdigit():
+        raise TSKDConfigError(f"TSKD_FED_FAULT={value!r} is not understood. Fix: export TSKD_FED_FAULT=nan@ROUND "
+                              f"(e.g. nan@2), or unset it")
+    return int(rnd)

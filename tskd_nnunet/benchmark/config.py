@@ -11,7 +11,15 @@ Method spec (``METHODS``)::
              "needs": ["teacher_lora"],          # runs of other methods (same budget and fold) to link in
              "env": {"TSKD_TEACHER_TRAINER": "ViTLoRATeacherTrainer"},
              "train_args": [],                   # extra nnUNetv2_train arguments (dropped with --c: see runner)
-             "commands": []}                     # extra commands run before training, each a list of strings
+             "commands": [],                     # extra commands run before training, each a list of strings
+             "baseline": False,                  # the report's baseline arm (exactly one method)
+             "contrasts": [["tskd", "what it shows"]],  # report: paired difference this arm - that arm
+             "student_of": "teacher",            # report: lead kept of this teacher's lead over the baseline
+             "schedule": "50,50,5"}              # its own TSKD_SCHEDULE instead of the profile's (optional)
+
+The method's name is its report label (committed results and reports name arms by it), e.g. the baseline arm
+``nnUNetTrainer`` trains with ``TSKDPlainTrainer``. Everything the runner, the report and the plots know of an arm
+is read from this table (:func:`baseline_method`, :func:`report_contrasts`, :func:`lead_kept_arms`).
 
 Stage spec (``STAGES``): ``{"commands": [[...]], "output": "...", "stages": [...], "root": "base"|"synthetic"}``;
 a stage runs once per fold and is shared by every budget and method (see documentation/benchmarking.md).
@@ -34,11 +42,15 @@ import copy
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from tskd_nnunet.atomic_io import read_json
 
-BASELINE_LABEL = "nnUNetTrainer"
+
+class BenchmarkConfigError(ValueError):
+    """The config file is invalid; the message names the file, the key and the fix."""
+
+
 ALL = "all"  # the budget "every training case outside validation"
 
 # Transfer-set scopes: which unlabeled cases a method's nnU-Net preprocessed root exposes.
@@ -56,7 +68,7 @@ _TEACHER_ENV = {"TSKD_TEACHER_BACKBONE": "{foundation[backbone]}", "TSKD_TEACHER
 
 METHODS: Dict[str, Dict[str, Any]] = {
     # nnUNetTrainer itself ignores TSKD_SCHEDULE; TSKDPlainTrainer is nnUNetTrainer + the schedule hook
-    BASELINE_LABEL: {"trainer": "TSKDPlainTrainer", "data": "labeled",
+    "nnUNetTrainer": {"trainer": "TSKDPlainTrainer", "data": "labeled", "baseline": True,
                      "description": "plain nnU-Net (TSKDPlainTrainer = nnUNetTrainer with the schedule hook)"},
     # the real foundation model (LiteMedSAM, packaged): no pretraining stage, no weights path
     "teacher": {"trainer": "{params[teacher_trainer]}", "data": "labeled",
@@ -65,35 +77,45 @@ METHODS: Dict[str, Dict[str, Any]] = {
     # tskd_syn - tskd is the effect of the synthetic images alone
     # the student recipe is the profile's student_trainer (chosen from measurements: documentation/benchmarking.md)
     "tskd": {"trainer": "{params[student_trainer]}", "data": "pool", "needs": ["teacher"],
-             "env": {"TSKD_TEACHER_TRAINER": "{params[teacher_trainer]}"},
+             "env": {"TSKD_TEACHER_TRAINER": "{params[teacher_trainer]}"}, "student_of": "teacher",
+             "contrasts": [["task_agnostic", "task-specific vs task-agnostic distillation (same foundation, same data)"],
+                           ["self_train", "what the foundation model adds beyond nnU-Net self-training (same recipe, "
+                                          "pool)"],
+                           ["teacher", "student − its teacher"]],
              "description": "TS-KD student, transfer set = labeled + unlabeled pool"},
     # nnU-Net's own recipe for unlabeled data (train, predict the pool, retrain): the same student recipe and
     # transfer set, distilled from the plain nnU-Net of the same budget; tskd - self_train = what the
     # foundation model adds beyond self-training
-    "self_train": {"trainer": "{params[student_trainer]}", "data": "pool", "needs": [BASELINE_LABEL],
+    "self_train": {"trainer": "{params[student_trainer]}", "data": "pool", "needs": ["nnUNetTrainer"],
                    "env": {"TSKD_TEACHER_TRAINER": "TSKDPlainTrainer"},
                    "description": "self-training: the same student recipe distilled from plain nnU-Net (same pool)"},
     # the ensemble teacher: LiteMedSAM and plain nnU-Net probabilities averaged (cached targets)
-    "tskd_ens": {"trainer": "{params[student_trainer]}", "data": "pool", "needs": ["teacher", BASELINE_LABEL],
-                 "env": {"TSKD_TEACHER_TRAINER": "{params[teacher_trainer]},TSKDPlainTrainer"},
+    "tskd_ens": {"trainer": "{params[student_trainer]}", "data": "pool", "needs": ["teacher", "nnUNetTrainer"],
+                 "env": {"TSKD_TEACHER_TRAINER": "{params[teacher_trainer]},TSKDPlainTrainer"}, "student_of": "teacher",
+                 "contrasts": [["tskd", "plain nnU-Net averaged into the teacher (ensemble) vs the foundation teacher "
+                                        "alone"]],
                  "description": "TS-KD student of the ensemble teacher (LiteMedSAM + plain nnU-Net, averaged)"},
     # pixel KL + soft Dice against the teacher's probabilities: on CHAOS the KL alone left every small organ
     # unlearned at the cpu_short schedule (documentation/benchmarking.md, session 9)
     "tskd_dice": {"trainer": "DistillTrainer_dice", "data": "pool", "needs": ["teacher"],
-                  "env": {"TSKD_TEACHER_TRAINER": "{params[teacher_trainer]}"},
+                  "env": {"TSKD_TEACHER_TRAINER": "{params[teacher_trainer]}"}, "student_of": "teacher",
+                  "contrasts": [["tskd", "soft Dice vs the teacher added to the pixel KD"]],
                   "description": "TS-KD student, pixel KD + soft Dice vs the teacher, transfer set = labeled + pool"},
     # the teacher as annotator: its argmax through CE + soft Dice (nnU-Net's own loss) on every transfer-set case
     "tskd_hard": {"trainer": "DistillTrainer_hard", "data": "pool", "needs": ["teacher"],
-                  "env": {"TSKD_TEACHER_TRAINER": "{params[teacher_trainer]}"},
+                  "env": {"TSKD_TEACHER_TRAINER": "{params[teacher_trainer]}"}, "student_of": "teacher",
+                  "contrasts": [["tskd", "the teacher's hard labels (CE + Dice) instead of its probabilities"]],
                   "description": "TS-KD student on the teacher's hard labels (CE + soft Dice), transfer set = labeled + pool"},
     "tskd_syn": {"trainer": "DistillTrainer_pool_syn", "data": "pool_synthetic", "needs": ["teacher"],
                  "stages": ["synthetic"], "env": {"TSKD_TEACHER_TRAINER": "{params[teacher_trainer]}"},
+                 "contrasts": [["tskd", "effect of the synthetic images alone"]],
                  "description": "TS-KD student, transfer set = labeled + pool + diffusion-synthetic cases"},
     # the same transfer set with the synthetic cases held to a fifth of each batch (uniform sampling gives 1,000
     # synthetic images beside 256 real ones 80%): separates "synthetic images hurt" from "they crowd out real ones"
     "tskd_syn_cap": {"trainer": "DistillTrainer_pool_syn", "data": "pool_synthetic", "needs": ["teacher"],
                      "stages": ["synthetic"], "env": {"TSKD_TEACHER_TRAINER": "{params[teacher_trainer]}",
                                                       "TSKD_SYNTHETIC_FRACTION": "0.2"},
+                     "contrasts": [["tskd", "synthetic images at a 20% batch share"]],
                      "description": "TS-KD + synthetic, synthetic cases capped at 20% of each batch"},
     "task_agnostic": {"trainer": "TaskAgnosticDistillTrainer", "data": "pool",
                       "env": {"TSKD_TEACHER_BACKBONE": "litemedsam"},
@@ -117,6 +139,31 @@ METHODS: Dict[str, Dict[str, Any]] = {
                            "description": "plain nnU-Net planned on the labeled images alone (nnU-Net's own "
                                           "batch size): what a user has today"},
 }
+
+def baseline_method(method_defs: Dict[str, Dict[str, Any]] = METHODS) -> str:
+    """The report's baseline arm: the one method marked ``"baseline": true``."""
+    found = [m for m, spec in method_defs.items() if spec.get("baseline")]
+    if len(found) != 1:
+        raise BenchmarkConfigError(f"exactly one method must be the baseline (\"baseline\": true), found {found}")
+    return found[0]
+
+
+def report_contrasts(method_defs: Dict[str, Dict[str, Any]] = METHODS) -> List[Tuple[str, str, str]]:
+    """(arm, minus arm, what it shows) of every method's ``contrasts``, in method order."""
+    return [(m, other, what) for m, spec in method_defs.items() for other, what in spec.get("contrasts", [])]
+
+
+def lead_kept_arms(method_defs: Dict[str, Dict[str, Any]] = METHODS) -> Dict[str, List[str]]:
+    """teacher arm -> its students whose lead kept the report shows (``student_of``)."""
+    out: Dict[str, List[str]] = {}
+    for m, spec in method_defs.items():
+        if spec.get("student_of"):
+            out.setdefault(spec["student_of"], []).append(m)
+    return out
+
+
+BASELINE_LABEL = baseline_method()
+
 
 STAGES: Dict[str, Dict[str, Any]] = {
     # a ViT foundation pretrained on the fold's training images (labeled + pool, never val/test);
@@ -175,10 +222,6 @@ PROFILES["cpu_cuda"] = {**copy.deepcopy(PROFILES["cpu"]), "device": "cuda", "env
 
 FOUNDATION_DEFAULTS = {"kind": "mae", "arch": "vit_tiny", "backbone": None, "steps": 300, "resolution": 224,
                        "batch_size": 16, "weights": None, "arch_overrides": "", "img_size": ""}
-
-
-class BenchmarkConfigError(ValueError):
-    """The config file is invalid; the message names the file, the key and the fix."""
 
 
 Budget = Union[int, str]
@@ -344,6 +387,16 @@ def load_config(path: str) -> BenchmarkConfig:
         for st in spec.get("stages", []):
             if st not in stage_defs:
                 raise _err(path, f"method {m!r} needs unknown stage {st!r}; stages: {sorted(stage_defs)}")
+        if spec.get("schedule") is not None and not isinstance(spec["schedule"], str):
+            raise _err(path, f"method {m!r}: \"schedule\" must be a TSKD_SCHEDULE string, e.g. \"50,50,5\" "
+                             f"(epochs, iterations per epoch, validation iterations)")
+        for other in [o for o, _ in spec.get("contrasts", [])] + [spec.get("student_of") or m]:
+            if other not in method_defs:
+                raise _err(path, f"method {m!r}: its \"contrasts\" / \"student_of\" name unknown method {other!r}")
+    try:
+        baseline_method(method_defs)
+    except BenchmarkConfigError as e:
+        raise _err(path, str(e)) from None
     budgets = _int_list(path, d, "budgets", allow_all=True)
     if any(b != ALL and b < 1 for b in budgets):
         raise _err(path, "\"budgets\" must be positive numbers of labeled cases (or \"all\")")

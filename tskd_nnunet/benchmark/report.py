@@ -15,23 +15,23 @@ Also, when the data allow it:
 * gap closed (:func:`gap_closed`): (method@b - baseline@b) / (baseline@all - baseline@b) per budget b,
   when the baseline has results at the reference budget ``"all"`` (every training label);
 * paired contrasts (:func:`paired_contrasts`): mean paired difference with CI for fixed arm pairs (``CONTRASTS``:
-  tskd_syn − tskd, tskd − task_agnostic, tskd − teacher) wherever both arms have results;
+  tskd_syn − tskd, tskd − task_agnostic, tskd − teacher: the method definitions' ``contrasts``) wherever both
+  arms have results;
 * organ volume error (:func:`volume_errors`): |predicted - reference| volume in ml per patient and class,
   from ``ref_volume_ml`` / ``pred_volume_ml`` summed over a patient's cases (``patient`` column; slices of one
   patient add up to the organ's volume), else per case.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
 
+from tskd_nnunet.benchmark.config import BASELINE_LABEL, lead_kept_arms, report_contrasts
 from tskd_nnunet.benchmark.plots import (OverlayItem, plot_boxplots, plot_label_efficiency, plot_overlay_grid,
                                          select_worst_median_best, sorted_budgets)
 from tskd_nnunet.atomic_io import atomic_write_csv, atomic_write_text
@@ -39,7 +39,7 @@ from tskd_nnunet.evaluation.stats import bootstrap_ci, holm_adjust, mean_sd, pai
 
 PathLike = Union[str, os.PathLike]
 
-BASELINE = "nnUNetTrainer"
+BASELINE = BASELINE_LABEL
 METRICS = ("dice", "nsd", "hd95")
 RUN_ID_COLUMNS = ("fold", "seed")
 STATUSES = ("done", "failed", "missing")
@@ -47,15 +47,9 @@ STATUSES = ("done", "failed", "missing")
 _NOT_CLINICAL = {"ref_voxels", "pred_voxels", "fold", "seed", "budget", "ref_volume_ml", "pred_volume_ml",
                  "hc_pred_mm", "hc_ref_mm", "patient"}
 REFERENCE_BUDGET = "all"  # the budget of "every training label", the top of the gap closed
-# arm pairs worth a paired difference of their own, whenever both are in the report: (arm, minus arm, what it shows)
-CONTRASTS = (("tskd_syn", "tskd", "effect of the synthetic images alone"),
-             ("tskd_syn_cap", "tskd", "synthetic images at a 20% batch share"),
-             ("tskd_dice", "tskd", "soft Dice vs the teacher added to the pixel KD"),
-             ("tskd_hard", "tskd", "the teacher's hard labels (CE + Dice) instead of its probabilities"),
-             ("tskd", "task_agnostic", "task-specific vs task-agnostic distillation (same foundation, same data)"),
-             ("tskd", "self_train", "what the foundation model adds beyond nnU-Net self-training (same recipe, pool)"),
-             ("tskd_ens", "tskd", "plain nnU-Net averaged into the teacher (ensemble) vs the foundation teacher alone"),
-             ("tskd", "teacher", "student − its teacher"))
+# arm pairs worth a paired difference of their own, whenever both are in the report: (arm, minus arm, what it
+# shows), from the method definitions
+CONTRASTS = tuple(report_contrasts())
 LOWER_IS_BETTER = {"hd95"}
 
 OverlayLoader = Callable[[Dict[str, object]], Optional[OverlayItem]]
@@ -355,13 +349,12 @@ def wilcoxon_vs_baseline(cv: pd.DataFrame, summary: pd.DataFrame, metrics: Seque
     return pd.DataFrame(rows, columns=cols)
 
 
-TEACHER_ARM = "teacher"
-STUDENT_ARMS = ("tskd", "tskd_ens", "tskd_hard", "tskd_dice")  # students of the foundation teacher
+LEAD_KEPT = lead_kept_arms()  # teacher arm -> its students (the method definitions' "student_of")
 _LEAD_REFERENCE = "teacher@n"  # budget label the teacher's rows take inside the gap-closed arithmetic
 
 
 def lead_kept(cv: pd.DataFrame, summary: pd.DataFrame, metrics: Sequence[str] = ("dice", "nsd"),
-              baseline: str = BASELINE, teacher: str = TEACHER_ARM, students: Sequence[str] = STUDENT_ARMS,
+              baseline: str = BASELINE, arms: Mapping[str, Sequence[str]] = LEAD_KEPT,
               n_resamples: int = 10000, seed: int = 0) -> pd.DataFrame:
     """Lead kept = (student@b - baseline@b) / (teacher@b - baseline@b): the share of its teacher's lead over plain
     nnU-Net that a student keeps, per dataset and budget b. The gap-closed arithmetic (shared cases, paired
@@ -370,17 +363,18 @@ def lead_kept(cv: pd.DataFrame, summary: pd.DataFrame, metrics: Sequence[str] = 
     for ds in dict.fromkeys(summary["dataset"]):
         for b in sorted_budgets(summary[summary["dataset"] == ds]["budget"]):
             at = cv[(cv["dataset"] == ds) & (cv["budget"] == b)]
-            ref = at[at["method"] == teacher]
-            if ref.empty:
-                continue
-            arms = at[at["method"].isin([baseline, *students])]
-            s_b = summary[(summary["dataset"] == ds) & (summary["budget"] == b)
-                          & summary["method"].isin([baseline, *students])]
-            g = gap_closed(pd.concat([arms, ref.assign(method=baseline, budget=_LEAD_REFERENCE)]), s_b, metrics,
-                           baseline, _LEAD_REFERENCE, n_resamples, seed)
-            g["note"] = g["note"].str.replace(f"{baseline} on all labels", "the teacher", regex=False) \
-                .str.replace(f"than at {b} ", f"than {baseline}@{b} ", regex=False)
-            parts.append(g)
+            for teacher, students in arms.items():
+                ref = at[at["method"] == teacher]
+                if ref.empty:
+                    continue
+                arm_rows = at[at["method"].isin([baseline, *students])]
+                s_b = summary[(summary["dataset"] == ds) & (summary["budget"] == b)
+                              & summary["method"].isin([baseline, *students])]
+                g = gap_closed(pd.concat([arm_rows, ref.assign(method=baseline, budget=_LEAD_REFERENCE)]), s_b,
+                               metrics, baseline, _LEAD_REFERENCE, n_resamples, seed)
+                g["note"] = g["note"].str.replace(f"{baseline} on all labels", f"the {teacher}", regex=False) \
+                    .str.replace(f"than at {b} ", f"than {baseline}@{b} ", regex=False)
+                parts.append(g)
     cols = ["dataset", "budget", "method", "metric", "status", "n_cases", "method_mean", "baseline_mean",
             "teacher_mean", "lead_kept", "ci_lo", "ci_hi", "note"]
     if not parts:
@@ -659,52 +653,3 @@ def write_report(results: pd.DataFrame, runs: Optional[pd.DataFrame], out_dir: P
                          contrasts=contrasts, lead=lead)
     written["report.md"] = atomic_write_text(out_dir / "report.md", md)
     return written
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="tskd_report", description="Benchmark report (Markdown, CSV, PNG) from result tables, "
-                                                               "or from a benchmark's committed results folder.")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("-results", help="long-format results CSV (dataset, method, budget, fold/seed, "
-                                      "case, class, dice, nsd, hd95, optional clinical columns)")
-    src.add_argument("--from-committed", metavar="DIR", default=None,
-                     help="a committed results folder of tskd_benchmark (runs/*/cases.csv + settings.json + "
-                          "matrix.json, e.g. documentation/benchmarks/hc18_cpu); the report is rebuilt from these "
-                          "files alone, into DIR unless -o is given")
-    src.add_argument("--compare-profiles", nargs=2, metavar=("SHORT", "LONG"), default=None,
-                     help="two committed folders of one benchmark (e.g. documentation/benchmarks/hc18_cpu_short "
-                          "documentation/benchmarks/hc18_cpu): do they rank the arms the same way? Writes "
-                          "profile_agreement.md/.csv into SHORT unless -o is given")
-    p.add_argument("-runs", default=None, help="run status CSV (method, budget, fold/seed, status, params, "
-                                               "latency_ms, error)")
-    p.add_argument("-o", "--output-dir", default=None)
-    p.add_argument("--baseline", default=BASELINE)
-    p.add_argument("--resamples", type=int, default=10000, help="bootstrap resamples")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--title", default="Benchmark report")
-    p.add_argument("--metric", default="dice", choices=METRICS, help="with --compare-profiles (default: dice)")
-    a = p.parse_args(argv)
-    if not (a.compare_profiles or a.from_committed or a.output_dir):
-        p.error("-o/--output-dir is required with -results")
-    try:
-        if a.compare_profiles:
-            from tskd_nnunet.benchmark.profile_agreement import write_profile_agreement
-            written = write_profile_agreement(*a.compare_profiles, a.output_dir, a.metric, a.baseline, a.resamples,
-                                              a.seed)
-        elif a.from_committed:
-            from tskd_nnunet.benchmark.committed import write_committed_report
-            written = write_committed_report(a.from_committed, a.output_dir, a.resamples, a.seed)
-        else:
-            runs = pd.read_csv(a.runs, keep_default_na=True) if a.runs else None
-            written = write_report(pd.read_csv(a.results), runs, a.output_dir, a.baseline, None, None, a.resamples,
-                                   a.seed, a.title)
-    except FileNotFoundError as e:
-        print(f"tskd_report: error: {e}", file=sys.stderr)
-        return 2
-    main_file = next(v for k, v in written.items() if k.endswith(".md"))
-    print(f"wrote {main_file} and {len(written) - 1} more files")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

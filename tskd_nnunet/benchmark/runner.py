@@ -1,4 +1,5 @@
-"""``tskd_benchmark``: run a (method x label budget x fold) matrix through nnU-Net's commands and ours.
+"""The benchmark runner: a (method x label budget x fold) matrix through nnU-Net's commands and ours (its command
+line, ``tskd_benchmark``, is tskd_nnunet/benchmark/cli.py).
 
     tskd_benchmark CONFIG.json [--profile cpu|gpu] [--workdir DIR] [--only METHOD ...] [--budgets B ...]
                                [--committed DIR | --no-committed] [--dry-run] [--report-only] [--skip-failed]
@@ -20,9 +21,7 @@ decisions: documentation/benchmarking.md.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
-import fcntl
 import os
 import re
 import shutil
@@ -31,8 +30,8 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from tskd_nnunet.benchmark.config import (ALL, BASELINE_LABEL, DATA_SCOPES, Budget, BenchmarkConfig,
-                                          BenchmarkConfigError, budget_tag, load_config)
+from tskd_nnunet.benchmark.config import (ALL, DATA_SCOPES, Budget, BenchmarkConfig, BenchmarkConfigError,
+                                          baseline_method, budget_tag, load_config)
 
 BIN = os.path.dirname(sys.executable)
 STATE = "state.json"
@@ -44,9 +43,9 @@ from tskd_nnunet.benchmark.committed_model import (PARTIAL, CommittedModelError,
                                                    pack_model, park_checkpoint, restore_model,
                                                    unpark_checkpoint)
 from tskd_nnunet.data.preprocessed_files import POOL_FILE, TARGETS_DIR  # noqa: E402
+from tskd_nnunet.data.splits import SPLITS_FILE, write_splits  # noqa: E402
 # the one HC18 case-id -> CSV-name mapper, shared with tskd_evaluate --hc18-csv
 from tskd_nnunet.evaluation.clinical import hc18_case_to_filename  # noqa: E402,F401
-SPLITS_FILE = "splits_final.json"
 EXTENSION_DIR = "tskd_extension"
 # files of a budget root that are the budget's own; everything else links to the shared preprocessed data
 # (the teacher-target cache links to one folder of the work dir: Runner.targets_root)
@@ -376,6 +375,11 @@ class BenchmarkRunner:
 
     def ensure_dataset(self) -> None:
         """Convert (if configured) and plan+preprocess (if the plans or data are missing)."""
+        self.ensure_converted()
+        self.ensure_planned()
+
+    def ensure_converted(self) -> None:
+        """Convert (if configured and not done); BenchmarkError when the raw dataset or its test set is missing."""
         logs = os.path.join(self.workdir, "logs")
         if self.cfg.convert is not None and not os.path.isdir(self.raw_dataset):
             cmd = _fmt_cmd(self.cfg.convert, self.fields(), f"{self.cfg.path} dataset.convert")
@@ -398,9 +402,13 @@ class BenchmarkRunner:
             if not os.path.isdir(os.path.join(self.raw_dataset, sub)):
                 raise BenchmarkError(f"{os.path.join(self.raw_dataset, sub)} is missing: the benchmark's test set is "
                                      f"the raw dataset's imagesTs/labelsTs. Fix: convert with a test split")
+
+    def ensure_planned(self) -> None:
+        """Plan and preprocess the converted dataset unless its plans and data exist."""
         if not self._planned():
             _say(f"plan and preprocess dataset {self.cfg.dataset_id} ({self.cfg.configuration})")
-            cmds = self._plan(self.raw_root, self.base_pp_root, self.fields(), os.path.join(logs, "plan_and_preprocess.log"))
+            cmds = self._plan(self.raw_root, self.base_pp_root, self.fields(),
+                              os.path.join(self.workdir, "logs", "plan_and_preprocess.log"))
             atomic_write_json(self._stage_marker("plan_and_preprocess"), {"status": "done", "finished": _now(),
                                                                           "commands": cmds})
 
@@ -461,16 +469,16 @@ class BenchmarkRunner:
         """Per budget: (splits per fold, unlabeled pool per fold), validated against each other. Budget "all":
         every training case outside the fold's validation set is labeled, the pool is empty."""
         if self._splits is None:
-            from dataset_conversion.common import ConversionError
-            from dataset_conversion.label_budget import make_label_budget_splits, read_training_cases
             from pathlib import Path
+
+            from tskd_nnunet.data.label_budget import LabelBudgetError, make_label_budget_splits, read_training_cases
             numeric = [b for b in self.cfg.budgets if b != ALL]
             try:
                 cases, patient_of = read_training_cases(Path(self.raw_dataset))
                 out = {b: make_label_budget_splits(cases, patient_of, b, self.cfg.num_folds, self.cfg.seed,
                                                    spread=self.cfg.spread)
                        for b in numeric}
-            except ConversionError as e:
+            except LabelBudgetError as e:
                 raise BenchmarkError(f"label budget: {e}") from None
             first_splits, first_pools = out[numeric[0]]
             if ALL in self.cfg.budgets:
@@ -515,8 +523,7 @@ class BenchmarkRunner:
             cmds = self._plan(raw_root, pp_root, self.fields(fold, budget, plan_batch="auto"),
                               os.path.join(base, "plan.log"))
             ds_pp = os.path.join(pp_root, self.dataset_name)
-            atomic_write_json(os.path.join(ds_pp, SPLITS_FILE),
-                              [{"train": labeled, "val": labeled} for _ in range(self.cfg.num_folds)])
+            write_splits(ds_pp, [{"train": labeled, "val": labeled} for _ in range(self.cfg.num_folds)])
             atomic_write_json(os.path.join(ds_pp, POOL_FILE), [[] for _ in range(self.cfg.num_folds)])
             atomic_write_json(marker, {"status": "done", "finished": _now(), "labeled": labeled, "commands": cmds})
         return pp_root
@@ -530,8 +537,7 @@ class BenchmarkRunner:
             if entry not in OWN_ENTRIES and ".tmp" not in entry:
                 _link(os.path.join(src, entry), os.path.join(dst, entry))
         _share_folder(os.path.join(dst, TARGETS_DIR), self.targets_root)
-        if read_json(os.path.join(dst, SPLITS_FILE), None) != splits:
-            atomic_write_json(os.path.join(dst, SPLITS_FILE), splits)
+        write_splits(dst, splits)
         if read_json(os.path.join(dst, POOL_FILE), None) != pools:
             atomic_write_json(os.path.join(dst, POOL_FILE), pools)
         if extension is not None:
@@ -663,7 +669,7 @@ class BenchmarkRunner:
         """What a committed result of this run must have been made with (committed.IDENTITY_KEYS)."""
         spec = self.cfg.method_defs[method]
         return {"trainer": self.trainer(method), "plans": self.cfg.plans, "configuration": self.cfg.configuration,
-                "schedule": self.profile.get("schedule"), "device": self.device,
+                "schedule": self.schedule(method), "device": self.device,
                 "data_scope": spec.get("data", "labeled"), "plan_on": spec.get("plan_on", "all")}
 
     def committed_settings(self, budget: Budget, method: str, fold: int) -> Optional[Dict[str, Any]]:
@@ -826,10 +832,8 @@ class BenchmarkRunner:
             root = self.prepare_labeled_only(budget, fold)
         else:
             root = self.prepare_budget_root(budget, spec.get("data", "labeled"))
-        results = self.method_results(budget, method)
         self._link_dependencies(budget, method)
-        env = self.train_env(root, results, {k: _fmt(str(v), self.fields(fold, budget), f"method {method} env")
-                                             for k, v in spec.get("env", {}).items()})
+        env = self.method_env(budget, method, fold)
         fold_dir = os.path.join(self.model_dir(budget, method), f"fold_{fold}")
         t0 = time.time()
         for i, c in enumerate(spec.get("commands", [])):
@@ -845,6 +849,26 @@ class BenchmarkRunner:
         state["timings"]["train_s"] = round(time.time() - t0, 1)
         state["preprocessed_root"] = root
         return env
+
+    def method_root(self, budget: Budget, method: str, fold: int) -> str:
+        """The nnU-Net preprocessed root a method's run trains on (prepared by _train)."""
+        spec = self.cfg.method_defs[method]
+        if spec.get("plan_on") == "labeled":
+            return os.path.join(self.labeled_only_base(budget, fold), "nnUNet_preprocessed")
+        return self.budget_root(budget, spec.get("data", "labeled"))
+
+    def schedule(self, method: str) -> Optional[str]:
+        """TSKD_SCHEDULE of a method's training: its own ``"schedule"`` (e.g. a student trained longer than its
+        teacher, which stays the profile's run), else the profile's (None: nnU-Net's full schedule)."""
+        return self.cfg.method_defs[method].get("schedule", self.profile.get("schedule"))
+
+    def method_env(self, budget: Budget, method: str, fold: int) -> Dict[str, str]:
+        """The environment of a run's nnU-Net commands: its root, its results folder, the method's env."""
+        spec = self.cfg.method_defs[method]
+        own = {"TSKD_SCHEDULE": spec["schedule"]} if spec.get("schedule") else {}
+        return self.train_env(self.method_root(budget, method, fold), self.method_results(budget, method),
+                              {**own, **{k: _fmt(str(v), self.fields(fold, budget), f"method {method} env")
+                                         for k, v in spec.get("env", {}).items()}})
 
     def run_one(self, budget: Budget, method: str, fold: int) -> str:
         """Run (or skip, or resume) one run; returns its final status."""
@@ -869,7 +893,7 @@ class BenchmarkRunner:
         state: Dict[str, Any] = {
             "method": method, "trainer": self.trainer(method), "budget": budget, "fold": fold, "status": "running",
             "attempts": int(old.get("attempts", 0)) + 1, "started": _now(), "profile": self.profile_name,
-            "device": self.device, "schedule": self.profile.get("schedule"), "data": spec.get("data", "labeled"),
+            "device": self.device, "schedule": self.schedule(method), "data": spec.get("data", "labeled"),
             "n_labeled": len(splits[fold]["train"]), "n_val": len(splits[fold]["val"]),
             "n_pool": len(pools[fold]) if DATA_SCOPES[spec.get("data", "labeled")]["pool"] else 0, "timings": {}}
         atomic_write_json(state_path, state)
@@ -1135,6 +1159,8 @@ class BenchmarkRunner:
         for b, f, m in matrix:
             spec = self.cfg.method_defs[m]
             env = {k: _fmt(str(v), self.fields(f, b), m) for k, v in spec.get("env", {}).items()}
+            if spec.get("schedule"):
+                env = {"TSKD_SCHEDULE": spec["schedule"], **env}
             env_s = " ".join(f"{k}={v}" for k, v in env.items() if v != "")
             plan = " plan_on=labeled (own dataset, nnU-Net's batch)" if spec.get("plan_on") == "labeled" else ""
             lines.append(f"  budget {str(b):>4} fold {f} {m:<18} [{self.run_status(b, m, f)}] "
@@ -1155,7 +1181,7 @@ class BenchmarkRunner:
         return {"benchmark": self.cfg.name, "dataset": self.dataset_name, "dataset_id": self.cfg.dataset_id,
                 "profile": self.profile_name, "device": self.device, "schedule": self.profile.get("schedule"),
                 "configuration": self.cfg.configuration, "plans": self.cfg.plans, "batch_size": self.cfg.batch_size,
-                "budgets": self.cfg.budgets, "folds": self.cfg.folds, "baseline": BASELINE_LABEL,
+                "budgets": self.cfg.budgets, "folds": self.cfg.folds, "baseline": baseline_method(self.cfg.method_defs),
                 "methods": {str(b): self.cfg.methods_at(b, profile=self.profile_name) for b in self.cfg.budgets},
                 "runs": [{"method": m, "budget": b, "fold": f, "trainer": self.trainer(m)}
                          for b, f, m in self.matrix()],
@@ -1219,7 +1245,7 @@ class BenchmarkRunner:
 
         results, runs = self.collect()
         out = os.path.join(self.workdir, "report")
-        written = write_report(results, runs, out, baseline=BASELINE_LABEL, overlay_loader=self.overlay_loader,
+        written = write_report(results, runs, out, baseline=baseline_method(self.cfg.method_defs), overlay_loader=self.overlay_loader,
                                title=f"Benchmark {self.cfg.name} (profile {self.profile_name}, device {self.device})",
                                notes=self.matrix_record()["notes"])
         return str(written["report.md"])
@@ -1250,35 +1276,6 @@ class BenchmarkRunner:
         return counts
 
 
-class WorkdirLock:
-    """One runner per work directory: two would train the same run twice."""
-
-    def __init__(self, workdir: str):
-        os.makedirs(workdir, exist_ok=True)
-        self.path = os.path.join(workdir, ".lock")
-        self.fh = None
-
-    def __enter__(self):
-        self.fh = open(self.path, "a+")
-        try:
-            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.fh.seek(0)
-            pid = self.fh.read().strip()
-            self.fh.close()
-            raise BenchmarkError(f"another tskd_benchmark (pid {pid or '?'}) is running in {os.path.dirname(self.path)}."
-                                 f" Fix: wait for it or use another --workdir") from None
-        self.fh.seek(0)
-        self.fh.truncate()
-        self.fh.write(str(os.getpid()))
-        self.fh.flush()
-        return self
-
-    def __exit__(self, *exc):
-        fcntl.flock(self.fh, fcntl.LOCK_UN)
-        self.fh.close()
-
-
 def _parse_budgets(values: Optional[List[str]], cfg: BenchmarkConfig) -> Optional[List[Budget]]:
     if not values:
         return None
@@ -1303,57 +1300,7 @@ def committed_root(cfg: BenchmarkConfig, profile: str, override: Optional[str], 
     return None
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="tskd_benchmark", description=__doc__.split("\n\n")[0],
-                                epilog="Layout, resumption and decisions: documentation/benchmarking.md")
-    p.add_argument("config", help="benchmark config (JSON), e.g. benchmarks/configs/hc18_cpu.json")
-    p.add_argument("--profile", default="cpu", help="cpu (short TSKD_SCHEDULE, -device cpu) or gpu (nnU-Net's full "
-                                                    "schedule, -device cuda), or one defined in the config")
-    p.add_argument("--workdir", default=None, help="where runs, logs and the report go (default benchmark_work/<name>_<profile>)")
-    p.add_argument("--only", nargs="+", default=None, metavar="METHOD",
-                   help="run only these methods (and the methods they need)")
-    p.add_argument("--budgets", nargs="+", default=None, metavar="BUDGET",
-                   help="run only these budgets of the config (e.g. 10 all)")
-    p.add_argument("--committed", default=None, metavar="DIR",
-                   help="committed results folder (overrides the config's \"committed\"): finished runs are written "
-                        "there and a run found there is done, on any machine; the report is rebuilt there from it")
-    p.add_argument("--no-committed", action="store_true", help="ignore the config's \"committed\" folder")
-    p.add_argument("--dry-run", action="store_true", help="print the planned stages and runs with their status; run nothing")
-    p.add_argument("--report-only", action="store_true", help="write the report from what is finished; run nothing")
-    p.add_argument("--skip-failed", action="store_true", help="do not retry runs that failed before")
-    p.add_argument("--park", action="store_true",
-                   help="copy the latest checkpoint of every unfinished training into the committed folder's partial/ "
-                        "(commit it; a later run on any machine continues from it); runs nothing")
-    a = p.parse_args(argv)
-    try:
-        cfg = load_config(a.config)
-        if a.only:
-            bad = [m for m in a.only if m not in cfg.method_defs]
-            if bad:
-                raise BenchmarkConfigError(f"--only {bad}: unknown method(s); known: {sorted(cfg.method_defs)}")
-        budgets = _parse_budgets(a.budgets, cfg)
-        workdir = a.workdir or os.path.join("benchmark_work", f"{cfg.name}_{a.profile}")
-        runner = BenchmarkRunner(cfg, a.profile, workdir, dry_run=a.dry_run, skip_failed=a.skip_failed,
-                                 committed=committed_root(cfg, a.profile, a.committed, a.no_committed))
-        if a.dry_run:
-            print(runner.describe(a.only, budgets))
-            return 0
-        if a.park:  # beside a running training: reads its checkpoint_latest, which nnU-Net replaces atomically
-            print(f"parked {runner.park(a.only, budgets)} unfinished run(s)")
-            return 0
-        with WorkdirLock(runner.workdir):
-            if a.report_only:
-                report = runner.report()
-                print(f"Report: {report}")
-                return 0
-            counts = runner.run(a.only, budgets)
-            report = runner.report()
-    except (BenchmarkError, BenchmarkConfigError) as e:
-        print(f"tskd_benchmark: error: {e}", file=sys.stderr)
-        return 2
-    print(f"\n{counts['done']} runs done, {counts['failed']} failed. Report: {report}")
-    return 1 if counts["failed"] else 0
+if __name__ == "__main__":  # the command moved to cli.py; ``python -m tskd_nnunet.benchmark.runner`` still runs it
+    import runpy
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    runpy.run_module("tskd_nnunet.benchmark.cli", run_name="__main__")

@@ -27,6 +27,7 @@ import numpy as np
 
 from nnunetv2.training.dataloading.nnunet_dataset import nnUNetBaseDataset
 from tskd_nnunet.data.preprocessed_files import POOL_FILE, dataset_class_for, read_unlabeled_pool  # noqa: F401
+from tskd_nnunet.data.splits import splits_path
 
 LABELED, POOL, SYNTHETIC, REAL_UNLABELED = "labeled", "pool", "synthetic", "real-unlabeled"
 SOURCES = (LABELED, POOL, SYNTHETIC, REAL_UNLABELED)
@@ -208,7 +209,7 @@ def build_transfer_set(preprocessed_base: str, main_folder: str, plans_name: str
         raise TransferSetError(f"extension case ids clash with preprocessed case ids ({', '.join(clash[:5])}) under "
                                f"{extension_fold_folder(preprocessed_base, plans_name, configuration, fold)}")
     test_ids = set(test_ids)
-    splits_file = os.path.join(preprocessed_base, "splits_final.json")
+    splits_file = splits_path(preprocessed_base)
     check_no_leak(ts, val_ids if fold != "all" else [], test_ids, splits_file, pool_file)
     check_extension_provenance(ts.extension, val_ids if fold != "all" else [], test_ids, splits_file, fold)
     return ts

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from tskd_nnunet.data.extension import (ExtensionError, ExtensionWriter, dataset_name, list_extension_cases,
                                         read_manifest, write_manifest)
+from tskd_nnunet.data.splits import num_folds
 
 DEFAULT_INPUT_DIRNAME = "imagesUnlabeled"
 
@@ -63,12 +64,7 @@ def find_unlabeled_cases(folder: str, file_ending: str, num_channels: int) -> Di
 def _folds(base: str, fold: Union[int, str]) -> List[Union[int, str]]:
     if str(fold) != "all":
         return [int(fold)]
-    splits_file = os.path.join(base, "splits_final.json")
-    n = 5
-    if os.path.isfile(splits_file):
-        with open(splits_file) as f:
-            n = len(json.load(f))
-    return list(range(n)) + ["all"]
+    return list(range(num_folds(base, ExtensionError))) + ["all"]
 
 
 def preprocess_unlabeled(dataset_name_or_id: Union[int, str], configuration: str, fold: Union[int, str],

@@ -44,17 +44,14 @@ def parse_fold(value: str) -> Union[int, str]:
 def check_fold_exists(preprocessed_base: str, fold: Union[int, str]) -> None:
     """The fold must be one of splits_final.json (nnU-Net makes 5 when there is none): for another one nnU-Net
     would draw a random 80:20 split, which ignores the label budget."""
-    from tskd_nnunet.atomic_io import read_json
+    from tskd_nnunet.data.splits import num_folds, splits_path
 
     if fold == "all":
         return
-    splits_file = os.path.join(preprocessed_base, "splits_final.json")
-    if os.path.isfile(splits_file):
-        splits = read_json(splits_file, error=CacheCommandError, fix="rewrite it with tskd_label_budget")
-        n, where = (len(splits) if isinstance(splits, list) else 0), f"{splits_file} has"
-    else:
-        n, where = 5, f"there is no {splits_file} yet, so nnU-Net will make"
+    n = num_folds(preprocessed_base, CacheCommandError, "rewrite it with tskd_label_budget")
     if int(fold) >= n:
+        where = (f"{splits_path(preprocessed_base)} has" if os.path.isfile(splits_path(preprocessed_base)) else
+                 f"there is no {splits_path(preprocessed_base)} yet, so nnU-Net will make")
         raise CacheCommandError(f"fold {fold} does not exist: {where} {n} fold(s) (0-{n - 1}). Fix: name one of "
                                 f"them (or make the splits first: tskd_label_budget)")
 

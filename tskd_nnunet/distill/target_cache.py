@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -41,20 +40,8 @@ import torch
 from tskd_nnunet.atomic_io import atomic_path, atomic_write_text
 from tskd_nnunet.data.preprocessed_files import TARGETS_DIR
 from tskd_nnunet.distill.losses import class_probabilities
-from tskd_nnunet.distill.teacher_io import TeacherError  # also for a cache that is missing, stale or does not fit
-
-
-@dataclass
-class TeacherForCache:
-    """One trained teacher as the cache needs it: a network and how nnU-Net's predictor must run it."""
-    network: torch.nn.Module
-    trainer_name: str
-    checkpoint: str
-    checkpoint_sha256: str
-    mirror_axes: Optional[Tuple[int, ...]]
-    plans_manager: object
-    configuration_manager: object
-    dataset_json: dict
+# TeacherError also for a cache that is missing, stale or does not fit
+from tskd_nnunet.distill.teacher_io import TeacherError, TeacherForCache
 
 
 def cache_key(teachers: Sequence[TeacherForCache], plans: dict, configuration: str, fold, use_mirroring: bool) -> str:

@@ -23,7 +23,7 @@ import inspect
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -47,6 +47,19 @@ class TeacherLocation:
         dataset_id = dataset_name.split("_")[0].replace("Dataset", "").lstrip("0") or "0"
         plans = "" if self.plans_name == "nnUNetPlans" else f" -p {self.plans_name}"
         return f"nnUNetv2_train {dataset_id} {self.configuration} {self.fold} -tr {self.trainer_name}{plans}"
+
+
+@dataclass
+class TeacherForCache:
+    """One trained teacher as the cache needs it: a network and how nnU-Net's predictor must run it."""
+    network: nn.Module
+    trainer_name: str
+    checkpoint: str
+    checkpoint_sha256: str
+    mirror_axes: Optional[Tuple[int, ...]]
+    plans_manager: object
+    configuration_manager: object
+    dataset_json: dict
 
 
 def locate_teacher(results_root: str, dataset_name: str, trainer_name: str, plans_name: str, configuration: str,
@@ -231,7 +244,6 @@ def load_teacher_for_cache(results_root: str, student_plans: dict, configuration
     """Locate, validate and rebuild a teacher with what nnU-Net's predictor needs to run it over whole cases
     (its own plans, mirroring axes) and the checkpoint's sha256 for the target cache's key."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    from tskd_nnunet.distill.target_cache import TeacherForCache
     from tskd_nnunet.models.vit_backbones import sha256_of
 
     loc = locate_teacher(results_root, student_plans["dataset_name"], trainer_name,

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from tskd_nnunet.atomic_io import atomic_folder, atomic_path, atomic_write_text
+from tskd_nnunet.data.splits import fold_cases
 
 MODEL_FP32 = "model.onnx"
 MODEL_INT8 = "model_int8.onnx"
@@ -170,13 +171,10 @@ def calibration_patches(preprocessed_dataset_folder: str, data_identifier: str, 
         raise ExportError(f"int8 calibration needs the preprocessed training cases, {folder} not found. Fix: run "
                           f"nnUNetv2_plan_and_preprocess for this dataset and configuration, or use "
                           f"--int8_method dynamic")
-    splits = os.path.join(preprocessed_dataset_folder, "splits_final.json")
     ds_class = infer_dataset_class(folder)
     ids = sorted(ds_class.get_identifiers(folder))
-    if os.path.isfile(splits) and fold != "all":
-        with open(splits) as f:
-            train = set(json.load(f)[int(fold)]["train"])
-        ids = [i for i in ids if i in train] or ids
+    train = set(fold_cases(preprocessed_dataset_folder, fold, ids, ExportError)[0])  # nnU-Net's split if no file
+    ids = [i for i in ids if i in train] or ids
     if not ids:
         raise ExportError(f"no preprocessed cases in {folder} for int8 calibration. Fix: run "
                           f"nnUNetv2_plan_and_preprocess, or use --int8_method dynamic")

@@ -39,6 +39,7 @@ from tskd_nnunet.atomic_io import read_json
 from tskd_nnunet.data.preprocessed_files import dataset_class_for, read_unlabeled_pool
 from tskd_nnunet.data.extension import (SOURCES, ExtensionError, extension_folder, extension_root,
                                         list_extension_cases, preprocessed_config_folder)
+from tskd_nnunet.data.splits import fold_cases
 
 
 
@@ -94,17 +95,8 @@ def raw_test_ids(raw_dataset_folder: str, file_ending: str) -> List[str]:
 
 def fold_validation_ids(preprocessed_base: str, all_ids: Sequence[str], fold: int) -> List[str]:
     """Validation ids of ``fold``: splits_final.json, or nnU-Net's own seeded split if the file is absent."""
-    splits_file = os.path.join(preprocessed_base, "splits_final.json")
-    if os.path.isfile(splits_file):
-        splits = read_json(splits_file, error=PretrainError,
-                           fix="rewrite it with dataset_conversion/label_budget.py or delete it")
-    else:
-        from nnunetv2.utilities.crossval_split import generate_crossval_split
-        splits = generate_crossval_split(sorted(all_ids), seed=12345, n_splits=5)
-    if fold >= len(splits):
-        raise PretrainError(f"{splits_file} has {len(splits)} folds, fold {fold} was requested. "
-                                  f"Fix: pass a fold (-f / FOLD) between 0 and {len(splits) - 1}")
-    return [str(i) for i in splits[fold]["val"]]
+    return fold_cases(preprocessed_base, fold, all_ids, PretrainError,
+                      "pass a fold (-f / FOLD) of the split, or rewrite it with tskd_label_budget")[1]
 
 
 class PretrainCorpus(torch.utils.data.IterableDataset):

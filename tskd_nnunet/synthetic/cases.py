@@ -17,24 +17,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tskd_nnunet.data.preprocessed_files import POOL_FILE, read_unlabeled_pool
 from tskd_nnunet.data.extension import ExtensionError, dataset_name, extension_dataset_class, preprocessed_config_folder
-
-
-
-def _load_json(path: str, fix: str):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ExtensionError(f"{path} is not valid JSON ({e}). Fix: {fix}") from None
-
-
-SPLITS_FILE = "splits_final.json"
+from tskd_nnunet.data.preprocessed_files import POOL_FILE, read_unlabeled_pool
+from tskd_nnunet.data.splits import fold_cases, splits_path
 
 
 def splits_file_of(dataset_name_or_id: Union[int, str]) -> str:
-    return os.path.join(os.environ["nnUNet_preprocessed"], dataset_name(dataset_name_or_id), SPLITS_FILE)
+    return splits_path(os.path.join(os.environ["nnUNet_preprocessed"], dataset_name(dataset_name_or_id)))
 
 
 def read_fold_split(dataset_name_or_id: Union[int, str], fold: int) -> Tuple[List[str], List[str], str]:
@@ -46,17 +35,11 @@ def read_fold_split(dataset_name_or_id: Union[int, str], fold: int) -> Tuple[Lis
     if not isinstance(fold, int) and not str(fold).isdigit():
         raise ExtensionError(f"fold {fold!r}: the diffusion model is trained per cross-validation fold. "
                              f"Fix: pass an integer fold (0-4); 'all' has no held-out cases to protect")
-    fold = int(fold)
-    splits_file = splits_file_of(name)
-    if not os.path.isfile(splits_file):
-        raise ExtensionError(f"{splits_file} does not exist, so the fold's training/validation cases are unknown. "
-                             f"Fix: run nnUNetv2_plan_and_preprocess then nnUNetv2_train once (it writes the split), "
-                             f"or set a label budget with tskd_label_budget -d {name} --n-labeled N")
-    splits = _load_json(splits_file, "delete it and re-run nnUNetv2_train once, or re-run tskd_label_budget")
-    if fold >= len(splits):
-        raise ExtensionError(f"fold {fold} does not exist in {splits_file} ({len(splits)} folds). "
-                             f"Fix: pass a fold in 0..{len(splits) - 1}")
-    return list(splits[fold]["train"]), list(splits[fold]["val"]), splits_file
+    base = os.path.join(os.environ["nnUNet_preprocessed"], name)
+    train, val = fold_cases(base, int(fold), None, ExtensionError,
+                            f"run nnUNetv2_plan_and_preprocess then nnUNetv2_train once (it writes the split), or set "
+                            f"a label budget with tskd_label_budget -d {name} --n-labeled N")
+    return train, val, splits_path(base)
 
 
 def fold_case_ids(dataset_name_or_id: Union[int, str], plans: str, configuration: str, fold: int,
