@@ -182,3 +182,32 @@ def test_round_checkpoints_resume_from_the_newest_readable(tmp_path):
     assert ck.round == 1 and float(ck.state["w"][0]) == 1.0 and ck.meta == {"plans_sha256": "x"}
     assert "round_0002.pt is unreadable" in lines[0]
     assert not [n for n in os.listdir(tmp_path / "rounds") if n.startswith(".tmp_")]
+
+
+# ------------------------------------------------------------------------------------------------ site planning
+def test_site_plans_on_the_merged_fingerprint_with_training_worker_setting(nnunet_env, tmp_path):
+    """A site whose environment says nnUNet_n_proc_DA=0 (for training on small machines) still plans: nnU-Net's
+    planner would call torch.set_num_threads(0); the variable is back afterwards for the site's training."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import PHANTOM_ID
+    src = nnunet_env["nnUNet_preprocessed"]
+    name = next(d for d in os.listdir(src) if d.startswith(f"Dataset{PHANTOM_ID}_"))
+    pp = tmp_path / "nnUNet_preprocessed"
+    shutil.copytree(os.path.join(src, name), pp / name, ignore=shutil.ignore_patterns("nnUNetPlans_*", "tskd_*"))
+    merged = json.loads((pp / name / "dataset_fingerprint.json").read_text())
+    code = ("import json, os, sys; from tskd_nnunet.federated.fingerprint import plan_with_merged; "
+            f"ident, digest = plan_with_merged({PHANTOM_ID}, json.load(open(sys.argv[1])), 20, ['2d'], "
+            "plans_name='fedPlans'); print(ident, digest, os.environ.get('nnUNet_n_proc_DA'))")
+    fp = tmp_path / "merged.json"
+    fp.write_text(json.dumps(merged))
+    env = dict(nnunet_env, nnUNet_preprocessed=str(pp), nnUNet_n_proc_DA="0")
+    proc = subprocess.run([sys.executable, "-c", code, str(fp)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ident, digest, n_proc = proc.stdout.split()[-3:]
+    assert ident == "fedPlans" and n_proc == "0"
+    plans = json.loads((pp / name / "fedPlans.json").read_text())
+    assert fpr.plans_sha256(plans) == digest and os.path.isdir(pp / name / plans["configurations"]["2d"]["data_identifier"])

@@ -157,7 +157,13 @@ def plan_with_merged(dataset_id: int, merged: dict, total_cases: int, configurat
     kwargs = {"plans_name": plans_name} if plans_name else {}
     p = cls(dataset_id, **kwargs)
     p.dataset_json["numTraining"] = int(total_cases)  # the batch-size cap sees the federation, not this site
-    p.plan_experiment()
+    # nnUNet_n_proc_DA=0 (set for training on small machines) reaches torch.set_num_threads(0) in the planner
+    n_proc_da = os.environ.pop("nnUNet_n_proc_DA", None) if os.environ.get("nnUNet_n_proc_DA") == "0" else None
+    try:
+        p.plan_experiment()
+    finally:
+        if n_proc_da is not None:
+            os.environ["nnUNet_n_proc_DA"] = n_proc_da
     preprocess_dataset(dataset_id, p.plans_identifier, list(configurations), [num_processes] * len(configurations),
                        verbose=False, show_progress_bar=False)
     plans = load_json(join(folder, p.plans_identifier + ".json"))
