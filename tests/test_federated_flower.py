@@ -19,7 +19,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import pytest
 import torch
@@ -58,14 +58,19 @@ def _kill(proc: subprocess.Popen) -> None:
         proc.wait(timeout=30)
 
 
-def _wait(pred, timeout: float, what: str, procs: Dict[str, subprocess.Popen], logs: Dict[str, Path]) -> None:
+def _wait(pred, timeout: float, what: str, procs: Dict[str, subprocess.Popen], logs: Dict[str, Path],
+          alive: Sequence[str] = ()) -> None:
+    """Poll ``pred``; fail at once (with the logs' tails) when a process named in ``alive`` has ended."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    ended = None
+    while time.monotonic() < deadline and ended is None:
         if pred():
             return
+        ended = next((k for k in alive if procs[k].poll() is not None), None)
         time.sleep(2)
     tails = "\n".join(f"--- {k}\n{logs[k].read_text(errors='replace')[-3000:]}" for k in logs if logs[k].exists())
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{tails}")
+    why = f"{ended} exited ({procs[ended].returncode})" if ended else f"timed out after {timeout:.0f} s"
+    raise AssertionError(f"{why} waiting for {what}\n{tails}")
 
 
 def _processes_mentioning(text: str) -> List[str]:
@@ -124,14 +129,18 @@ def federation(tmp_path_factory):
                                   "--work-dir", str(root / f"client_{name}"), "--clientappio-port", str(appio[i]),
                                   *timeout], site_env[name], logs[name])
         round1 = server_work / "rounds" / "round_0001.pt"
-        _wait(round1.exists, 2400, "round 1's checkpoint", procs, logs)
+        _wait(round1.exists, 2400, "round 1's checkpoint", procs, logs, alive=("server",))
         results["round1_mtime"] = round1.stat().st_mtime_ns
         _kill(procs["server"])  # the coordinating site crashes: tskd_fed_server, SuperLink, ServerApp
         results["killed_returncode"] = procs["server"].returncode
         procs["server2"] = _start(server_args, base, logs["server2"])
         for name in ("server2", "A", "B", "intruder"):
-            procs[name].wait(timeout=3000)
-            results[f"{name}_returncode"] = procs[name].returncode
+            # the sites end with the federation; after a failed one, do not wait their whole --timeout
+            try:
+                procs[name].wait(timeout=3000 if name == "server2" or results["server2_returncode"] == 0 else 120)
+            except subprocess.TimeoutExpired:
+                pass
+            results[f"{name}_returncode"] = procs[name].poll()
         yield results
     finally:
         for p in procs.values():

@@ -20,6 +20,7 @@ federation's operators can see the server refuse it (tests/test_federated_flower
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import time
 from typing import Any, Dict, Optional
@@ -34,6 +35,11 @@ from tskd_nnunet.federated import fingerprint as fpr
 from tskd_nnunet.federated import site as site_ops
 
 app = ClientApp()
+
+# This process runs gRPC threads; a fork of it can inherit a lock one of them holds. nnU-Net's pools that use the
+# default start method (preprocessing's file listing) forked it and hung in the child: start them with spawn, as
+# nnU-Net's own heavy pools do.
+multiprocessing.set_start_method("spawn", force=True)
 
 
 def _site(context: Context) -> str:
