@@ -7,7 +7,7 @@
 #   sudo bash benchmarks/slurm_local.sh [start|run|stop|status|all]      (default: all = start, run, stop)
 #
 #   start   write the configs under $TSKD_SLURM_DIR and start munged, mariadbd, slurmdbd, slurmctld, slurmd
-#           (loopback only, state and logs in that folder); add cluster, account and user with sacctmgr; wait
+#           (the node at 127.0.0.1, state and logs in that folder); add cluster, account and user with sacctmgr; wait
 #           until sinfo shows the node idle. Idempotent: a running cluster of that folder is left as it is.
 #   run     write the phantom config into $TSKD_SLURM_DIR/work, run tskd_benchmark --engine snakemake
 #           --executor slurm, then write its summary and sacct's table of the run's jobs to $TSKD_SLURM_LOG.
@@ -19,7 +19,7 @@
 # Environment (defaults in brackets):
 #   TSKD_SLURM_DIR   state, configs, daemon logs and the benchmark's work folder [/tmp/tskd_slurm_local]
 #   TSKD_SLURM_LOG   the run's log [documentation/benchmarks/slurm_local/slurm_run.log]
-#   TSKD_SLURM_PORT  first of four loopback ports: slurmctld, slurmd, slurmdbd, mariadb [16817]
+#   TSKD_SLURM_PORT  first of four ports: slurmctld, slurmd, slurmdbd, mariadb [16817]
 #   PYTHON           a Python with tskd-nnunet[slurm] installed [.venv/bin/python]
 #   TSKD_SLURM_JOBS  jobs submitted at once [2]
 #   TSKD_SLURM_STOP_WAIT  seconds from TERM to KILL, per daemon [20]
@@ -37,7 +37,10 @@ PARTITION=local
 ACCOUNT=tskd
 NODE=$(hostname -s)
 
-case $PORT in ''|*[!0-9]*) echo "slurm_local.sh: error: TSKD_SLURM_PORT=$PORT is not a port number. Fix: e.g. TSKD_SLURM_PORT=16817" >&2; exit 2;; esac
+case $PORT in
+  ''|*[!0-9]*) echo "slurm_local.sh: error: TSKD_SLURM_PORT=$PORT is not a port number. Fix: e.g. 16817" >&2
+               exit 2;;
+esac
 ETC=$STATE/etc RUN=$STATE/run LOGS=$STATE/log SPOOL=$STATE/spool DB=$STATE/mysql WORK=$STATE/work
 export SLURM_CONF=$ETC/slurm.conf
 CTLD_PORT=$PORT SLURMD_PORT=$((PORT + 1)) DBD_PORT=$((PORT + 2)) MYSQL_PORT=$((PORT + 3))
@@ -47,7 +50,7 @@ die() { echo "slurm_local.sh: error: $*" >&2; exit 2; }
 say() { echo "[slurm_local $(date -u +%H:%M:%S)] $*"; }
 
 preflight() {
-  [ "$(id -u)" = 0 ] || die "needs root (it starts munged, slurmdbd, slurmctld and slurmd as root). Fix: run it with sudo"
+  [ "$(id -u)" = 0 ] || die "needs root (it starts munged, slurmdbd, slurmctld and slurmd as root). Fix: use sudo"
   local b missing=()
   for b in munged mariadbd mariadb-install-db mariadb slurmdbd slurmctld slurmd sbatch sacct sacctmgr sinfo scancel; do
     command -v "$b" >/dev/null 2>&1 || missing+=("$b")
@@ -97,7 +100,7 @@ write_configs() {
   node_line=$(slurmd -C | head -n1)  # NodeName=... CPUs=... Boards=... RealMemory=... as slurmd will see it
   mem=$(sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p' <<< "$node_line")
   write_atomic "$ETC/slurm.conf" 0644 <<EOF
-# written by benchmarks/slurm_local.sh: one node, loopback only, everything under $STATE
+# written by benchmarks/slurm_local.sh: one node at 127.0.0.1, everything under $STATE
 ClusterName=$CLUSTER
 SlurmctldHost=$NODE(127.0.0.1)
 SlurmctldPort=$CTLD_PORT
@@ -161,7 +164,7 @@ EOF
   # real cluster's srun finds /etc/slurm/slurm.conf (or its configless copy), ours lives here: this srun, first on
   # the PATH of the run, puts SLURM_CONF back (/etc is not touched)
   mkdir -p "$STATE/bin"
-  printf '#!/bin/sh\n# written by benchmarks/slurm_local.sh: srun of the one-node cluster in %s\nSLURM_CONF=%s exec %s "$@"\n' \
+  printf '#!/bin/sh\n# written by benchmarks/slurm_local.sh: srun of the cluster in %s\nSLURM_CONF=%s exec %s "$@"\n' \
     "$STATE" "$ETC/slurm.conf" "$(PATH=/usr/local/bin:/usr/bin:/bin type -P srun)" | write_atomic "$STATE/bin/srun" 0755
   [ -n "$mem" ] || die "slurmd -C reported no RealMemory ($node_line). Fix: check that slurmd runs on this machine"
 }
@@ -181,7 +184,8 @@ start_mariadb() {
     if [ ! -d "$DB/mysql" ]; then
       say "mariadb-install-db ($DB)"
       mariadb-install-db --no-defaults --datadir="$DB" --user=root --auth-root-authentication-method=socket \
-        --skip-test-db > "$LOGS/mariadb-install-db.log" 2>&1 || die "mariadb-install-db failed; see $LOGS/mariadb-install-db.log"
+        --skip-test-db > "$LOGS/mariadb-install-db.log" 2>&1 \
+        || die "mariadb-install-db failed; see $LOGS/mariadb-install-db.log"
     fi
     say "mariadbd (127.0.0.1:$MYSQL_PORT)"
     setsid mariadbd --no-defaults --datadir="$DB" --user=root --bind-address=127.0.0.1 --port="$MYSQL_PORT" \
@@ -198,7 +202,7 @@ start_mariadb() {
 
 start_slurmdbd() {
   live_pid slurmdbd "$RUN/slurmdbd.pid" >/dev/null && return 0
-  say "slurmdbd (127.0.0.1:$DBD_PORT)"
+  say "slurmdbd (port $DBD_PORT)"
   slurmdbd
   wait_for 60 slurmdbd sacctmgr -n list cluster
 }
@@ -212,7 +216,7 @@ start_slurm() {
   sacctmgr -n -P list assoc cluster="$CLUSTER" user=root format=account | grep -qx "$ACCOUNT" \
     || die "sacctmgr could not add user root to account $ACCOUNT; see $LOGS/slurmdbd.log"
   if ! live_pid slurmctld "$RUN/slurmctld.pid" >/dev/null; then
-    say "slurmctld (127.0.0.1:$CTLD_PORT)"
+    say "slurmctld (port $CTLD_PORT)"
     slurmctld
   fi
   if ! live_pid slurmd "$RUN/slurmd.pid" >/dev/null; then
@@ -283,10 +287,13 @@ cmd_status() {
 # ------------------------------------------------------------------------------------------------ the benchmark
 cmd_run() {
   preflight
-  { live_pid slurmctld "$RUN/slurmctld.pid" >/dev/null && node_idle; } || die "node $NODE of cluster $CLUSTER is not idle (is it started?). Fix: bash $0 start (TSKD_SLURM_DIR=$STATE)"
-  [ -x "$PY" ] || die "no Python at $PY. Fix: bash scripts/setup_env.sh && .venv/bin/pip install -c constraints.txt '.[slurm]' (or set PYTHON)"
+  { live_pid slurmctld "$RUN/slurmctld.pid" >/dev/null && node_idle; } \
+    || die "node $NODE of cluster $CLUSTER is not idle (is it started?). Fix: bash $0 start (TSKD_SLURM_DIR=$STATE)"
+  [ -x "$PY" ] || die "no Python at $PY. Fix: bash scripts/setup_env.sh &&" \
+                      ".venv/bin/pip install -c constraints.txt '.[slurm]' (or set PYTHON)"
   "$PY" -c "import snakemake_executor_plugin_slurm, tskd_nnunet" 2>/dev/null \
-    || die "$PY lacks snakemake-executor-plugin-slurm or tskd-nnunet. Fix: $PY -m pip install -c constraints.txt '.[slurm]'"
+    || die "$PY lacks snakemake-executor-plugin-slurm or tskd-nnunet." \
+           "Fix: $PY -m pip install -c constraints.txt '.[slurm]'"
   local bench=$WORK/bench cfg=$WORK/phantom_slurm.json out=$WORK/tskd_benchmark.out
   rm -rf "$bench" "$WORK/committed"  # a fresh run: every step is a job of this run
   mkdir -p "$bench" "$(dirname "$LOG")"
@@ -308,7 +315,8 @@ EOF
   t0=$SECONDS
   say "tskd_benchmark --engine snakemake --executor slurm (jobs submitted at once: $JOBS); output: $out"
   set +e
-  (cd "$WORK" && PATH="$STATE/bin:$PATH" "$PY" -m tskd_nnunet.benchmark.cli "$cfg" --engine snakemake --executor slurm --jobs "$JOBS" \
+  (cd "$WORK" && PATH="$STATE/bin:$PATH" "$PY" -m tskd_nnunet.benchmark.cli "$cfg" --engine snakemake \
+     --executor slurm --jobs "$JOBS" \
      --workdir "$bench" --committed "$WORK/committed" \
      --workflow-profile "$REPO/benchmarks/snakemake/slurm_local" > "$out" 2>&1)
   rc=$?
@@ -331,11 +339,14 @@ write_log() {  # START RC WALL OUT
   {
     echo "# benchmarks/slurm_local.sh run: the phantom benchmark on a one-node SLURM cluster"
     echo "# date (UTC):        $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    echo "# machine:           $(nproc) CPUs, $(free -g | awk '/^Mem:/{print $2}') GiB, $(. /etc/os-release; echo "$PRETTY_NAME")"
+    echo "# machine:           $(nproc) CPUs, $(free -g | awk '/^Mem:/{print $2}') GiB," \
+         "$(. /etc/os-release; echo "$PRETTY_NAME")"
     echo "# slurm:             $(sinfo -V) (Debian slurm-wlm $(dpkg-query -W -f='${Version}' slurm-wlm 2>/dev/null))"
     echo "# snakemake:         $("$PY" -m snakemake --version)"
-    echo "# slurm plugin:      snakemake-executor-plugin-slurm $("$PY" -c 'import importlib.metadata as m; print(m.version("snakemake-executor-plugin-slurm"))')"
-    echo "# command:           tskd_benchmark phantom_slurm.json --engine snakemake --executor slurm --jobs $JOBS --workflow-profile benchmarks/snakemake/slurm_local"
+    echo "# slurm plugin:      snakemake-executor-plugin-slurm" \
+         "$("$PY" -c 'import importlib.metadata as m; print(m.version("snakemake-executor-plugin-slurm"))')"
+    echo "# command:           tskd_benchmark phantom_slurm.json --engine snakemake --executor slurm --jobs $JOBS" \
+         "--workflow-profile benchmarks/snakemake/slurm_local"
     echo "# config:"
     sed 's/^/#   /' "$WORK/phantom_slurm.json"
     echo
