@@ -84,3 +84,42 @@ def test_server_refuses_node_keys_without_tls(tmp_path):
                         "-d", "501", "--work-dir", str(tmp_path), "--insecure", "--node-key", str(tmp_path / "a.pub")],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "--node-key needs TLS" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def _cmdline(pid: str) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def test_the_site_waits_for_its_clientapp_to_reply_before_stopping_the_supernode():
+    """tskd_fed_client stops its SuperNode only after the ClientApp that wrote "finished" has exited (its reply
+    sent), and never waits longer than the grace period."""
+    import time
+
+    from tskd_nnunet.federated.cli import _wait_for_clientapps
+
+    def tree(seconds: int) -> subprocess.Popen:  # a SuperNode stand-in with a ClientApp-named grandchild
+        proc = subprocess.Popen(["bash", "-c", f"(exec -a flwr-clientapp sleep {seconds}) & wait"])
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any(f"flwr-clientapp\0{seconds}".encode() in _cmdline(p)
+                                                      for p in os.listdir("/proc") if p.isdigit()):
+            time.sleep(0.1)
+        return proc
+
+    root = tree(3)
+    t0 = time.monotonic()
+    _wait_for_clientapps(root.pid, 30)
+    waited = time.monotonic() - t0
+    root.wait(timeout=10)
+    assert 1.0 <= waited < 15
+    root = tree(60)
+    t0 = time.monotonic()
+    _wait_for_clientapps(root.pid, 2)
+    waited = time.monotonic() - t0
+    root.kill()
+    subprocess.run(["pkill", "-f", "^flwr-clientapp 60"], check=False)
+    root.wait(timeout=10)
+    assert 1.5 <= waited < 10

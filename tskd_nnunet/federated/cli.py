@@ -347,6 +347,9 @@ def run_client(a: argparse.Namespace) -> int:
     try:
         while True:
             if read_json(status_file, default={}).get("phase") == "finished":
+                # the ClientApp writes "finished" before its reply is sent: stopping the SuperNode now would
+                # lose the reply (the server then reports the site down); wait until the ClientApp has exited
+                _wait_for_clientapps(supernode.pid, FINISH_GRACE_S)
                 print(f"tskd_fed_client: federated teacher installed: {read_json(status_file)['model_folder']}")
                 return 0
             if supernode.poll() is not None:
@@ -372,6 +375,33 @@ def run_client(a: argparse.Namespace) -> int:
 
 
 UNREGISTERED = "No SuperNode found with the given public key"
+FINISH_GRACE_S = 120.0
+
+
+def _wait_for_clientapps(root_pid: int, timeout: float) -> None:
+    """Wait (at most ``timeout`` s) until no ``flwr-clientapp`` process runs below ``root_pid`` (Linux /proc)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        parents: Dict[int, int] = {}
+        names: Dict[int, str] = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    stat = Path(f"/proc/{entry}/stat").read_text()
+                    names[int(entry)] = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace")
+                except OSError:
+                    continue
+                parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])  # field 4: ppid
+
+        def below(pid: int) -> bool:
+            while pid > 1:
+                pid = parents.get(pid, 0)
+                if pid == root_pid:
+                    return True
+            return False
+        if not any("flwr-clientapp" in cmd and below(pid) for pid, cmd in names.items()):
+            return
+        time.sleep(1.0)
 
 
 def _start_supernode(cmd: List[str], log: Path) -> subprocess.Popen:
