@@ -1,7 +1,7 @@
 """One job of the benchmark, as a rule of the Snakefile runs it (any machine: local, or a SLURM node):
 
-    python -m tskd_nnunet.benchmark.step RULE --config CONFIG --profile P --workdir DIR
-                                              (--committed DIR | --no-committed) KEY...
+    python -m tskd_nnunet.benchmark.step RULE KEY... --config CONFIG --profile P --workdir DIR
+                                                     (--committed DIR | --no-committed)
 
 The work is done by actions.py / data_roots.py; each step ends by writing the file the workflow names as its output
 (tskd_nnunet.benchmark.workflow), so Snakemake knows it is done. A failing step of a run records the failure

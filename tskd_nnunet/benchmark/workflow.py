@@ -124,8 +124,9 @@ class BenchmarkWorkflow:
         """The command a rule runs for one job: ``python -m tskd_nnunet.benchmark.step RULE ... KEY``."""
         r = self.r
         where = ["--committed", r.store.root] if r.store is not None else ["--no-committed"]
-        return [sys.executable, "-m", "tskd_nnunet.benchmark.step", rule, "--config", r.cfg.path, "--profile",
-                r.profile_name, "--workdir", r.workdir, *where, *[str(k) for k in key]]
+        # the key right after the rule: argparse takes no positionals after the options
+        return [sys.executable, "-m", "tskd_nnunet.benchmark.step", rule, *[str(k) for k in key], "--config",
+                r.cfg.path, "--profile", r.profile_name, "--workdir", r.workdir, *where]
 
     def shell(self, rule: str, *key: Any) -> str:
         return shlex.join(self.step(rule, *key))
