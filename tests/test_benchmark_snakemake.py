@@ -17,8 +17,8 @@ from conftest import PHANTOM_ID, REPO, subprocess_env
 
 CONFIG = {
     "name": "phantom_e2e",
-    "dataset": {"id": PHANTOM_ID, "convert": ["{python}", "-m", "tskd_nnunet.demo.phantom", "-d", str(PHANTOM_ID),
-                                              "--num-train", "12", "--num-test", "3", "--size", "64", "-o", "{raw}"]},
+    "dataset": {"id": PHANTOM_ID, "convert": ["{bin}/tskd_phantom", "-d", str(PHANTOM_ID), "--num-train", "12",
+                                              "--num-test", "3", "--size", "64", "-o", "{raw}"]},
     "configuration": "2d", "budgets": [4], "folds": [0], "num_folds": 3,
     # the cpu profile's own arms: teacher = LiteMedSAMTeacherTrainer_last, tskd = DistillTrainer_hard from it
     "methods": ["nnUNetTrainer", "teacher", "tskd", "broken"],

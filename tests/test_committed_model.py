@@ -124,6 +124,9 @@ def test_changed_committed_weights_are_refused_with_the_fix(bench, tmp_path):
             f.write(saved)
     assert counts == {"done": 1, "failed": 1} and trained == []  # the teacher is done (committed)
     assert "the file was changed. Fix: restore it with git" in out
+    failed = os.path.join(bench["store"], "failed")  # the student failed, not its committed teacher
+    assert os.listdir(failed) == ["tskd_b4_f0.json"]
+    assert "the file was changed" in json.load(open(os.path.join(failed, "tskd_b4_f0.json")))["error"]
 
 
 def test_committed_teacher_of_other_labels_is_refused_with_the_fix(bench, tmp_path):

@@ -111,7 +111,10 @@ def train_model(r: "BenchmarkRunner", budget: Budget, method: str, fold: int, st
 def train(r: "BenchmarkRunner", budget: Budget, method: str, fold: int) -> None:
     """A run's training step; a committed run only makes its model available to the runs that need it."""
     if r.committed_settings(budget, method, fold) is not None:
-        model_transfer.dependency_ready(r, budget, method, fold, "the runs that need it", train_model)
+        needers = [m for m in r.cfg.methods_at(budget, profile=r.profile_name)
+                   if method in r.cfg.method_defs[m].get("needs", [])]
+        model_transfer.dependency_ready(r, budget, method, fold, ", ".join(needers) or "the runs that need it",
+                                        train_model)
         return
     spec, old = r.cfg.method_defs[method], r.run_state(budget, method, fold)
     splits, pools = r.splits()[budget]

@@ -73,6 +73,22 @@ STEPS: Dict[str, Callable[..., None]] = {
 }
 
 
+def _record_failure(r: Any, b: Any, m: str, f: int, msg: str, tail: str) -> None:
+    """The run's state.json and the committed folder's failed/ say why. A committed run stays done: when making
+    its model available fails (a changed weights file), the runs that needed it are the ones that failed."""
+    runs = [m]
+    if r.store is not None and r.store.is_done(m, b, f):
+        runs = [x for x in r.cfg.methods_at(b, profile=r.profile_name) if m in r.cfg.method_defs[x].get("needs", [])]
+    for x in runs:
+        failed = {**r.run_state(b, x, f), "method": x, "trainer": r.trainer(x), "budget": b, "fold": f,
+                  "status": "failed", "finished": now(), "error": msg if x == m else f"needs {m}: {msg}",
+                  "error_tail": tail}
+        actions.save_state(r, b, x, f, failed)
+        if r.store is not None:
+            r.store.write_failure(x, b, f, {k: failed.get(k) for k in (
+                "method", "trainer", "budget", "fold", "attempts", "started", "finished", "error")})
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tskd_nnunet.benchmark.step", description=__doc__.split("\n\n")[0])
     p.add_argument("rule", choices=sorted(STEPS))
@@ -101,13 +117,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (StepFailed, BenchmarkError, BenchmarkConfigError, OSError, ValueError, KeyError) as e:
         msg = f"{a.rule} failed: {type(e).__name__ + ': ' if isinstance(e, (OSError, KeyError)) else ''}{e}"
         if run_key is not None:
-            b, m, f = run_key
-            failed = {**wf.r.run_state(b, m, f), "status": "failed", "finished": now(), "error": msg,
-                      "error_tail": getattr(e, "tail", "")}
-            actions.save_state(wf.r, b, m, f, failed)
-            if wf.r.store is not None:
-                wf.r.store.write_failure(m, b, f, {k: failed.get(k) for k in (
-                    "method", "trainer", "budget", "fold", "attempts", "started", "finished", "error")})
+            _record_failure(wf.r, *run_key, msg, getattr(e, "tail", ""))
         print(f"tskd_benchmark: {' '.join(a.key)}: {msg}", file=sys.stderr)
         return 1
     return 0
