@@ -150,7 +150,8 @@ def test_student_retrains_a_committed_teacher_missing_here(committed, tmp_path):
         shutil.rmtree(store.run_dir("tskd", 4, 0), ignore_errors=True)
         shutil.copytree(saved, store.run_dir("tskd", 4, 0))  # the other tests see the first run's files
     assert proc.counts == {"done": 2, "failed": 0}, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert bench.log("trained")[n0:] == [["teacher", "b4", "TSKDPlainTrainer_test"], ["tskd", "b4", "DistillTrainer_hard"]]
+    assert bench.log("trained")[n0:] == [["teacher", "b4", "TSKDPlainTrainer_test"],
+                                         ["tskd", "b4", "DistillTrainer_hard"]]
     assert store.settings("teacher", 4, 0)["checkpoint_sha256"] == teacher_sha  # committed teacher untouched
     assert redone["teacher"]["committed_checkpoint_sha256"] == teacher_sha
     assert redone["teacher"]["same_as_committed"] is False

@@ -8,7 +8,8 @@ import shutil
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from tskd_nnunet.atomic_io import atomic_write_json, read_json
-from tskd_nnunet.benchmark.commands import BenchmarkError, StepFailed, fill_cmd, link, now, run_logged, say, share_folder
+from tskd_nnunet.benchmark.commands import (BenchmarkError, StepFailed, fill_cmd, link, now, run_logged, say,
+                                            share_folder)
 from tskd_nnunet.benchmark.config import DATA_SCOPES, Budget
 from tskd_nnunet.benchmark.layout import STATE
 from tskd_nnunet.data.preprocessed_files import POOL_FILE, TARGETS_DIR

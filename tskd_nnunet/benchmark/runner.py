@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from tskd_nnunet.atomic_io import read_json
 from tskd_nnunet.benchmark.commands import BIN, CODE_ROOT, BenchmarkError, fill, fill_cmd
 from tskd_nnunet.benchmark.config import ALL, Budget, BenchmarkConfig, BenchmarkConfigError, baseline_method
-from tskd_nnunet.benchmark.layout import CHECKPOINTS, WorkdirLayout
+from tskd_nnunet.benchmark.layout import CHECKPOINTS, STATE, WorkdirLayout
 from tskd_nnunet.data.label_budget import LabelBudgetError, make_label_budget_splits, read_training_cases
 
 Splits = Dict[Budget, Tuple[List[dict], List[List[str]]]]  # per budget: (splits per fold, unlabeled pool per fold)
@@ -282,7 +282,7 @@ class BenchmarkRunner(WorkdirLayout):
                 if not self.stage_needed(st):
                     lines.append(f"stage {st} fold {f}: given weights {self.stage_output(st, f)}")
                     continue
-                status = (read_json(os.path.join(self.stage_dir(st, f), "state.json"), {}) or {}).get("status", "pending")
+                status = (read_json(os.path.join(self.stage_dir(st, f), STATE), {}) or {}).get("status", "pending")
                 lines += [f"stage {st} fold {f}: {status}: {' '.join(c)}" for c in self.stage_commands(st, f)]
         lines.append(f"runs ({len(matrix)}):")
         for b, f, m in matrix:

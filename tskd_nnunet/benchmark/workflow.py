@@ -121,7 +121,7 @@ class BenchmarkWorkflow:
 
     # ------------------------------------------------------------- the jobs and what they run
     def step(self, rule: str, *key: Any) -> List[str]:
-        """The command a rule runs for one job: ``python -m tskd_nnunet.benchmark.step RULE ... KEY``."""
+        """The command of one job: ``python -m tskd_nnunet.benchmark.step RULE KEY ... --config ...``."""
         r = self.r
         where = ["--committed", r.store.root] if r.store is not None else ["--no-committed"]
         # the key right after the rule: argparse takes no positionals after the options
@@ -180,9 +180,9 @@ def workflow_from_config(config: Dict[str, Any]) -> BenchmarkWorkflow:
     ``committed`` (a folder) or ``no_committed``, ``only`` and ``budgets`` (lists), as tskd_benchmark's options."""
     cfg = load_config(config["config"])
     profile = str(config.get("profile", "cpu"))
-    runner = BenchmarkRunner(cfg, profile, config.get("workdir") or os.path.join("benchmark_work", f"{cfg.name}_{profile}"),
-                             committed=committed_root(cfg, profile, config.get("committed"),
-                                                      bool(config.get("no_committed"))))
+    workdir = config.get("workdir") or os.path.join("benchmark_work", f"{cfg.name}_{profile}")
+    runner = BenchmarkRunner(cfg, profile, workdir, committed=committed_root(cfg, profile, config.get("committed"),
+                                                                             bool(config.get("no_committed"))))
     return BenchmarkWorkflow(runner, config.get("only") or None, parse_budgets(config.get("budgets"), cfg))
 
 
