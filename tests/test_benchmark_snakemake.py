@@ -27,8 +27,8 @@ CONFIG = {
 }
 ARMS = ("nnUNetTrainer", "teacher", "tskd")
 
-# slow: 12.7 and 13.2 min on 2 cores shared with other test runs (2026-12-03, load 3-13; the runs' own steps 10.4 and
-# 10.6 min, the rest convert, plan and Snakemake), over the 3 minutes of the default suite; .ci/run runs it (issue #29)
+# slow: 5.8 min on an idle 2-core machine (the first call 5.4; 12.7 and 13.2 min beside other test runs), over the
+# 3 minutes of the default suite; .ci/run runs it (issue #29)
 pytestmark = pytest.mark.slow
 
 
