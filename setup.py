@@ -55,14 +55,14 @@ setup(
         "Pillow",
         "onnx>=1.16",  # tskd_export / tskd_predict_onnx (documentation/export.md)
         "onnxruntime>=1.17",
-        # the benchmark engine (tskd_benchmark --engine snakemake, tskd_nnunet/benchmark/Snakefile)
+        # the benchmark engine (tskd_benchmark runs every step as a job of tskd_nnunet/benchmark/Snakefile)
         "snakemake>=9,<10",
     ],
     # monai: NSD/HD95 cross-check (tests/test_evaluation_crosscheck.py); exact pin in constraints.txt
     # federated: Flower's deployment engine (documentation/federated.md); exact pin in constraints.txt. The test
     # extra carries it because tests/test_federated_*.py start real SuperLink/SuperNode processes.
     extras_require={"test": ["pytest>=7", "monai>=1.4", "flwr==1.28.0"], "federated": ["flwr==1.28.0"],
-                    # tskd_benchmark --engine snakemake --executor slurm (benchmarks/snakemake/slurm)
+                    # tskd_benchmark --executor slurm (benchmarks/snakemake/slurm)
                     "slurm": ["snakemake-executor-plugin-slurm>=2"]},
     package_data={"tskd_nnunet.benchmark": ["Snakefile"]},
     entry_points={

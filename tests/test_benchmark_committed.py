@@ -1,13 +1,15 @@
 """Committed benchmark results: a run finished on one machine is done on any other, and the report is rebuilt
 from the committed folder alone.
 
-The runner runs in-process on the phantom with nnU-Net's training, prediction and latency measurement replaced by
-fakes (a checkpoint of random bytes, predictions that are the reference or empty by design, fixed numbers), so
-every Dice value is known: the gap closed must come out as exactly 0.5. Planning the labeled-only dataset and the
-evaluation are real. The real configs are loaded and dry-run.
+tskd_benchmark runs through its engine (Snakemake, a job per step) on the phantom with nnU-Net's training,
+prediction and latency measurement replaced by fakes inside those jobs (tests/bench_fakes: a checkpoint of random
+bytes, predictions that are the reference or empty by design, fixed numbers), so every Dice value is known: the gap
+closed must come out as exactly 0.5. Planning the labeled-only dataset is faked too (the real planning:
+test_labeled_only_planned_by_nnunet); the evaluation is real. The real configs are loaded and dry-run.
 """
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,14 +17,13 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
 
-import tskd_nnunet.benchmark.runner as runner_mod
 from conftest import PHANTOM_ID, REPO
 from tskd_nnunet.benchmark.committed import CommittedStore, write_committed_report
 from tskd_nnunet.benchmark.config import load_config
+from tskd_nnunet.benchmark.data_roots import ensure_converted, ensure_planned, prepare_labeled_only
 from tskd_nnunet.benchmark.report_cli import main as report_main
-from tskd_nnunet.benchmark.runner import BenchmarkError, BenchmarkRunner, committed_root
+from tskd_nnunet.benchmark.runner import BenchmarkRunner, committed_root
 
 CONFIG = {
     "name": "phantom_committed", "dataset": {"id": PHANTOM_ID, "convert": None}, "configuration": "2d",
@@ -36,91 +37,57 @@ CONFIG = {
     "notes": ["phantom, fake training"],
 }
 # test cases predicted perfectly (the rest empty: Dice 0): plain@4 1/3, tskd@4 2/3, plain@all 1 -> gap closed 0.5
-PERFECT = {("nnUNetTrainer", "b4"): 1, ("tskd", "b4"): 2, ("plain_labeled_only", "b4"): 0, ("teacher", "b4"): 3,
-           ("nnUNetTrainer", "ball"): 3}
+PERFECT = {"nnUNetTrainer_b4": 1, "tskd_b4": 2, "plain_labeled_only_b4": 0, "teacher_b4": 3, "nnUNetTrainer_ball": 3}
+FAKES = os.path.join(REPO, "tests", "bench_fakes")
 
 
-class Fakes:
-    """Stands in for nnUNetv2_train / nnUNetv2_predict / measure and for planning the labeled-only dataset (its
-    plans and data are linked from the phantom's; the real planning: test_labeled_only_planned_by_nnunet)."""
+class FakeBench:
+    """tskd_benchmark with the fakes of tests/bench_fakes in every process it starts; ``log()``: what they did."""
 
-    def __init__(self, real, base_pp):
-        self.real, self.base_pp, self.trained, self.planned = real, base_pp, [], []
+    def __init__(self, nnunet_env, root, **spec):
+        self.log_path = str(root / "fakes.jsonl")
+        spec_file = root / "fakes.json"
+        spec_file.write_text(json.dumps({"log": self.log_path, "base_pp": nnunet_env["nnUNet_preprocessed"],
+                                         "perfect": PERFECT, **spec}))
+        self.env = {k: v for k, v in nnunet_env.items() if k != "nnUNet_results"}
+        self.env["PYTHONPATH"] = os.pathsep.join([FAKES, nnunet_env["PYTHONPATH"]])
+        self.env["TSKD_BENCH_FAKES"] = str(spec_file)
 
-    def __call__(self, cmd, env, log_path, step):
-        name = os.path.basename(cmd[0])
-        if name == "nnUNetv2_plan_and_preprocess" and "labeled_only" in env["nnUNet_preprocessed"]:
-            src = os.path.join(self.base_pp, "Dataset990_Phantom")
-            dst = os.path.join(env["nnUNet_preprocessed"], "Dataset990_Phantom")
-            os.makedirs(dst, exist_ok=True)
-            plans = json.load(open(os.path.join(src, "nnUNetPlans.json")))
-            plans["configurations"]["2d"]["batch_size"] = 3
-            json.dump(plans, open(os.path.join(dst, "nnUNetPlans.json"), "w"))
-            os.symlink(os.path.join(src, "nnUNetPlans_2d"), os.path.join(dst, "nnUNetPlans_2d"))
-            self.planned.append(sorted(f for f in os.listdir(os.path.join(env["nnUNet_raw"], "Dataset990_Phantom",
-                                                                          "labelsTr"))))
-        elif name == "nnUNetv2_train":
-            trainer, fold = cmd[cmd.index("-tr") + 1], cmd[3]
-            ds = next(d for d in os.listdir(env["nnUNet_results"]) if d.startswith("Dataset"))
-            out = os.path.join(env["nnUNet_results"], ds, f"{trainer}__{cmd[cmd.index('-p') + 1]}__{cmd[2]}",
-                               f"fold_{fold}")
-            os.makedirs(out, exist_ok=True)
-            with open(os.path.join(out, "checkpoint_final.pth"), "wb") as f:
-                f.write(os.urandom(64))  # every training gives another checkpoint (sha256)
-            parts = env["nnUNet_results"].split(os.sep)
-            self.trained.append((parts[-2], parts[-3], trainer))  # (method, budget tag, trainer)
-        elif name == "nnUNetv2_predict":
-            images, out = cmd[cmd.index("-i") + 1], cmd[cmd.index("-o") + 1]
-            labels = os.path.join(os.path.dirname(images), "labelsTs")
-            parts = env["nnUNet_results"].split(os.sep)
-            n_perfect = PERFECT[(parts[-2], parts[-3])]
-            os.makedirs(out, exist_ok=True)
-            for i, f in enumerate(sorted(os.listdir(labels))):
-                ref = np.array(Image.open(os.path.join(labels, f)))
-                Image.fromarray(ref if i < n_perfect else np.zeros_like(ref)).save(os.path.join(out, f))
-        elif cmd[1:3] == ["-m", "tskd_nnunet.benchmark.measure"]:
-            out = cmd[cmd.index("-o") + 1]
-            with open(out, "w") as f:
-                json.dump({"params": 1234, "params_checkpoint": 1234, "latency_ms": 5.0, "latency_cases": 1,
-                           "torch_threads": 1}, f)
-        else:
-            self.real(cmd, env, log_path, step)
+    def __call__(self, *args, timeout=900):
+        proc = subprocess.run([sys.executable, "-m", "tskd_nnunet.benchmark.cli", *map(str, args)], env=self.env,
+                              cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        m = re.search(r"(\d+) runs done, (\d+) failed", proc.stdout)
+        proc.counts = {"done": int(m.group(1)), "failed": int(m.group(2))} if m else None
+        return proc
+
+    def log(self, key):
+        if not os.path.exists(self.log_path):
+            return []
+        return [e[key] for e in map(json.loads, open(self.log_path)) if key in e]
 
 
 @pytest.fixture(scope="module")
 def committed(nnunet_env, tmp_path_factory):
-    """One full matrix run (workdir 1), then a second runner on an empty workdir (2)."""
+    """One full matrix run (workdir 1), then a second tskd_benchmark on an empty workdir (2)."""
     root = tmp_path_factory.mktemp("committed")
     cfg_file = root / "phantom.json"
     cfg_file.write_text(json.dumps(CONFIG))
-    old = {k: os.environ.get(k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "PYTHONPATH")}
-    os.environ.update({k: nnunet_env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "PYTHONPATH")})
-    fakes = Fakes(runner_mod.run_logged, nnunet_env["nnUNet_preprocessed"])
-    runner_mod.run_logged = fakes
-    try:
-        cfg = load_config(str(cfg_file))
-        store_dir = committed_root(cfg, "cpu", None, False)
-        first = BenchmarkRunner(cfg, "cpu", str(root / "work1"), committed=store_dir)
-        counts1 = first.run()
-        trained1 = list(fakes.trained)
-        report1 = first.report()
-        shutil.rmtree(root / "work1")
-        second = BenchmarkRunner(cfg, "cpu", str(root / "work2"), committed=store_dir)
-        counts2 = second.run()
-        trained2 = fakes.trained[len(trained1):]
-        yield {"root": root, "cfg": cfg, "cfg_file": cfg_file, "store": store_dir, "counts1": counts1,
-               "counts2": counts2, "trained1": trained1, "trained2": trained2, "report1": report1, "fakes": fakes}
-    finally:
-        runner_mod.run_logged = fakes.real
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    bench = FakeBench(nnunet_env, root)
+    first = bench(cfg_file, "--workdir", root / "work1")
+    trained1 = bench.log("trained")
+    shutil.rmtree(root / "work1")
+    second = bench(cfg_file, "--workdir", root / "work2")
+    trained2 = bench.log("trained")[len(trained1):]
+    cfg = load_config(str(cfg_file))
+    return {"root": root, "cfg": cfg, "cfg_file": cfg_file, "store": committed_root(cfg, "cpu", None, False),
+            "first": first, "second": second, "trained1": trained1, "trained2": trained2, "bench": bench,
+            "planned": bench.log("planned")}
 
 
 def test_finished_runs_are_committed_with_their_settings(committed):
-    assert committed["counts1"] == {"done": 5, "failed": 0}
+    first = committed["first"]
+    assert first.counts == {"done": 5, "failed": 0}, first.stdout[-3000:] + first.stderr[-3000:]
+    assert first.returncode == 0
     store = CommittedStore(committed["store"])
     assert committed["store"] == str(committed["root"] / "committed" / "phantom_committed_cpu")
     names = sorted(os.listdir(os.path.join(committed["store"], "runs")))
@@ -141,14 +108,20 @@ def test_finished_runs_are_committed_with_their_settings(committed):
     lo = store.settings("plain_labeled_only", 4, 0)
     assert lo["plan_on"] == "labeled" and lo["plans_configuration"]["batch_size"] == 3
     assert lo["labeled_cases"] == tskd["labeled_cases"]
-    assert committed["fakes"].planned == [[c + ".png" for c in tskd["labeled_cases"]]]
+    assert committed["planned"] == [[c + ".png" for c in tskd["labeled_cases"]]]
     cases = pd.read_csv(os.path.join(committed["store"], "runs", "tskd_b4_f0", "cases.csv"))
     assert sorted(cases["dice"]) == [0.0, 1.0, 1.0] and {"nsd", "hd95", "case", "class"} <= set(cases.columns)
+    # each step was a Snakemake job; the teacher trained before its student
+    assert "rule train:" in first.stdout + first.stderr or "localrule train:" in first.stdout + first.stderr
+    methods = [t[0] for t in committed["trained1"]]
+    assert methods.index("teacher") < methods.index("tskd") and len(methods) == 5
 
 
 def test_committed_run_is_done_on_a_fresh_workdir(committed):
-    assert committed["counts2"] == {"done": 5, "failed": 0}
+    second = committed["second"]
+    assert second.counts == {"done": 5, "failed": 0} and second.returncode == 0, second.stdout[-3000:]
     assert committed["trained2"] == []  # nothing trained, predicted or even planned
+    assert "Nothing to be done" in second.stdout + second.stderr
     assert not os.path.exists(committed["root"] / "work2" / "runs")
 
 
@@ -157,10 +130,9 @@ def test_committed_with_other_settings_is_refused(committed, tmp_path):
     d["profiles"]["cpu"]["schedule"] = "2,2,1"
     d["committed"] = committed["store"]
     (tmp_path / "c.json").write_text(json.dumps(d))
-    runner = BenchmarkRunner(load_config(str(tmp_path / "c.json")), "cpu", str(tmp_path / "w"),
-                             committed=committed["store"])
-    with pytest.raises(BenchmarkError, match="schedule '1,2,1'.*delete that folder"):
-        runner.run()
+    proc = committed["bench"](tmp_path / "c.json", "--workdir", tmp_path / "w")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert re.search(r"schedule '1,2,1'.*delete that folder", proc.stderr)
 
 
 def test_student_retrains_a_committed_teacher_missing_here(committed, tmp_path):
@@ -169,18 +141,17 @@ def test_student_retrains_a_committed_teacher_missing_here(committed, tmp_path):
     saved = tmp_path / "tskd_saved"
     shutil.copytree(store.run_dir("tskd", 4, 0), saved)
     shutil.rmtree(store.run_dir("tskd", 4, 0))
-    fakes, n0 = committed["fakes"], len(committed["fakes"].trained)
-    runner_mod.run_logged = fakes
+    bench = committed["bench"]
+    n0 = len(bench.log("trained"))
     try:
-        runner = BenchmarkRunner(committed["cfg"], "cpu", str(tmp_path / "w"), committed=committed["store"])
-        counts = runner.run(only=["tskd"])
+        proc = bench(committed["cfg_file"], "--workdir", tmp_path / "w", "--only", "tskd")
     finally:
-        runner_mod.run_logged = fakes.real
         redone = store.settings("tskd", 4, 0)
         shutil.rmtree(store.run_dir("tskd", 4, 0), ignore_errors=True)
         shutil.copytree(saved, store.run_dir("tskd", 4, 0))  # the other tests see the first run's files
-    assert counts == {"done": 2, "failed": 0}
-    assert fakes.trained[n0:] == [("teacher", "b4", "TSKDPlainTrainer_test"), ("tskd", "b4", "DistillTrainer_hard")]
+    assert proc.counts == {"done": 2, "failed": 0}, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert bench.log("trained")[n0:] == [["teacher", "b4", "TSKDPlainTrainer_test"],
+                                         ["tskd", "b4", "DistillTrainer_hard"]]
     assert store.settings("teacher", 4, 0)["checkpoint_sha256"] == teacher_sha  # committed teacher untouched
     assert redone["teacher"]["committed_checkpoint_sha256"] == teacher_sha
     assert redone["teacher"]["same_as_committed"] is False
@@ -211,8 +182,8 @@ def test_report_from_committed_folder_alone(committed, tmp_path):
     assert {"dice_ci_lo", "dice_ci_hi", "hd95_ci_lo"} <= set(pc.columns)
     runs = pd.read_csv(out / "runs.csv")
     assert set(runs["status"]) == {"done"} and len(runs) == 5
-    # the runner writes the same report into the committed folder
-    assert os.path.isfile(committed["report1"]) and os.path.dirname(committed["report1"]) == committed["store"]
+    # tskd_benchmark writes the same report into the committed folder
+    assert f"Report: {os.path.join(committed['store'], 'report.md')}" in committed["first"].stdout
 
 
 def test_missing_and_failed_runs_from_matrix(tmp_path):
@@ -303,8 +274,9 @@ def test_labeled_only_planned_by_nnunet(nnunet_env, tmp_path):
          "plan_commands": [[a.replace("128", "32") for a in c] for c in real], "committed": None}
     (tmp_path / "c.json").write_text(json.dumps(d))
     runner = BenchmarkRunner(load_config(str(tmp_path / "c.json")), "cpu", str(tmp_path / "w"))
-    runner.ensure_dataset()
-    lo_root = runner.prepare_labeled_only(4, 0)
+    ensure_converted(runner)
+    ensure_planned(runner)
+    lo_root = prepare_labeled_only(runner, 4, 0)
     assert runner.plans_configuration()["batch_size"] == 3
     lo = runner.plans_configuration(lo_root)
     assert lo["batch_size"] == 2  # nnU-Net's rule on 4 small images: its minimum

@@ -28,6 +28,7 @@ def test_budget_roots_share_one_teacher_target_cache(tmp_path):
 
     import numpy as np
 
+    from tskd_nnunet.benchmark.data_roots import prepare_budget_root
     from tskd_nnunet.benchmark.runner import BenchmarkRunner
     from tskd_nnunet.data.preprocessed_files import TARGETS_DIR
 
@@ -47,8 +48,8 @@ def test_budget_roots_share_one_teacher_target_cache(tmp_path):
     os.makedirs(old)
     np.save(os.path.join(old, "case_0.npy"), np.ones(2))
 
-    pool = os.path.join(runner.prepare_budget_root(4, "pool"), name)
-    syn = os.path.join(runner.prepare_budget_root(4, "pool_synthetic"), name)
+    pool = os.path.join(prepare_budget_root(runner, 4, "pool"), name)
+    syn = os.path.join(prepare_budget_root(runner, 4, "pool_synthetic"), name)
     for root in (pool, syn):
         assert os.path.realpath(os.path.join(root, TARGETS_DIR)) == os.path.realpath(runner.targets_root)
         assert np.load(os.path.join(root, key_dir, "case_0.npy")).sum() == 2
@@ -80,7 +81,7 @@ def test_tskd_syn_trainer_draws_labeled_pool_and_synthetic(tmp_path):
 
 def test_committed_settings_show_what_the_trainer_drew(tmp_path):
     from tskd_nnunet.benchmark.committed import settings_table
-    from tskd_nnunet.benchmark.runner import drawn_transfer_set
+    from tskd_nnunet.benchmark.provenance import drawn_transfer_set
     from tskd_nnunet.data.transfer_set import format_counts
 
     log = tmp_path / "train.log"  # the line as the distillation trainer writes it

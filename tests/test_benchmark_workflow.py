@@ -1,4 +1,4 @@
-"""The Snakemake engine plans what today's runner plans (issue #29): for both real configs, the same runs, stages
+"""The Snakemake jobs are the plan that ``--dry-run`` prints (issue #29): for both real configs, the same runs, stages
 and commands as ``BenchmarkRunner.matrix()`` / ``describe()``, and every committed run is done (no job)."""
 import os
 import subprocess
@@ -21,7 +21,7 @@ def _runner(name: str, profile: str, workdir) -> BenchmarkRunner:
 
 def _described(runner: BenchmarkRunner):
     """(convert command, plan commands, {(stage, fold): [commands]}, [(budget, fold, method, status, command)])
-    read back from today's dry-run text."""
+    read back from the text --dry-run prints."""
     convert, plans, stages, runs = None, [], {}, []
     for line in runner.describe().splitlines():
         if line.startswith("convert: "):
@@ -41,7 +41,7 @@ def _described(runner: BenchmarkRunner):
 
 
 @pytest.mark.parametrize("name,profile", REAL)
-def test_workflow_plans_the_runners_runs_stages_and_commands(name, profile, tmp_path):
+def test_workflow_jobs_are_the_dry_runs_runs_stages_and_commands(name, profile, tmp_path):
     runner = _runner(name, profile, tmp_path / "w")
     wf = BenchmarkWorkflow(runner)
     jobs = wf.jobs()
@@ -52,7 +52,7 @@ def test_workflow_plans_the_runners_runs_stages_and_commands(name, profile, tmp_
     assert [" ".join(c) for j in by_rule["convert"] for c in j.commands] == [convert]
     assert [" ".join(c) for j in by_rule["plan"] for c in j.commands] == plans
     assert {j.key: [" ".join(c) for c in j.commands] for j in by_rule.get("stage", [])} == stages
-    # the runs, in the runner's order, each with the runner's nnUNetv2_train command
+    # the runs, in the plan's order, each with the nnUNetv2_train command --dry-run prints
     assert [(str(b), f, m) for b, f, m in runner.matrix()] == [(str(j.key[0]), j.key[2], j.key[1])
                                                                for j in by_rule["train"]]
     assert [(b, f, m) for b, f, m, _, _ in runs] == [(str(j.key[0]), j.key[2], j.key[1]) for j in by_rule["train"]]
@@ -103,7 +103,8 @@ def test_snakemake_has_a_job_for_every_pending_run_and_none_for_a_committed_one(
 
 
 def test_a_student_trained_longer_than_its_teacher_is_a_method_of_the_config(tmp_path):
-    """What benchmarks/long_student.sh did by hand: a method with its own schedule, beside the profile's teacher."""
+    """A student trained longer than its teacher (once a script of its own): a method with its own schedule, beside
+    the profile's teacher."""
     import json
 
     raw = json.loads(open(os.path.join(REPO, "benchmarks", "configs", "hc18_cpu.json")).read())

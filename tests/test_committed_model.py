@@ -2,8 +2,9 @@
 results, and a runner on an empty work directory restores the teacher from them instead of retraining it; a file
 whose hash or settings differ is refused with one line and its fix.
 
-The teacher is real (LiteMedSAM, LoRA, trained 1 epoch on the phantom by nnUNetv2_train); the runner's other
-nnU-Net calls are the fakes of test_benchmark_committed (training of the student, prediction, measurement).
+The teacher is real (LiteMedSAM, LoRA, trained 1 epoch on the phantom by nnUNetv2_train); tskd_benchmark runs
+through its engine with the fakes of tests/bench_fakes (the teacher's 'training' copies that real model folder;
+the student's training, prediction and measurement are faked).
 """
 from __future__ import annotations
 
@@ -14,15 +15,14 @@ import shutil
 import pytest
 import torch
 
-import tskd_nnunet.benchmark.runner as runner_mod
 from conftest import BIN, PHANTOM_ID, run_cmd, train_env
-from test_benchmark_committed import Fakes
+from test_benchmark_committed import FakeBench
 from test_teacher_train import _no_teacher_vars
 from tskd_nnunet.benchmark.committed import CommittedStore
 from tskd_nnunet.benchmark.committed_model import (MAX_MODEL_BYTES, CommittedModelError, pack_model,
                                                    restore_model)
 from tskd_nnunet.benchmark.config import load_config
-from tskd_nnunet.benchmark.runner import BenchmarkRunner, committed_root
+from tskd_nnunet.benchmark.runner import committed_root
 from tskd_nnunet.distill.teacher_io import build_teacher_network, locate_teacher, read_checkpoint
 
 TEACHER = "LiteMedSAMTeacherTrainer_test"
@@ -47,23 +47,6 @@ def real_teacher(nnunet_env, tmp_path_factory) -> str:
     return os.path.join(results, DATASET, f"{TEACHER}__nnUNetPlans__2d")
 
 
-class TeacherFakes(Fakes):
-    """The teacher's 'training' copies the real teacher's model folder where nnUNetv2_train would write it."""
-
-    def __init__(self, real, base_pp, teacher_dir):
-        super().__init__(real, base_pp)
-        self.teacher_dir = teacher_dir
-
-    def __call__(self, cmd, env, log_path, step):
-        if os.path.basename(cmd[0]) == "nnUNetv2_train" and cmd[cmd.index("-tr") + 1] == TEACHER:
-            dst = os.path.join(env["nnUNet_results"], DATASET, os.path.basename(self.teacher_dir))
-            shutil.rmtree(dst, ignore_errors=True)
-            shutil.copytree(self.teacher_dir, dst)
-            self.trained.append(("teacher", TEACHER))
-            return
-        super().__call__(cmd, env, log_path, step)
-
-
 def _outputs(model_dir: str) -> torch.Tensor:
     loc = locate_teacher(os.path.dirname(os.path.dirname(model_dir)), DATASET, TEACHER, "nnUNetPlans", "2d", 0)
     net = build_teacher_network(loc, read_checkpoint(loc.checkpoint)).eval()
@@ -76,37 +59,27 @@ def _outputs(model_dir: str) -> torch.Tensor:
 def bench(nnunet_env, real_teacher, tmp_path_factory):
     root = tmp_path_factory.mktemp("model_bench")
     (root / "phantom.json").write_text(json.dumps(CONFIG))
-    fakes = TeacherFakes(runner_mod.run_logged, nnunet_env["nnUNet_preprocessed"], real_teacher)
-    with pytest.MonkeyPatch.context() as mp:
-        for k in ("nnUNet_raw", "nnUNet_preprocessed", "PYTHONPATH"):
-            mp.setenv(k, nnunet_env[k])
-        mp.delenv("nnUNet_results", raising=False)
-        mp.setattr(runner_mod, "run_logged", fakes)
-        cfg = load_config(str(root / "phantom.json"))
-        store = committed_root(cfg, "cpu", None, False)
-        counts = BenchmarkRunner(cfg, "cpu", str(root / "work1"), committed=store).run()
-        shutil.rmtree(root / "work1")
-        mp.setattr(runner_mod, "run_logged", fakes.real)
-        yield {"root": root, "cfg": cfg, "store": store, "counts": counts, "fakes": fakes}
+    fakes = FakeBench(nnunet_env, root, teacher_dir=real_teacher)
+    first = fakes(root / "phantom.json", "--workdir", root / "work1")
+    shutil.rmtree(root / "work1")
+    cfg = load_config(str(root / "phantom.json"))
+    return {"root": root, "cfg": cfg, "store": committed_root(cfg, "cpu", None, False), "first": first,
+            "fakes": fakes}
 
 
-def _student_again(bench, workdir, capsys):
+def _student_again(bench, workdir):
     """Drop the committed student and run it again on an empty work directory: its teacher must come from the
     committed weights. Returns (counts, console output, what was 'trained')."""
     store = CommittedStore(bench["store"])
     shutil.rmtree(store.run_dir("tskd", 4, 0), ignore_errors=True)
-    fakes, n0 = bench["fakes"], len(bench["fakes"].trained)
-    runner_mod.run_logged = fakes
-    try:
-        capsys.readouterr()
-        counts = BenchmarkRunner(bench["cfg"], "cpu", str(workdir), committed=bench["store"]).run(only=["tskd"])
-    finally:
-        runner_mod.run_logged = fakes.real
-    return counts, capsys.readouterr().out, fakes.trained[n0:]
+    fakes = bench["fakes"]
+    n0 = len(fakes.log("trained"))
+    proc = fakes(bench["root"] / "phantom.json", "--workdir", workdir, "--only", "tskd")
+    return proc.counts, proc.stdout + proc.stderr, fakes.log("trained")[n0:]
 
 
 def test_teacher_weights_are_committed_small_and_weights_only(bench):
-    assert bench["counts"] == {"done": 2, "failed": 0}
+    assert bench["first"].counts == {"done": 2, "failed": 0}, bench["first"].stdout[-3000:] + bench["first"].stderr
     store = CommittedStore(bench["store"])
     rec = store.settings("teacher", 4, 0)["model"]
     assert rec["committed"] is True and rec["dtype"] == "float16" and 0 < rec["bytes"] <= MAX_MODEL_BYTES
@@ -122,10 +95,10 @@ def test_teacher_weights_are_committed_small_and_weights_only(bench):
     assert "model" not in store.settings("tskd", 4, 0)  # only models another arm needs travel
 
 
-def test_runner_restores_the_committed_teacher_on_an_empty_workdir(bench, real_teacher, tmp_path, capsys):
-    counts, out, trained = _student_again(bench, tmp_path / "w", capsys)
-    assert counts == {"done": 2, "failed": 0}
-    assert ("teacher", TEACHER) not in trained and trained[-1][2] == "DistillTrainer"  # only the student trained
+def test_engine_restores_the_committed_teacher_on_an_empty_workdir(bench, real_teacher, tmp_path):
+    counts, out, trained = _student_again(bench, tmp_path / "w")
+    assert counts == {"done": 2, "failed": 0}, out[-3000:]
+    assert trained == [["tskd", "b4", "DistillTrainer"]]  # only the student trained
     assert "model restored for tskd from the committed weights" in out and "not retrained" in out
     restored = tmp_path / "w" / "runs" / "b4" / "teacher" / "nnUNet_results" / DATASET / f"{TEACHER}__nnUNetPlans__2d"
     plans = json.load(open(restored / "plans.json"))
@@ -138,22 +111,25 @@ def test_runner_restores_the_committed_teacher_on_an_empty_workdir(bench, real_t
         store.settings("teacher", 4, 0)["model"]["sha256"]
 
 
-def test_changed_committed_weights_are_refused_with_the_fix(bench, tmp_path, capsys):
+def test_changed_committed_weights_are_refused_with_the_fix(bench, tmp_path):
     store = CommittedStore(bench["store"])
     path = os.path.join(store.run_dir("teacher", 4, 0), store.settings("teacher", 4, 0)["model"]["file"])
     saved = open(path, "rb").read()
     try:
         with open(path, "ab") as f:
             f.write(b"\0")
-        counts, out, trained = _student_again(bench, tmp_path / "w", capsys)
+        counts, out, trained = _student_again(bench, tmp_path / "w")
     finally:
         with open(path, "wb") as f:
             f.write(saved)
     assert counts == {"done": 1, "failed": 1} and trained == []  # the teacher is done (committed)
     assert "the file was changed. Fix: restore it with git" in out
+    failed = os.path.join(bench["store"], "failed")  # the student failed, not its committed teacher
+    assert os.listdir(failed) == ["tskd_b4_f0.json"]
+    assert "the file was changed" in json.load(open(os.path.join(failed, "tskd_b4_f0.json")))["error"]
 
 
-def test_committed_teacher_of_other_labels_is_refused_with_the_fix(bench, tmp_path, capsys):
+def test_committed_teacher_of_other_labels_is_refused_with_the_fix(bench, tmp_path):
     store = CommittedStore(bench["store"])
     sfile = os.path.join(store.run_dir("teacher", 4, 0), "settings.json")
     saved = open(sfile).read()
@@ -161,7 +137,7 @@ def test_committed_teacher_of_other_labels_is_refused_with_the_fix(bench, tmp_pa
         s = json.loads(saved)
         s["labeled_cases"] = s["labeled_cases"][:-1] + ["someone_else"]
         open(sfile, "w").write(json.dumps(s))
-        counts, out, trained = _student_again(bench, tmp_path / "w", capsys)
+        counts, out, trained = _student_again(bench, tmp_path / "w")
     finally:
         open(sfile, "w").write(saved)
     assert counts == {"done": 1, "failed": 1} and trained == []  # the teacher is done (committed)
@@ -185,52 +161,25 @@ def test_a_model_over_the_limit_is_not_committed(real_teacher, tmp_path):
     assert rec["committed"] is False and "MB >" in rec["why"] and not os.path.exists(tmp_path / "model")
 
 
-class Interrupted(TeacherFakes):
-    """The teacher's first 'training' is killed after an epoch (checkpoint_latest only); later ones finish and
-    record their command (a parked run must continue with --c)."""
-
-    def __init__(self, *a):
-        super().__init__(*a)
-        self.killed, self.commands = False, []
-
-    def __call__(self, cmd, env, log_path, step):
-        if os.path.basename(cmd[0]) == "nnUNetv2_train" and cmd[cmd.index("-tr") + 1] == TEACHER:
-            self.commands.append(list(cmd))
-            if not self.killed:
-                self.killed = True
-                fold = os.path.join(env["nnUNet_results"], DATASET, os.path.basename(self.teacher_dir), "fold_0")
-                os.makedirs(fold, exist_ok=True)
-                shutil.copyfile(os.path.join(self.teacher_dir, "fold_0", "checkpoint_final.pth"),
-                                os.path.join(fold, "checkpoint_latest.pth"))
-                raise runner_mod.StepFailed("killed (test)")
-        super().__call__(cmd, env, log_path, step)
-
-
-def test_an_unfinished_teacher_is_parked_and_continued_on_a_new_machine(nnunet_env, real_teacher, tmp_path, capsys,
-                                                                       monkeypatch):
-    # tskd is planned (so the teacher's model is committed with its results) but only the teacher runs
+def test_an_unfinished_teacher_is_parked_and_continued_on_a_new_machine(nnunet_env, real_teacher, tmp_path):
+    # tskd is planned (so the teacher's model is committed with its results) but only the teacher runs; its first
+    # 'training' is killed after an epoch (checkpoint_latest only), later ones finish
     (tmp_path / "p.json").write_text(json.dumps(CONFIG))
-    for k in ("nnUNet_raw", "nnUNet_preprocessed", "PYTHONPATH"):
-        monkeypatch.setenv(k, nnunet_env[k])
-    fakes = Interrupted(runner_mod.run_logged, nnunet_env["nnUNet_preprocessed"], real_teacher)
-    runner_mod.run_logged = fakes
-    try:
-        cfg = load_config(str(tmp_path / "p.json"))
-        store = str(tmp_path / "committed")
-        first = BenchmarkRunner(cfg, "cpu", str(tmp_path / "w1"), committed=store)
-        assert first.run(only=["teacher"]) == {"done": 0, "failed": 1}
-        assert first.park(only=["teacher"]) == 1
-        parked = os.path.join(store, "partial", "teacher_b4_f0")
-        rec = json.load(open(os.path.join(parked, "partial.json")))
-        assert rec["trainer"] == TEACHER and rec["schedule"] == "1,2,1" and len(rec["sha256"]) == 64
-        shutil.rmtree(tmp_path / "w1")  # a new machine: only the committed folder is left
-        capsys.readouterr()
-        second = BenchmarkRunner(cfg, "cpu", str(tmp_path / "w2"), committed=store)
-        assert second.run(only=["teacher"]) == {"done": 1, "failed": 0}
-        out = capsys.readouterr().out
-    finally:
-        runner_mod.run_logged = fakes.real
-    assert "continuing the parked run from epoch" in out
-    assert "--c" not in fakes.commands[0] and fakes.commands[1][-1] == "--c"
+    fakes = FakeBench(nnunet_env, tmp_path, teacher_dir=real_teacher, interrupt_teacher=True)
+    store = str(tmp_path / "committed")
+    args = [tmp_path / "p.json", "--committed", store, "--only", "teacher"]
+    first = fakes(*args, "--workdir", tmp_path / "w1")
+    assert first.counts == {"done": 0, "failed": 1}, first.stdout[-3000:] + first.stderr[-3000:]
+    parking = fakes(*args, "--workdir", tmp_path / "w1", "--park")
+    assert "parked 1 unfinished run(s)" in parking.stdout, parking.stdout + parking.stderr
+    parked = os.path.join(store, "partial", "teacher_b4_f0")
+    rec = json.load(open(os.path.join(parked, "partial.json")))
+    assert rec["trainer"] == TEACHER and rec["schedule"] == "1,2,1" and len(rec["sha256"]) == 64
+    shutil.rmtree(tmp_path / "w1")  # a new machine: only the committed folder is left
+    second = fakes(*args, "--workdir", tmp_path / "w2")
+    assert second.counts == {"done": 1, "failed": 0}, second.stdout[-3000:] + second.stderr[-3000:]
+    commands = [c for c in fakes.log("cmd")]
+    assert "continuing the parked run from epoch" in second.stdout
+    assert "--c" not in commands[0] and commands[1][-1] == "--c"
     assert not os.path.exists(parked)  # finished and committed: the parked checkpoint is gone
     assert CommittedStore(store).settings("teacher", 4, 0)["model"]["committed"] is True

@@ -73,11 +73,12 @@ def test_hc18_repeat_exams_map_to_their_own_row(case, name):
     assert default_hc18_filename(case) == name
 
 
-def test_benchmark_runner_uses_the_same_hc18_mapper():
-    from tskd_nnunet.benchmark import runner
-
-    assert runner.hc18_case_to_filename is hc18_case_to_filename
+def test_benchmark_uses_the_same_hc18_mapper():
     import inspect
+
+    from tskd_nnunet.benchmark import actions
+
+    assert "case_to_filename=hc18_case_to_filename" in inspect.getsource(actions.evaluate)
     from tskd_nnunet.evaluation.clinical import evaluate_hc18_folder
     assert inspect.signature(evaluate_hc18_folder).parameters["case_to_filename"].default is hc18_case_to_filename
 

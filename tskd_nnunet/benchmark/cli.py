@@ -2,14 +2,14 @@
 
     tskd_benchmark CONFIG.json [--profile cpu|gpu] [--workdir DIR] [--only METHOD ...] [--budgets B ...]
                                [--committed DIR | --no-committed] [--dry-run] [--report-only] [--skip-failed]
-                               [--park] [--engine runner|snakemake [--jobs N] [--executor slurm] [SNAKEMAKE OPTIONS]]
+                               [--park] [--jobs N] [--executor slurm] [SNAKEMAKE OPTIONS]
 
-What a run does and how it resumes: tskd_nnunet/benchmark/runner.py; the Snakemake rules: workflow.py, Snakefile.
+Every step is a Snakemake job (tskd_nnunet/benchmark/Snakefile), run here one at a time unless --jobs N, or by an
+executor plugin (--executor slurm); options this command does not know go to Snakemake as they are.
 """
 from __future__ import annotations
 
 import argparse
-import fcntl
 import os
 import subprocess
 import sys
@@ -17,42 +17,16 @@ import tempfile
 from typing import Any, List, Optional, Sequence
 
 from tskd_nnunet.benchmark.config import Budget, BenchmarkConfigError, load_config
-from tskd_nnunet.benchmark.runner import BenchmarkError, BenchmarkRunner, _parse_budgets, committed_root
+from tskd_nnunet.benchmark.model_transfer import park
+from tskd_nnunet.benchmark.results import write_benchmark_report
+from tskd_nnunet.benchmark.runner import BenchmarkError, BenchmarkRunner, committed_root, parse_budgets
 from tskd_nnunet.benchmark.workflow import BenchmarkWorkflow, snakemake_command
-
-
-class WorkdirLock:
-    """One runner per work directory: two would train the same run twice."""
-
-    def __init__(self, workdir: str):
-        os.makedirs(workdir, exist_ok=True)
-        self.path = os.path.join(workdir, ".lock")
-        self.fh = None
-
-    def __enter__(self):
-        self.fh = open(self.path, "a+")
-        try:
-            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.fh.seek(0)
-            pid = self.fh.read().strip()
-            self.fh.close()
-            raise BenchmarkError(f"another tskd_benchmark (pid {pid or '?'}) is running in {os.path.dirname(self.path)}."
-                                 f" Fix: wait for it or use another --workdir") from None
-        self.fh.seek(0)
-        self.fh.truncate()
-        self.fh.write(str(os.getpid()))
-        self.fh.flush()
-        return self
-
-    def __exit__(self, *exc):
-        fcntl.flock(self.fh, fcntl.LOCK_UN)
-        self.fh.close()
 
 
 def _snakemake(runner: BenchmarkRunner, a: Any, budgets: Optional[Sequence[Budget]], extra: List[str],
                dry_run: bool = False) -> int:
-    """Run (or dry-run: in a scratch folder, nothing written to the work directory) the matrix through Snakemake."""
+    """Run (or dry-run: in a scratch folder, nothing written to the work directory) the matrix through Snakemake.
+    Its metadata and lock live in WORKDIR/.snakemake_tskd: one tskd_benchmark per work directory."""
     wf = BenchmarkWorkflow(runner, a.only, budgets)  # the identity check of committed runs, before anything runs
     config = {"config": runner.cfg.path, "profile": runner.profile_name, "workdir": runner.workdir,
               "committed": runner.store.root if runner.store else None, "no_committed": runner.store is None,
@@ -78,54 +52,46 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="committed results folder (overrides the config's \"committed\"): finished runs are written "
                         "there and a run found there is done, on any machine; the report is rebuilt there from it")
     p.add_argument("--no-committed", action="store_true", help="ignore the config's \"committed\" folder")
-    p.add_argument("--dry-run", action="store_true", help="print the planned stages and runs with their status; run nothing")
+    p.add_argument("--dry-run", action="store_true", help="print the planned stages and runs with their status and "
+                                                          "commands, and the jobs Snakemake would run; run nothing")
     p.add_argument("--report-only", action="store_true", help="write the report from what is finished; run nothing")
     p.add_argument("--skip-failed", action="store_true", help="do not retry runs that failed before")
     p.add_argument("--park", action="store_true",
                    help="copy the latest checkpoint of every unfinished training into the committed folder's partial/ "
                         "(commit it; a later run on any machine continues from it); runs nothing")
-    p.add_argument("--engine", choices=("runner", "snakemake"), default="runner",
-                   help="runner: this process runs the matrix one run after another (default); snakemake: every step "
-                        "is a Snakemake job (tskd_nnunet/benchmark/Snakefile): --jobs, --executor and any further "
-                        "option (e.g. a SLURM executor's) go to Snakemake")
-    p.add_argument("--jobs", type=int, default=1, help="with --engine snakemake: jobs at once (locally) or submitted "
-                                                       "at once (--executor); default 1")
-    p.add_argument("--executor", default=None, help="with --engine snakemake: a Snakemake executor plugin, e.g. slurm "
-                                                    "(documentation/benchmarking.md, Snakemake engine)")
+    p.add_argument("--jobs", type=int, default=1, help="jobs at once (locally) or submitted at once (--executor); "
+                                                       "default 1")
+    p.add_argument("--executor", default=None, help="a Snakemake executor plugin, e.g. slurm "
+                                                    "(documentation/benchmarking.md, \"Engine: Snakemake\")")
+    p.add_argument("--engine", choices=("snakemake",), default="snakemake",
+                   help="the only engine since issue #29; accepted so that older command lines keep working")
     a, extra = p.parse_known_args(argv)
-    if extra and a.engine != "snakemake":
-        p.error(f"unrecognized arguments: {' '.join(extra)} (options for Snakemake need --engine snakemake)")
     try:
         cfg = load_config(a.config)
         if a.only:
             bad = [m for m in a.only if m not in cfg.method_defs]
             if bad:
                 raise BenchmarkConfigError(f"--only {bad}: unknown method(s); known: {sorted(cfg.method_defs)}")
-        budgets = _parse_budgets(a.budgets, cfg)
+        budgets = parse_budgets(a.budgets, cfg)
         workdir = a.workdir or os.path.join("benchmark_work", f"{cfg.name}_{a.profile}")
-        runner = BenchmarkRunner(cfg, a.profile, workdir, dry_run=a.dry_run, skip_failed=a.skip_failed,
+        runner = BenchmarkRunner(cfg, a.profile, workdir,
                                  committed=committed_root(cfg, a.profile, a.committed, a.no_committed))
         if a.dry_run:
-            print(runner.describe(a.only, budgets))
-            if a.engine == "snakemake":
-                return _snakemake(runner, a, budgets, extra, dry_run=True)
-            return 0
+            print(runner.describe(a.only, budgets), flush=True)
+            return _snakemake(runner, a, budgets, extra, dry_run=True)
         if a.park:  # beside a running training: reads its checkpoint_latest, which nnU-Net replaces atomically
-            print(f"parked {runner.park(a.only, budgets)} unfinished run(s)")
+            print(f"parked {park(runner, a.only, budgets)} unfinished run(s)")
             return 0
-        with WorkdirLock(runner.workdir):
-            if a.report_only:
-                report = runner.report()
-                print(f"Report: {report}")
-                return 0
-            if a.engine == "snakemake":
-                _snakemake(runner, a, budgets, extra)
-                counts = {"done": 0, "failed": 0}
-                for b, f, m in runner.matrix(a.only, budgets):
-                    counts["done" if runner.run_status(b, m, f) in ("done", "committed") else "failed"] += 1
-            else:
-                counts = runner.run(a.only, budgets)
-            report = runner.report()
+        if a.report_only:
+            print(f"Report: {write_benchmark_report(runner)}")
+            return 0
+        if "--unlock" in extra:  # after a kill: Snakemake's own lock, removed by Snakemake
+            return _snakemake(runner, a, budgets, extra)
+        _snakemake(runner, a, budgets, extra)
+        counts = {"done": 0, "failed": 0}
+        for b, f, m in runner.matrix(a.only, budgets):
+            counts["done" if runner.run_status(b, m, f) in ("done", "committed") else "failed"] += 1
+        report = write_benchmark_report(runner)
     except (BenchmarkError, BenchmarkConfigError) as e:
         print(f"tskd_benchmark: error: {e}", file=sys.stderr)
         return 2

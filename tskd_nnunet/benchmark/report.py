@@ -103,7 +103,8 @@ def _prepare(results: pd.DataFrame, runs: Optional[pd.DataFrame]):
         runs = pd.concat([runs, extra.assign(status="done", error="")], ignore_index=True)
     failed = runs.loc[runs["status"] == "failed", keys].astype(str)
     failed_set = set(map(tuple, failed.to_numpy()))
-    keep = [tuple(r) not in failed_set for r in results[keys].astype(str).to_numpy()]
+    keep = pd.Series([tuple(r) not in failed_set for r in results[keys].astype(str).to_numpy()],
+                     index=results.index, dtype=bool)  # a Series: an empty list would select no columns
     return results[keep], runs, run_ids
 
 

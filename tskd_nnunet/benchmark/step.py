@@ -3,7 +3,7 @@
     python -m tskd_nnunet.benchmark.step RULE KEY... --config CONFIG --profile P --workdir DIR
                                                      (--committed DIR | --no-committed)
 
-The runner's own code does the work; each step ends by writing the file the workflow names as its output
+The work is done by actions.py / data_roots.py; each step ends by writing the file the workflow names as its output
 (tskd_nnunet.benchmark.workflow), so Snakemake knows it is done. A failing step of a run records the failure
 (the run's state.json, the committed folder's failed/) and exits 1 with one line.
 """
@@ -15,89 +15,78 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Optional
 
-from tskd_nnunet.atomic_io import atomic_write_json, read_json
-from tskd_nnunet.benchmark.config import DATA_SCOPES, BenchmarkConfigError, Budget
-from tskd_nnunet.benchmark.runner import STATE, BenchmarkError, BenchmarkRunner, StepFailed, _now, _say
+from tskd_nnunet.atomic_io import atomic_write_json
+from tskd_nnunet.benchmark import actions, data_roots
+from tskd_nnunet.benchmark.commands import BenchmarkError, StepFailed, now, say
+from tskd_nnunet.benchmark.config import BenchmarkConfigError
 from tskd_nnunet.benchmark.workflow import BenchmarkWorkflow, workflow_from_config
 
 
-def _done(wf: BenchmarkWorkflow, rule: str, *key: Any, **info: Any) -> None:
-    atomic_write_json(wf.path(rule, *key), {"status": "done", "finished": _now(), **info})
-
-
-def _state(r: BenchmarkRunner, b: Budget, m: str, f: int) -> Dict[str, Any]:
-    return read_json(os.path.join(r.run_dir(b, m, f), STATE), {}) or {}
-
-
-def _save(r: BenchmarkRunner, b: Budget, m: str, f: int, state: Dict[str, Any]) -> None:
-    atomic_write_json(os.path.join(r.run_dir(b, m, f), STATE), state)
-
-
-def train(wf: BenchmarkWorkflow, b: Budget, m: str, f: int) -> None:
-    """A committed run's model for the runs that need it (restored or retrained); any other run trained."""
-    r = wf.r
-    if r.committed_settings(b, m, f) is not None:
-        r._dependency_ready(b, m, f, "the runs that need it")
-        return _done(wf, "train", b, m, f, committed=True)
-    spec, old = r.cfg.method_defs[m], _state(r, b, m, f)
-    splits, pools = r.splits()[b]
-    state = {"method": m, "trainer": r.trainer(m), "budget": b, "fold": f, "status": "running",
-             "attempts": int(old.get("attempts", 0)) + 1, "started": _now(), "profile": r.profile_name,
-             "device": r.device, "schedule": r.schedule(m), "data": spec.get("data", "labeled"),
-             "n_labeled": len(splits[f]["train"]), "n_val": len(splits[f]["val"]),
-             "n_pool": len(pools[f]) if DATA_SCOPES[spec.get("data", "labeled")]["pool"] else 0, "timings": {}}
-    _save(r, b, m, f, state)
-    _say(f"{m} | budget {b} | fold {f}: training (attempt {state['attempts']}, {state['n_labeled']} labeled cases)")
-    r._train(b, m, f, state, os.path.join(r.run_dir(b, m, f), "logs"))
-    _save(r, b, m, f, state)
-    _done(wf, "train", b, m, f)
+def _marker(rule: str, fn: Callable[..., Any]) -> Callable[..., None]:
+    """A step whose done-file is a marker written after ``fn``."""
+    def step(wf: BenchmarkWorkflow, *key: Any) -> None:
+        info = fn(wf.r, *key)
+        atomic_write_json(wf.path(rule, *key), {"status": "done", "finished": now(), **(info or {})})
+    return step
 
 
 def _timed(key: str, fn: Callable[..., Optional[Dict[str, Any]]]) -> Callable[..., None]:
     """A run's step that adds its seconds (and what it returns) to the run's state.json."""
-    def step(wf: BenchmarkWorkflow, b: Budget, m: str, f: int) -> None:
+    def step(wf: BenchmarkWorkflow, b: Any, m: str, f: int) -> None:
         r, t0 = wf.r, time.time()
         more = fn(r, b, m, f) or {}
-        state = _state(r, b, m, f)
+        state = r.run_state(b, m, f)
         state.setdefault("timings", {})[key] = round(time.time() - t0, 1)
-        _save(r, b, m, f, {**state, **more})
+        actions.save_state(r, b, m, f, {**state, **more})
     return step
 
 
-def _logs(r: BenchmarkRunner, b: Budget, m: str, f: int) -> str:
-    return os.path.join(r.run_dir(b, m, f), "logs")
+def _commit(wf: BenchmarkWorkflow, b: Any, m: str, f: int) -> None:
+    where = actions.commit(wf.r, b, m, f)
+    if where:
+        say(f"{m} | budget {b} | fold {f}: committed: {where}")
+    else:  # no committed folder: the run's own done-file
+        atomic_write_json(wf.path("commit", b, m, f), {"status": "done", "finished": now()})
 
 
-def commit(wf: BenchmarkWorkflow, b: Budget, m: str, f: int) -> None:
-    r = wf.r
-    state = {**_state(r, b, m, f), "status": "done", "finished": _now()}
-    _save(r, b, m, f, state)
-    if r.store is not None:
-        _say(f"{m} | budget {b} | fold {f}: committed: {r.commit(b, m, f, state)}")
-        r.store.write_matrix(r.matrix_record())
-    else:
-        _done(wf, "commit", b, m, f)
+def _plan(r: Any) -> None:
+    data_roots.ensure_converted(r)  # a dataset converted beforehand is checked here (test set present)
+    data_roots.ensure_planned(r)
 
 
-def _marker(rule: str, fn: Callable[..., Any]) -> Callable[..., None]:
-    def step(wf: BenchmarkWorkflow, *key: Any) -> None:
-        fn(wf.r, *key)
-        _done(wf, rule, *key)
-    return step
+def _train(r: Any, b: Any, m: str, f: int) -> Optional[Dict[str, Any]]:
+    actions.train(r, b, m, f)
+    return {"committed": True} if r.committed_settings(b, m, f) is not None else None
 
 
 STEPS: Dict[str, Callable[..., None]] = {
-    "convert": _marker("convert", lambda r: r.ensure_converted()),
-    "plan": _marker("plan", lambda r: (r.ensure_converted(), r.ensure_planned())),
-    "budget": _marker("budget", lambda r, b, scope: r.prepare_budget_root(b, scope)),
-    "labeled_only": lambda wf, b, f: wf.r.prepare_labeled_only(b, f),  # writes its own state.json
-    "stage": _marker("stage", lambda r, st, f: r.ensure_stage(st, f)),
-    "train": train,
-    "predict": _timed("predict_s", lambda r, b, m, f: r._predict(b, m, f, r.method_env(b, m, f), _logs(r, b, m, f))),
-    "evaluate": _timed("evaluate_s", lambda r, b, m, f: r._evaluate(r.run_dir(b, m, f))),
-    "measure": _timed("measure_s", lambda r, b, m, f: r._measure(b, m, f, r.method_env(b, m, f), _logs(r, b, m, f))),
-    "commit": commit,
+    "convert": _marker("convert", data_roots.ensure_converted),
+    "plan": _marker("plan", _plan),
+    "budget": _marker("budget", lambda r, b, scope: {"root": data_roots.prepare_budget_root(r, b, scope)}),
+    "labeled_only": lambda wf, b, f: data_roots.prepare_labeled_only(wf.r, b, f),  # writes its own state.json
+    "stage": _marker("stage", actions.run_stage),
+    "train": _marker("train", _train),
+    "predict": _timed("predict_s", actions.predict),
+    "evaluate": _timed("evaluate_s", actions.evaluate),
+    "measure": _timed("measure_s", actions.measure),
+    "commit": _commit,
 }
+
+
+def _record_failure(r: Any, b: Any, m: str, f: int, msg: str, tail: str) -> None:
+    """The run's state.json and the committed folder's failed/ say why. A committed run stays done: when making
+    its model available fails (a changed weights file), the runs that needed it are the ones that failed."""
+    runs = [m]
+    if r.store is not None and r.store.is_done(m, b, f):
+        runs = [x for x in r.cfg.methods_at(b, profile=r.profile_name) if m in r.cfg.method_defs[x].get("needs", [])]
+    for x in runs:
+        failed = {**r.run_state(b, x, f), "method": x, "trainer": r.trainer(x), "budget": b, "fold": f,
+                  "status": "failed", "finished": now(), "error": msg if x == m else f"needs {m}: {msg}",
+                  "error_tail": tail}
+        actions.save_state(r, b, x, f, failed)
+        if r.store is not None:
+            r.store.write_failure(x, b, f, {k: failed.get(k) for k in (
+                "method", "trainer", "budget", "fold", "attempts", "started", "finished", "error")})
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -115,7 +104,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         wf = workflow_from_config({"config": a.config, "profile": a.profile, "workdir": a.workdir,
                                    "committed": a.committed, "no_committed": a.no_committed})
         key: List[Any] = list(a.key)
-        if key and a.rule not in ("stage",):
+        if key and a.rule != "stage":
             key[0] = wf.budget_of(key[0])
         if key:
             key[-1] = int(key[-1]) if key[-1].isdigit() else key[-1]
@@ -128,13 +117,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (StepFailed, BenchmarkError, BenchmarkConfigError, OSError, ValueError, KeyError) as e:
         msg = f"{a.rule} failed: {type(e).__name__ + ': ' if isinstance(e, (OSError, KeyError)) else ''}{e}"
         if run_key is not None:
-            b, m, f = run_key
-            failed = {**_state(wf.r, b, m, f), "status": "failed", "finished": _now(), "error": msg,
-                      "error_tail": getattr(e, "tail", "")}
-            _save(wf.r, b, m, f, failed)
-            if wf.r.store is not None:
-                wf.r.store.write_failure(m, b, f, {k: failed.get(k) for k in (
-                    "method", "trainer", "budget", "fold", "attempts", "started", "finished", "error")})
+            _record_failure(wf.r, *run_key, msg, getattr(e, "tail", ""))
         print(f"tskd_benchmark: {' '.join(a.key)}: {msg}", file=sys.stderr)
         return 1
     return 0

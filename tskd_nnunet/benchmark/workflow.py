@@ -1,7 +1,7 @@
 """Config -> Snakemake rules: the jobs of one benchmark, the file each leaves when done, what each needs first,
 and the exact commands it stands for. The Snakefile beside this module makes rules of them; each rule runs one
-step (tskd_nnunet.benchmark.step) with the runner's own code, so the same config plans the same runs, stages and
-commands as ``BenchmarkRunner`` (tests/test_benchmark_workflow.py holds them equal for the real configs).
+step (tskd_nnunet.benchmark.step → actions.py), and the jobs' commands are the plan's (``BenchmarkRunner``, whose
+``describe()`` is what ``--dry-run`` prints; tests/test_benchmark_workflow.py holds them equal for the real configs).
 
 Done is a file: a run found in the committed folder has its committed ``settings.json`` as its output and needs
 nothing, so Snakemake sees it done on any machine; its settings must match the config (the runner's identity
@@ -17,7 +17,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from tskd_nnunet.atomic_io import atomic_write_json
 from tskd_nnunet.benchmark.config import ALL, DATA_SCOPES, Budget, load_config
-from tskd_nnunet.benchmark.runner import BenchmarkRunner, _fmt_cmd, _parse_budgets, committed_root
+from tskd_nnunet.benchmark.commands import fill_cmd
+from tskd_nnunet.benchmark.runner import BenchmarkRunner, committed_root, parse_budgets
 
 # the Snakemake rules, in the order a run passes them
 RULES = ("convert", "plan", "budget", "labeled_only", "stage", "train", "predict", "evaluate", "measure", "commit")
@@ -120,7 +121,7 @@ class BenchmarkWorkflow:
 
     # ------------------------------------------------------------- the jobs and what they run
     def step(self, rule: str, *key: Any) -> List[str]:
-        """The command a rule runs for one job: ``python -m tskd_nnunet.benchmark.step RULE ... KEY``."""
+        """The command of one job: ``python -m tskd_nnunet.benchmark.step RULE KEY ... --config ...``."""
         r = self.r
         where = ["--committed", r.store.root] if r.store is not None else ["--no-committed"]
         # the key right after the rule: argparse takes no positionals after the options
@@ -151,12 +152,12 @@ class BenchmarkWorkflow:
                                tuple(tuple(c) for c in commands), self.resources(rule), self.threads(rule)))
 
         if cfg.convert is not None:
-            add("convert", commands=[_fmt_cmd(cfg.convert, r.fields(), "convert")])
+            add("convert", commands=[fill_cmd(cfg.convert, r.fields(), "convert")])
         add("plan", commands=r.plan_commands(r.fields()))
         stages = list(dict.fromkeys(s for _, _, m in self.matrix for s in self.stages_of(m)))
         for st in stages:
             for f in cfg.folds:
-                add("stage", st, f, commands=self.stage_commands(st, f))
+                add("stage", st, f, commands=r.stage_commands(st, f))
         for b, f, m in self.matrix:
             spec = cfg.method_defs[m]
             if spec.get("plan_on") == "labeled":
@@ -167,12 +168,6 @@ class BenchmarkWorkflow:
             for rule in ("predict", "evaluate", "measure", "commit"):
                 add(rule, b, m, f)
         return out
-
-    def stage_commands(self, stage: str, fold: int) -> List[List[str]]:
-        r = self.r
-        fields = r.fields(fold, stage_dir=r.stage_dir(stage, fold), output=r.stage_output(stage, fold),
-                          preprocessed=r.shared_root(r.cfg.stage_defs[stage].get("root", "base")))
-        return [_fmt_cmd(c, fields, stage) for c in r.cfg.stage_defs[stage].get("commands", [])]
 
     def targets(self, skip_failed: bool = False) -> List[str]:
         """What ``tskd_benchmark`` asks Snakemake for: every run's commit (``--skip-failed``: not the failed ones)."""
@@ -185,10 +180,10 @@ def workflow_from_config(config: Dict[str, Any]) -> BenchmarkWorkflow:
     ``committed`` (a folder) or ``no_committed``, ``only`` and ``budgets`` (lists), as tskd_benchmark's options."""
     cfg = load_config(config["config"])
     profile = str(config.get("profile", "cpu"))
-    runner = BenchmarkRunner(cfg, profile, config.get("workdir") or os.path.join("benchmark_work", f"{cfg.name}_{profile}"),
-                             committed=committed_root(cfg, profile, config.get("committed"),
-                                                      bool(config.get("no_committed"))))
-    return BenchmarkWorkflow(runner, config.get("only") or None, _parse_budgets(config.get("budgets"), cfg))
+    workdir = config.get("workdir") or os.path.join("benchmark_work", f"{cfg.name}_{profile}")
+    runner = BenchmarkRunner(cfg, profile, workdir, committed=committed_root(cfg, profile, config.get("committed"),
+                                                                             bool(config.get("no_committed"))))
+    return BenchmarkWorkflow(runner, config.get("only") or None, parse_budgets(config.get("budgets"), cfg))
 
 
 SNAKEFILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "Snakefile")
