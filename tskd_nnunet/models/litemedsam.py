@@ -119,8 +119,107 @@ def _tokens_to_map(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
 
 
+# ------------------------------------------------------------------------------------- the fast CPU path
+# The same computation as the vendored modules' own forwards, reading their live parameters (nothing is copied,
+# renamed or re-registered, so state dicts and checkpoints are unchanged); documentation/teacher.md "CPU speed".
+def conv_bn(cb: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A vendored ``Conv2d_BN`` (bias-free conv, then BatchNorm) as one convolution while its BatchNorm is in eval
+    mode (always in this encoder, see LiteMedSAMEncoder.train): conv(x, w * s) + (beta - mean * s) with
+    s = gamma / sqrt(var + eps). Fused per call from the live tensors (a few tiny ops), so it follows every
+    load_state_dict and device move, and gradients still reach conv and BN parameters that train (full FT)."""
+    c, bn = cb.c, cb.bn
+    if bn.training:
+        return bn(c(x))
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    return F.conv2d(x, c.weight * scale.view(-1, 1, 1, 1), bn.bias - bn.running_mean * scale, c.stride, c.padding,
+                    c.dilation, c.groups)
+
+
+def layer_norm_2d(ln: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """SAM's ``LayerNorm2d`` (over channels of B x C x H x W) as one fused ``layer_norm`` on the channels-last view
+    (nine elementwise passes become one kernel; a channels-last input is normalised without a copy)."""
+    y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), ln.weight, ln.bias, ln.eps)
+    return y.permute(0, 3, 1, 2)
+
+
+def _mbconv(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    shortcut = x
+    x = blk.act1(conv_bn(blk.conv1, x))
+    x = blk.act2(conv_bn(blk.conv2, x))
+    x = blk.drop_path(conv_bn(blk.conv3, x))
+    x += shortcut
+    return blk.act3(x)
+
+
+def _patch_merging(pm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if x.ndim == 3:  # tokens -> a channels-last view of the map
+        x = x.view(x.shape[0], *pm.input_resolution, x.shape[-1]).permute(0, 3, 1, 2)
+    x = pm.act(conv_bn(pm.conv1, x))
+    x = pm.act(conv_bn(pm.conv2, x))
+    return conv_bn(pm.conv3, x).flatten(2).transpose(1, 2)
+
+
+def _window_groups(size: int, ws: int) -> List[int]:
+    """Along one axis: the real (unpadded) positions of the full windows, then of the last, partial one."""
+    full, rest = divmod(size, ws)
+    return [n for n in (full * ws, rest) if n]
+
+
+def _tinyvit_block(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A TinyViTBlock: pre-norm attention with a learned relative-position bias in ws x ws windows of the zero-padded
+    map, the depthwise conv, the MLP. Computed as the vendored block computes it, without its padding work: at 128x128,
+    stage 2's 32x32 map padded to 3x3 windows of 14x14 is 42 % padding. Every padded token is zero, so its k and v are
+    one vector (from norm(0), the norm's bias): the projections run on the real tokens plus that one row, and only
+    real tokens are queries (their outputs are all the block keeps), while every window still offers all its ws x ws
+    keys. Windows are grouped by their real extent (full; the partial last column, row, corner), each group one
+    batched attention; tensors are cut with ``split`` so that backward joins gradients with one ``cat``. The scale is
+    applied to q (a sixth of the elements of q k^T at head dim 32), the bias added in place
+    (``scaled_dot_product_attention`` with this float bias was slower on CPU)."""
+    h, w = blk.input_resolution
+    b, n, c = x.shape
+    ws, attn = blk.window_size, blk.attn
+    nh, kd = attn.num_heads, attn.key_dim
+    q, kv = attn.qkv(attn.norm(x)).view(b, h, w, nh, -1).split([kd, kd + attn.d], -1)
+    gh, gw = -(-h // ws), -(-w // ws)
+    if gh * ws != h or gw * ws != w:  # zero-padded tokens: all one k and v
+        pad = attn.qkv(attn.norm(x.new_zeros(1, c))).view(1, 1, 1, nh, -1)[..., kd:]
+        kv = torch.cat([kv, pad.expand(b, h, gw * ws - w, nh, -1)], 2)
+        kv = torch.cat([kv, pad.expand(b, gh * ws - h, gw * ws, nh, -1)], 1)
+    kv = kv.view(b, gh, ws, gw, ws, nh, -1).transpose(2, 3)  # b, window row, window col, ws, ws, heads, k|v
+    # (heads, query position, key position) within a window, from the live table (the vendored module caches it in eval)
+    bias = attn.attention_biases[:, attn.attention_bias_idxs].to(q.dtype).view(nh, ws, ws, ws * ws)
+    row_sizes, col_sizes = _window_groups(h, ws), _window_groups(w, ws)
+    rows = []
+    for q_rows, kv_rows, rn in zip(q.split(row_sizes, 1), kv.split([-(-r // ws) for r in row_sizes], 1), row_sizes):
+        cols = []
+        for q_g, kv_g, cn in zip(q_rows.split(col_sizes, 2), kv_rows.split([-(-c_ // ws) for c_ in col_sizes], 2),
+                                 col_sizes):
+            nr, nc = kv_g.shape[1:3]
+            rh, rw = rn // nr, cn // nc  # real rows / columns per window of this group
+            q_g = q_g.reshape(b, nr, rh, nc, rw, nh, kd).transpose(2, 3).reshape(-1, rh * rw, nh, kd).transpose(1, 2)
+            k_g, v_g = kv_g.reshape(-1, ws * ws, nh, kd + attn.d).transpose(1, 2).split([kd, attn.d], -1)
+            scores = torch.matmul(q_g * attn.scale, k_g.transpose(-2, -1))
+            scores += bias[:, :rh, :rw].reshape(nh, rh * rw, ws * ws)
+            out = torch.matmul(scores.softmax(-1), v_g)                       # B', heads, rh * rw, d
+            out = out.transpose(1, 2).reshape(b, nr, nc, rh, rw, attn.dh).transpose(2, 3)
+            cols.append(out.reshape(b, rn, cn, attn.dh))
+        rows.append(torch.cat(cols, 2) if len(cols) > 1 else cols[0])
+    y = attn.proj((torch.cat(rows, 1) if len(rows) > 1 else rows[0]).reshape(b, n, attn.dh))
+    x = x + blk.drop_path(y)
+    x = conv_bn(blk.local_conv, x.transpose(1, 2).view(b, c, h, w)).flatten(2).transpose(1, 2)  # channels-last view
+    return x + blk.drop_path(blk.mlp(x))
+
+
+def _neck(neck: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return layer_norm_2d(neck[3], neck[2](layer_norm_2d(neck[1], neck[0](x))))
+
+
 class LiteMedSAMEncoder(nn.Module):
-    """The TinyViT image encoder with multi-scale outputs. Same interface as ViTBackbone."""
+    """The TinyViT image encoder with multi-scale outputs. Same interface as ViTBackbone.
+
+    ``fast`` (default) runs the same computation on a faster CPU path: Conv2d+BatchNorm fused into one
+    convolution, the full-resolution convolution stages in channels-last layout, fused attention and layer norm
+    (documentation/teacher.md, "CPU speed"); ``fast=False`` runs the vendored modules' own forwards."""
 
     family = NAME
     name = NAME
@@ -128,10 +227,11 @@ class LiteMedSAMEncoder(nn.Module):
     embed_dim = EMBED_DIM
     feature_channels = FEATURE_CHANNELS
 
-    def __init__(self, model: nn.Module, img_size: Tuple[int, int]):
+    def __init__(self, model: nn.Module, img_size: Tuple[int, int], fast: bool = True):
         super().__init__()
         self.model = model
         self.img_size = tuple(int(s) for s in img_size)
+        self.fast = fast
 
     def _units(self) -> List[nn.Module]:
         m = self.model
@@ -150,26 +250,35 @@ class LiteMedSAMEncoder(nn.Module):
         if (h, w) != self.img_size:
             raise ValueError(f"LiteMedSAM encoder built for {self.img_size}, got input {(h, w)}")
         grad_from = self.first_trainable_unit() if torch.is_grad_enabled() else len(self._units())
+        fast = self.fast
+        block = _tinyvit_block if fast else (lambda b, t: b(t))
 
         def ctx(unit: int):
             return torch.enable_grad() if unit >= grad_from else torch.no_grad()
 
         with ctx(0):
-            x = m.patch_embed(x)
-            for blk in m.layers[0].blocks:
-                x = blk(x)
+            if fast:  # the 1/1-resolution convolutions are the costliest frozen part; channels-last suits them
+                x = x.contiguous(memory_format=torch.channels_last)
+                for cb, act in ((m.patch_embed.seq[0], m.patch_embed.seq[1]), (m.patch_embed.seq[2], None)):
+                    x = conv_bn(cb, x) if act is None else act(conv_bn(cb, x))
+                for blk in m.layers[0].blocks:
+                    x = _mbconv(blk, x)
+            else:
+                x = m.patch_embed(x)
+                for blk in m.layers[0].blocks:
+                    x = blk(x)
             f1 = x                                   # B x 64 x H x W
-            x = m.layers[0].downsample(x)            # tokens at 1/2, 128 channels
+            x = _patch_merging(m.layers[0].downsample, x) if fast else m.layers[0].downsample(x)  # tokens at 1/2
         outs = [f1]
         for unit, (stride, layer) in enumerate(((2, m.layers[1]), (4, m.layers[2]), (4, m.layers[3])), start=1):
             with ctx(unit):
                 for blk in layer.blocks:
-                    x = blk(x)
+                    x = block(blk, x)
                 if unit < 3:
                     outs.append(_tokens_to_map(x, h // stride, w // stride))
-                    x = layer.downsample(x)
+                    x = _patch_merging(layer.downsample, x) if fast else layer.downsample(x)
         with ctx(4):
-            emb = m.neck(_tokens_to_map(x, h // 4, w // 4))
+            emb = (_neck if fast else (lambda n, t: n(t)))(m.neck, _tokens_to_map(x, h // 4, w // 4))
         return outs + [emb]
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
@@ -210,6 +319,7 @@ class PromptFreeMaskHead(nn.Module):
         self.no_mask_embed = nn.Parameter(prompt_encoder.no_mask_embed.weight.detach().clone())
         self.pe_layer = prompt_encoder.pe_layer  # fixed random Fourier features (a buffer)
         self.deep_supervision = False  # nnU-Net toggles it; outputs are resized per scale by the network
+        self.fast = True  # the upscaling's LayerNorm2d as one fused kernel (see LiteMedSAMEncoder)
 
     def forward(self, image: torch.Tensor, feats: List[torch.Tensor]) -> List[torch.Tensor]:
         emb = feats[-1]
@@ -219,10 +329,24 @@ class PromptFreeMaskHead(nn.Module):
         extra = [self.context_tokens] if self.context_tokens is not None else []
         tokens = torch.cat([self.iou_token, self.class_tokens] + extra, 0).unsqueeze(0).expand(b, -1, -1).to(emb.dtype)
         hs, src = self.transformer(src, pos, tokens)
-        up = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+        up = src.transpose(1, 2).reshape(b, c, h, w)
+        if self.fast:
+            convt1, norm, act1, convt2, act2 = self.output_upscaling
+            up = act2(convt2(act1(layer_norm_2d(norm, convt1(up)))))
+        else:
+            up = self.output_upscaling(up)
         hyper = torch.stack([mlp(hs[:, 1 + i]) for i, mlp in enumerate(self.hypernetworks)], dim=1)
         masks = (hyper @ up.flatten(2)).view(b, -1, *up.shape[2:])
         return [torch.cat([masks.new_zeros((b, 1, *masks.shape[2:])), masks], 1)]
+
+
+def set_fast_path(module: nn.Module, on: bool) -> nn.Module:
+    """Switch the fast path of every LiteMedSAM part inside ``module`` on or off (the benchmark and the tests
+    compare both paths on one network); returns ``module``."""
+    for m in module.modules():
+        if isinstance(m, (LiteMedSAMEncoder, PromptFreeMaskHead)):
+            m.fast = bool(on)
+    return module
 
 
 def box_prompt_masks(image01: torch.Tensor, boxes: torch.Tensor, path: Optional[str]) -> torch.Tensor:

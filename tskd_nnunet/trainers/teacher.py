@@ -26,6 +26,7 @@ from torch import nn
 from torch.optim.lr_scheduler import _LRScheduler
 
 from tskd_nnunet import config
+from tskd_nnunet.cpu_memory import keep_freed_memory
 from tskd_nnunet.models.lora import LoraSettings, trainable_fraction
 from tskd_nnunet.models.util import unwrap_network
 from tskd_nnunet.models.teacher_net import (TeacherSpec, adamw_param_groups, build_teacher_network, check_channels,
@@ -78,6 +79,7 @@ class ViTLoRATeacherTrainer(ScheduledTrainer):
     base_lr: float = 5e-4
     adamw_weight_decay: float = 1e-2
     warmup_fraction: float = 0.05  # of the epochs
+    keep_freed_memory_on_cpu: bool = True  # glibc keeps freed activations (documentation/teacher.md, "CPU speed")
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -135,6 +137,9 @@ class ViTLoRATeacherTrainer(ScheduledTrainer):
                      if self.preprocessed_dataset_folder_base else "dataset.json")
             check_channels(self.teacher_spec, n, where)
         super().initialize()
+        if self.device.type == "cpu" and self.keep_freed_memory_on_cpu and keep_freed_memory():
+            self.print_to_log_file("CPU: freed memory stays in the process, so steps do not fault their activations "
+                                   "in again (documentation/teacher.md, CPU speed)")
         net = unwrap_network(self.network)
         n_all = sum(p.numel() for p in net.parameters())
         self.print_to_log_file(f"Teacher parameters: {n_all / 1e6:.2f} M, trainable "
