@@ -15,7 +15,7 @@ from tskd_nnunet.federated.server_app import ServerSettings
 RUN_CONFIG = {"work-dir": "/srv/fed", "dataset": 501, "configuration": "2d", "fold": 0,
               "trainer": "LiteMedSAMTeacherTrainer", "plans": "nnUNetPlans", "planner": "ExperimentPlanner",
               "rounds": 3, "local-epochs": 2, "num-sites": 3, "min-sites": 2, "join-timeout": 60.0,
-              "round-timeout": 600.0, "max-update-ratio": 0.5}
+              "round-timeout": 600.0, "max-update-ratio": 0.5, "cpu-plan-size": 128, "cpu-plan-batch": 8}
 
 
 def test_the_flower_app_builds_and_its_config_reaches_the_server_settings(tmp_path):
@@ -32,6 +32,7 @@ def test_the_flower_app_builds_and_its_config_reaches_the_server_settings(tmp_pa
     s = ServerSettings.from_run_config(config["tool"]["flwr"]["app"]["config"])
     assert (s.work_dir, s.dataset, s.rounds, s.local_epochs, s.num_sites, s.min_sites, s.max_update_ratio) == \
         ("/srv/fed", 501, 3, 2, 3, 2, 0.5)
+    assert (s.cpu_plan_size, s.cpu_plan_batch) == (128, 8)
     assert s.task()["total_epochs"] == 6  # the learning-rate schedule spans rounds x local epochs
     write_flower_config(tmp_path / "home", "127.0.0.1:9093", str(tmp_path / "ca.crt"), insecure=False)
     conf = tomli.loads((tmp_path / "home" / "config.toml").read_text())
@@ -79,11 +80,16 @@ def test_client_refuses_bad_input_in_one_line(tmp_path, args, env_drop, phrase):
     assert len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
-def test_server_refuses_node_keys_without_tls(tmp_path):
+@pytest.mark.parametrize("args, phrase", [
+    (["--node-key", "a.pub"], "--node-key needs TLS"),
+    (["-c", "2d", "--plan-cpu", "128", "8"], "-c must name the new configuration"),
+    (["-c", "2d_128", "--plan-cpu", "128", "0"], "the batch >= 1"),
+])
+def test_server_refuses_bad_input_in_one_line(tmp_path, args, phrase):
     p = subprocess.run([sys.executable, "-c", "from tskd_nnunet.federated.cli import server_main; server_main()",
-                        "-d", "501", "--work-dir", str(tmp_path), "--insecure", "--node-key", str(tmp_path / "a.pub")],
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 2 and "--node-key needs TLS" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+                        "-d", "501", "--work-dir", str(tmp_path), "--insecure", *args],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert p.returncode == 2 and phrase in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
 def _cmdline(pid: str) -> bytes:

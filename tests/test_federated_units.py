@@ -185,23 +185,26 @@ def test_round_checkpoints_resume_from_the_newest_readable(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ site planning
-def test_site_plans_on_the_merged_fingerprint_with_training_worker_setting(nnunet_env, tmp_path):
+@pytest.mark.parametrize("cpu_plan", [None, (32, 3)], ids=["nnunet_2d", "plan_cpu_2d_32"])
+def test_site_plans_on_the_merged_fingerprint_with_training_worker_setting(nnunet_env, tmp_path, cpu_plan):
     """A site whose environment says nnUNet_n_proc_DA=0 (for training on small machines) still plans: nnU-Net's
-    planner would call torch.set_num_threads(0); the variable is back afterwards for the site's training."""
+    planner would call torch.set_num_threads(0); the variable is back afterwards for the site's training.
+    With ``cpu_plan`` the site adds and preprocesses the benchmark's CPU configuration with its fixed batch."""
     import json
     import shutil
     import subprocess
     import sys
 
     from conftest import PHANTOM_ID
+    conf = "2d" if cpu_plan is None else f"2d_{cpu_plan[0]}"
     src = nnunet_env["nnUNet_preprocessed"]
     name = next(d for d in os.listdir(src) if d.startswith(f"Dataset{PHANTOM_ID}_"))
     pp = tmp_path / "nnUNet_preprocessed"
     shutil.copytree(os.path.join(src, name), pp / name, ignore=shutil.ignore_patterns("nnUNetPlans_*", "tskd_*"))
     merged = json.loads((pp / name / "dataset_fingerprint.json").read_text())
     code = ("import json, os, sys; from tskd_nnunet.federated.fingerprint import plan_with_merged; "
-            f"ident, digest = plan_with_merged({PHANTOM_ID}, json.load(open(sys.argv[1])), 20, ['2d'], "
-            "plans_name='fedPlans'); print(ident, digest, os.environ.get('nnUNet_n_proc_DA'))")
+            f"ident, digest = plan_with_merged({PHANTOM_ID}, json.load(open(sys.argv[1])), 20, [{conf!r}], "
+            f"plans_name='fedPlans', cpu_plan={cpu_plan!r}); print(ident, digest, os.environ.get('nnUNet_n_proc_DA'))")
     fp = tmp_path / "merged.json"
     fp.write_text(json.dumps(merged))
     env = dict(nnunet_env, nnUNet_preprocessed=str(pp), nnUNet_n_proc_DA="0")
@@ -210,4 +213,7 @@ def test_site_plans_on_the_merged_fingerprint_with_training_worker_setting(nnune
     ident, digest, n_proc = proc.stdout.split()[-3:]
     assert ident == "fedPlans" and n_proc == "0"
     plans = json.loads((pp / name / "fedPlans.json").read_text())
-    assert fpr.plans_sha256(plans) == digest and os.path.isdir(pp / name / plans["configurations"]["2d"]["data_identifier"])
+    assert fpr.plans_sha256(plans) == digest and os.path.isdir(pp / name / plans["configurations"][conf]["data_identifier"])
+    if cpu_plan is not None:
+        c = plans["configurations"][conf]
+        assert c["batch_size"] == cpu_plan[1] and max(c["median_image_size_in_voxels"]) <= cpu_plan[0]

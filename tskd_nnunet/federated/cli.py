@@ -170,6 +170,9 @@ def server_main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("-tr", dest="trainer", default="LiteMedSAMTeacherTrainer", help="LoRA teacher trainer class")
     p.add_argument("-p", dest="plans", default="nnUNetPlans", help="plans identifier (nnUNetPlans)")
     p.add_argument("-pl", dest="planner", default="ExperimentPlanner", help="nnU-Net experiment planner class")
+    p.add_argument("--plan-cpu", nargs=2, type=int, metavar=("SIZE", "BATCH"), default=None,
+                   help="every site adds configuration -c as tskd_plan_cpu -s SIZE -b BATCH does (e.g. -c 2d_128 "
+                        "--plan-cpu 128 8: the benchmark's CPU plans)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--local-epochs", type=int, default=1, help="nnU-Net epochs per site per round (E)")
     p.add_argument("--num-sites", type=int, default=2, help="sites that must join before planning")
@@ -201,11 +204,16 @@ def run_server(a: argparse.Namespace) -> int:
     if a.node_key and a.insecure:
         raise FedCommandError("--node-key needs TLS (Flower refuses SuperNode authentication without it). Fix: "
                               "give --ssl-ca-certfile/--ssl-certfile/--ssl-keyfile instead of --insecure")
+    if a.plan_cpu and (a.plan_cpu[0] < 16 or a.plan_cpu[1] < 1 or a.configuration in ("2d", "3d_fullres", "3d_lowres")):
+        raise FedCommandError(f"--plan-cpu {a.plan_cpu[0]} {a.plan_cpu[1]} with -c {a.configuration}: the size must be "
+                              f">= 16 and the batch >= 1, and -c must name the new configuration. Fix: e.g. -c 2d_128 "
+                              f"--plan-cpu 128 8")
     for k in a.node_key:
         if not Path(k).is_file():
             raise FedCommandError(f"{k} does not exist. Fix: copy the site's public key made by tskd_fed_credentials node")
     run_config = {"work-dir": str(work), "dataset": a.dataset, "configuration": a.configuration, "fold": a.fold,
                   "trainer": a.trainer, "plans": a.plans, "planner": a.planner, "rounds": a.rounds,
+                  "cpu-plan-size": a.plan_cpu[0] if a.plan_cpu else 0, "cpu-plan-batch": a.plan_cpu[1] if a.plan_cpu else 0,
                   "local-epochs": a.local_epochs, "num-sites": a.num_sites,
                   "min-sites": a.min_sites if a.min_sites is not None else a.num_sites,
                   "join-timeout": float(a.join_timeout), "round-timeout": float(a.round_timeout),

@@ -85,7 +85,9 @@ def plan(msg: Message, context: Context) -> Message:
     p = msg.content["plan"]
     identifier, digest = fpr.plan_with_merged(task.dataset, json.loads(str(p["fingerprint"])), int(p["total_cases"]),
                                               [task.configuration], str(p["planner"]), task.plans,
-                                              num_processes=int(os.environ.get("nnUNet_def_n_proc", "1")))
+                                              num_processes=int(os.environ.get("nnUNet_def_n_proc", "1")),
+                                              cpu_plan=(int(p["cpu_plan_size"]), int(p["cpu_plan_batch"]))
+                                              if int(p.get("cpu_plan_size", 0)) else None)
     _record_status(context, phase="planned", plans=identifier, plans_sha256=digest)
     return _reply(msg, context, plans=identifier, plans_sha256=digest)
 

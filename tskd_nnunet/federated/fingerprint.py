@@ -125,10 +125,12 @@ def _json_number(o: Any) -> Any:
 
 def plan_with_merged(dataset_id: int, merged: dict, total_cases: int, configurations: Sequence[str] = ("2d",),
                      planner: str = "ExperimentPlanner", plans_name: Optional[str] = None,
-                     num_processes: int = 1) -> Tuple[str, str]:
+                     num_processes: int = 1, cpu_plan: Optional[Tuple[int, int]] = None) -> Tuple[str, str]:
     """Write ``merged`` as this site's dataset_fingerprint.json, plan with nnU-Net's ``planner`` (seeing the
     federation's ``total_cases``) and preprocess ``configurations``. Returns (plans identifier, plans sha256).
-    Skips planning and preprocessing when they were already done with this fingerprint (a resumed federation)."""
+    ``cpu_plan`` = (size, batch): each configuration is added as ``tskd_plan_cpu -s size -b batch`` would add it
+    (a fixed batch, so that no site's own case count reaches it). Skips planning and preprocessing when they were
+    already done with this fingerprint (a resumed federation)."""
     import nnunetv2
     from batchgenerators.utilities.file_and_folder_operations import join, load_json
     from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
@@ -161,6 +163,10 @@ def plan_with_merged(dataset_id: int, merged: dict, total_cases: int, configurat
     n_proc_da = os.environ.pop("nnUNet_n_proc_DA", None) if os.environ.get("nnUNet_n_proc_DA") == "0" else None
     try:
         p.plan_experiment()
+        if cpu_plan is not None:  # builds a planner too
+            from tskd_nnunet.plans_variant import add_cpu_configuration
+            for c in configurations:
+                add_cpu_configuration(name, int(cpu_plan[0]), int(cpu_plan[1]), name=c, plans_name=p.plans_identifier)
     finally:
         if n_proc_da is not None:
             os.environ["nnUNet_n_proc_DA"] = n_proc_da

@@ -51,6 +51,8 @@ class ServerSettings:
     trainer: str = "LiteMedSAMTeacherTrainer"
     plans: str = "nnUNetPlans"
     planner: str = "ExperimentPlanner"
+    cpu_plan_size: int = 0   # > 0: the configuration is tskd_plan_cpu's (-s size -b batch) at every site
+    cpu_plan_batch: int = 0
     rounds: int = 5
     local_epochs: int = 1
     num_sites: int = 2
@@ -161,7 +163,8 @@ class Federation:
                     "planning_sites": {self.sites[n]: c for n, c in zip(order, counts)}}
             self.log(f"fingerprints merged: {', '.join(f'{s} ({c} cases)' for s, c in meta['planning_sites'].items())}")
         plan = ConfigRecord({"fingerprint": json.dumps(meta["merged_fingerprint"]),
-                             "total_cases": int(meta["total_cases"]), "planner": self.s.planner})
+                             "total_cases": int(meta["total_cases"]), "planner": self.s.planner,
+                             "cpu_plan_size": int(self.s.cpu_plan_size), "cpu_plan_batch": int(self.s.cpu_plan_batch)})
         ok, failed = self.ask(nodes, "query.plan", {"plan": plan}, "plan", self.s.round_timeout)
         if failed:
             raise FederationError(f"planning failed at {', '.join(self.name(n) for n in failed)} (see above)")
