@@ -5,6 +5,7 @@ distilled student vs plain nnU-Net on its own labels (issue #30, documentation/f
     python benchmarks/fed_hc18.py federate     # tskd_fed_server + 3 tskd_fed_client on 127.0.0.1 (real Flower)
     python benchmarks/fed_hc18.py train ARM    # central_teacher | local_teacher_K | student_K | plain_K
     python benchmarks/fed_hc18.py evaluate ARM # nnUNetv2_predict on the held-out test set, Dice/NSD/HD95 -> committed
+    python benchmarks/fed_hc18.py pack         # the global teacher (fp16 trainable weights) -> committed
     python benchmarks/fed_hc18.py report       # tables (Dice per site, bytes per round) from the committed files
     python benchmarks/fed_hc18.py all          # every missing step in this order
 
@@ -184,7 +185,17 @@ class Study:
             shutil.copy(fed / "server" / name, out / name)
         for site in SITES:
             shutil.copy(self.model_folder(f"fed_teacher_{site[-1]}") / "federated.json", out / f"{site}_federated.json")
+        self.pack_global_teacher()
         say("federation: done")
+
+    def pack_global_teacher(self) -> dict:
+        """The global teacher's weights (fp16, trainable part only: a few MB) into the committed folder, so that a
+        later session on a new machine can distil the remaining students without federating again."""
+        from tskd_nnunet.benchmark.committed_model import pack_model
+
+        record = pack_model(str(self.model_folder("fed_teacher_a").parent), 0, str(self.committed / "federation"))
+        atomic_write_json(str(self.committed / "federation" / "model.json"), record)
+        return record
 
     # ------------------------------------------------------------------------------------------ train
     def make_central(self) -> None:
@@ -339,7 +350,7 @@ def run(cmd: List[str], env: Dict[str, str], log: Path) -> None:
 
 def main(argv: List[str] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("step", choices=["prepare", "federate", "train", "evaluate", "report", "all"])
+    p.add_argument("step", choices=["prepare", "federate", "pack", "train", "evaluate", "report", "all"])
     p.add_argument("arm", nargs="?", help=f"for train/evaluate: one of {', '.join(ARMS)} (evaluate: also fed_teacher_K)")
     p.add_argument("--work", default=str(REPO.parent / "tskd_work" / "fed_hc18"))
     p.add_argument("--committed", default=str(REPO / "documentation" / "benchmarks" / "federated_hc18"))
@@ -350,6 +361,8 @@ def main(argv: List[str] = None) -> int:
         s.prepare()
     if a.step in ("federate", "all"):
         s.federate()
+    if a.step == "pack":
+        print(s.pack_global_teacher())
     if a.step == "train":
         s.train(a.arm)
     if a.step == "evaluate":
