@@ -278,7 +278,14 @@ class Study:
                "teacher_bytes": record_bytes(teacher)}
         plain = self.model_folder("plain_a") / "checkpoint_final.pth"
         if plain.is_file():
-            net = torch.load(plain, map_location="cpu", weights_only=False)["network_weights"]
+            loaded = torch.load(plain, map_location="cpu", weights_only=False)["network_weights"]
+            # nnU-Net's decoder holds the encoder, so its state dict names every encoder tensor twice (the file
+            # stores them once): a FedAvg sends each tensor once
+            net, seen = {}, set()
+            for k, v in loaded.items():
+                if v.untyped_storage().data_ptr() not in seen:
+                    seen.add(v.untyped_storage().data_ptr())
+                    net[k] = v
             out.update(nnunet_tensors=len(net), nnunet_params=sum(int(v.numel()) for v in net.values()),
                        nnunet_bytes=record_bytes(dict(net)))
         return out

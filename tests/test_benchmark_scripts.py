@@ -163,3 +163,65 @@ def test_gpu_campaign_dry_run_lists_the_equal_schedule_matrix_on_cuda(dataset, r
     bad = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_campaign.sh"), "kits"], capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and "unknown dataset 'kits'. Fix: hc18 or chaos_t2" in bad.stderr
+
+
+# ------------------------------------------------------------------------------------ HC18 in 3 sites (#30)
+def _fed_study(tmp_path, n_cases: int = 40):
+    fed = load_script("fed_hc18")
+    raw = tmp_path / "work" / "converted" / fed.NAME
+    for sub in ("imagesTr", "labelsTr"):
+        (raw / sub).mkdir(parents=True)
+    for i in range(n_cases):
+        (raw / "imagesTr" / f"hc18_{i:03d}_0000.nii.gz").write_bytes(b"img")
+        (raw / "labelsTr" / f"hc18_{i:03d}.nii.gz").write_bytes(b"seg")
+    (raw / "dataset.json").write_text(json.dumps({"numTraining": n_cases, "file_ending": ".nii.gz"}))
+    return fed, fed.Study(tmp_path / "work", tmp_path / "committed", "cpu")
+
+
+def test_fed_hc18_deals_disjoint_patients_to_sites_with_ten_labels_each(tmp_path):
+    fed, study = _fed_study(tmp_path)
+    study.prepare()
+    sites = json.loads((tmp_path / "committed" / "sites.json").read_text())
+    every = [c for s in sites.values() for part in s.values() for c in part]
+    assert len(every) == len(set(every)) == 40  # every training patient at exactly one site, in one role
+    for site, parts in sites.items():
+        assert len(parts["labeled"]) == fed.LABELED_PER_SITE and len(parts["val"]) in (3, 4)
+        root = study.site_root(site)
+        own = sorted(p.name[:-len("_0000.nii.gz")] for p in (root / "nnUNet_raw" / fed.NAME / "imagesTr").iterdir())
+        assert own == sorted(sum(parts.values(), []))  # a site's nnU-Net sees its own cases only
+        pp = root / "nnUNet_preprocessed" / fed.NAME
+        assert json.loads((pp / "splits_final.json").read_text()) == [{"train": parts["labeled"], "val": parts["val"]}]
+        assert json.loads((pp / "tskd_unlabeled_pool.json").read_text()) == [parts["pool"]]
+        assert json.loads((root / "nnUNet_raw" / fed.NAME / "dataset.json").read_text())["numTraining"] == len(own)
+    study.prepare()  # again: the committed split is kept
+    assert json.loads((tmp_path / "committed" / "sites.json").read_text()) == sites
+    assert study.arm_env("student_b")["TSKD_TEACHER_TRAINER"] == fed.TEACHER
+    assert study.arm_env("local_teacher_c")["nnUNet_results"].endswith("site_c/nnUNet_results_local")
+    assert study.model_folder("fed_teacher_a") == study.model_folder("plain_a").parent.parent / \
+        f"{fed.TEACHER}__{fed.PLANS}__{fed.CONFIGURATION}" / "fold_0"
+
+
+def test_fed_hc18_report_has_dice_per_site_and_bytes_per_round(tmp_path):
+    import torch
+    fed, study = _fed_study(tmp_path)
+    scores = tmp_path / "committed" / "scores"
+    scores.mkdir(parents=True)
+    for arm, d in (("fed_teacher_a", 0.9), ("student_b", 0.8), ("plain_b", 0.7)):
+        (scores / f"{arm}.csv").write_text("case,class,dice,nsd,hd95,hc_abs_diff_mm\n"
+                                           f"t1,fetal_head,{d},0.5,3,2\nt2,fetal_head,{d - 0.1},0.5,3,2\n")
+    sent = study.model_folder("fed_teacher_a") / "federated_sent"
+    sent.mkdir(parents=True)
+    torch.save({"lora.A": torch.zeros(8, 16), "head.w": torch.zeros(10)}, sent / "round_0001.pt")
+    plain = study.model_folder("plain_a")
+    plain.mkdir(parents=True)
+    w = torch.zeros(100, 100)  # shared, as nnU-Net's decoder.encoder.* are its encoder.* tensors
+    torch.save({"network_weights": {"conv.w": w, "conv.b": torch.zeros(100), "decoder.encoder.conv.w": w}},
+               plain / "checkpoint_final.pth")
+    study.report()
+    text = (tmp_path / "committed" / "report.md").read_text()
+    row_b = next(line for line in text.splitlines() if line.startswith("| site_b |"))
+    assert row_b.split(" | ")[1:] == ["not run", "0.8500", "not run", "0.7500", "0.6500 |"]
+    b = json.loads((tmp_path / "committed" / "bytes.json").read_text())
+    assert b["teacher_params"] == 138 and b["nnunet_params"] == 10100
+    # what Flower's ArrayRecord carries: the tensors' bytes plus a small header each
+    assert 138 * 4 <= b["teacher_bytes"] < 138 * 4 + 2 * 256 and 10100 * 4 <= b["nnunet_bytes"] < 10100 * 4 + 512

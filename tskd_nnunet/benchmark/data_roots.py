@@ -12,13 +12,12 @@ from tskd_nnunet.benchmark.commands import (BenchmarkError, StepFailed, fill_cmd
                                             share_folder)
 from tskd_nnunet.benchmark.config import DATA_SCOPES, Budget
 from tskd_nnunet.benchmark.layout import STATE
-from tskd_nnunet.data.preprocessed_files import POOL_FILE, TARGETS_DIR
+from tskd_nnunet.data.preprocessed_files import EXTENSION_DIR, POOL_FILE, TARGETS_DIR
 from tskd_nnunet.data.splits import SPLITS_FILE, write_splits
 
 if TYPE_CHECKING:
     from tskd_nnunet.benchmark.runner import BenchmarkRunner
 
-EXTENSION_DIR = "tskd_extension"
 # files of a budget root that are the budget's own; everything else links to the shared preprocessed data
 # (the teacher-target cache links to one folder of the work dir: WorkdirLayout.targets_root)
 OWN_ENTRIES = {SPLITS_FILE, POOL_FILE, EXTENSION_DIR, TARGETS_DIR}

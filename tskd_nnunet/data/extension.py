@@ -33,11 +33,11 @@ import numpy as np
 
 # the package's one atomic JSON writer, under the name synthetic/cases.py imports
 from tskd_nnunet.atomic_io import atomic_write_json as write_json_atomic  # noqa: F401
+from tskd_nnunet.data.preprocessed_files import EXTENSION_DIR
 
 SOURCES = ("synthetic", "unlabeled")
 PREFIXES = {"synthetic": "syn_", "unlabeled": "unl_"}
 MANIFEST = "manifest.json"
-EXTENSION_DIRNAME = "tskd_extension"
 _TMP_PREFIX = ".tmp_"
 
 
@@ -74,7 +74,7 @@ def _fold_name(fold: Union[int, str]) -> str:
 
 def extension_root(dataset_name_or_id: Union[int, str], plans: str, configuration: str) -> str:
     """``$nnUNet_preprocessed/DatasetXXX/tskd_extension/<plans>_<configuration>``."""
-    return os.path.join(_preprocessed_root(), dataset_name(dataset_name_or_id), EXTENSION_DIRNAME,
+    return os.path.join(_preprocessed_root(), dataset_name(dataset_name_or_id), EXTENSION_DIR,
                         f"{plans}_{configuration}")
 
 

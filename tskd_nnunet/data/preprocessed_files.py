@@ -4,6 +4,8 @@
 - ``tskd_unlabeled_pool.json`` (written by dataset_conversion/label_budget.py): one list of case
   ids per fold, the training cases whose labels distillation and pretraining may not use.
 - ``tskd_targets/`` (tskd_nnunet/distill/target_cache.py): the teachers' cached probabilities per case.
+- ``tskd_extension/`` (tskd_nnunet/data/extension.py): synthetic and extra unlabeled cases per plans, configuration
+  and fold.
 - the nnU-Net dataset class (Blosc2 or Numpy) of a folder, from the file endings it holds.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ from tskd_nnunet.atomic_io import read_json
 
 POOL_FILE = "tskd_unlabeled_pool.json"
 TARGETS_DIR = "tskd_targets"
+EXTENSION_DIR = "tskd_extension"
 _REWRITE = "Fix: rewrite it with dataset_conversion/label_budget.py"
 
 

@@ -26,7 +26,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple, Type
 import numpy as np
 
 from nnunetv2.training.dataloading.nnunet_dataset import nnUNetBaseDataset
-from tskd_nnunet.data.preprocessed_files import POOL_FILE, dataset_class_for, read_unlabeled_pool  # noqa: F401
+from tskd_nnunet.data.preprocessed_files import EXTENSION_DIR, POOL_FILE, dataset_class_for, read_unlabeled_pool  # noqa: F401
 from tskd_nnunet.data.splits import splits_path
 
 LABELED, POOL, SYNTHETIC, REAL_UNLABELED = "labeled", "pool", "synthetic", "real-unlabeled"
@@ -94,7 +94,7 @@ def extension_kind(identifier: str) -> str:
 
 
 def extension_fold_folder(preprocessed_base: str, plans_name: str, configuration: str, fold) -> str:
-    return os.path.join(preprocessed_base, "tskd_extension", f"{plans_name}_{configuration}", f"fold_{fold}")
+    return os.path.join(preprocessed_base, EXTENSION_DIR, f"{plans_name}_{configuration}", f"fold_{fold}")
 
 
 def read_extension(preprocessed_base: str, plans_name: str, configuration: str, fold) -> Dict[str, Tuple[str, List[str]]]:
