@@ -87,7 +87,7 @@ class Study:
     @staticmethod
     def arm_trainer(arm: str) -> str:
         kind = arm.rsplit("_", 1)[0]
-        return {"central_teacher": TEACHER, "central": TEACHER, "local_teacher": TEACHER, "fed_teacher": TEACHER,
+        return {"central": TEACHER, "local_teacher": TEACHER, "fed_teacher": TEACHER,
                 "student": STUDENT, "plain": PLAIN}[kind]
 
     def model_folder(self, arm: str) -> Path:

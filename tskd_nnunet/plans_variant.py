@@ -27,6 +27,12 @@ class PlansVariantError(ValueError):
     """The plans file is missing or lacks the source configuration (one line with the fix)."""
 
 
+def check_size_and_batch(size: int, batch_size: Optional[int]) -> None:
+    """PlansVariantError unless the size is >= 16 pixels and a given batch >= 1."""
+    if size < 16 or (batch_size is not None and batch_size < 1):
+        raise PlansVariantError(f"-s {size} / -b {batch_size}: the size must be >= 16 pixels and the batch >= 1")
+
+
 def add_cpu_configuration(dataset: str, size: int, batch_size: Optional[int], name: Optional[str] = None,
                           plans_name: str = "nnUNetPlans", source: str = "2d") -> dict:
     """Plan ``name`` (default ``2d_<size>``) and write it into the plans file; returns its configuration.
@@ -38,8 +44,7 @@ def add_cpu_configuration(dataset: str, size: int, batch_size: Optional[int], na
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
     name = name or f"{source}_{size}"
-    if size < 16 or (batch_size is not None and batch_size < 1):
-        raise PlansVariantError(f"-s {size} / -b {batch_size}: the size must be >= 16 pixels and the batch >= 1")
+    check_size_and_batch(size, batch_size)
     dataset_name = maybe_convert_to_dataset_name(dataset)
     plans_file = os.path.join(nnUNet_preprocessed, dataset_name, f"{plans_name}.json")
     if not os.path.isfile(plans_file):

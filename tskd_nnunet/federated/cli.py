@@ -204,10 +204,15 @@ def run_server(a: argparse.Namespace) -> int:
     if a.node_key and a.insecure:
         raise FedCommandError("--node-key needs TLS (Flower refuses SuperNode authentication without it). Fix: "
                               "give --ssl-ca-certfile/--ssl-certfile/--ssl-keyfile instead of --insecure")
-    if a.plan_cpu and (a.plan_cpu[0] < 16 or a.plan_cpu[1] < 1 or a.configuration in ("2d", "3d_fullres", "3d_lowres")):
-        raise FedCommandError(f"--plan-cpu {a.plan_cpu[0]} {a.plan_cpu[1]} with -c {a.configuration}: the size must be "
-                              f">= 16 and the batch >= 1, and -c must name the new configuration. Fix: e.g. -c 2d_128 "
-                              f"--plan-cpu 128 8")
+    if a.plan_cpu:  # refused before any process starts, by the rule every site applies
+        from tskd_nnunet.plans_variant import PlansVariantError, check_size_and_batch
+        try:
+            check_size_and_batch(*a.plan_cpu)
+            if a.configuration in ("2d", "3d_fullres", "3d_lowres"):
+                raise PlansVariantError(f"-c {a.configuration} is nnU-Net's own; -c must name the new configuration")
+        except PlansVariantError as e:
+            raise FedCommandError(f"--plan-cpu {a.plan_cpu[0]} {a.plan_cpu[1]} with -c {a.configuration}: {e}. Fix: "
+                                  f"e.g. -c 2d_128 --plan-cpu 128 8") from None
     for k in a.node_key:
         if not Path(k).is_file():
             raise FedCommandError(f"{k} does not exist. Fix: copy the site's public key made by tskd_fed_credentials node")
