@@ -2,7 +2,8 @@
 distilled student vs plain nnU-Net on its own labels (issue #30, documentation/federated.md "Measured on HC18").
 
     python benchmarks/fed_hc18.py prepare      # convert, split into sites, site nnU-Net folders
-    python benchmarks/fed_hc18.py federate     # tskd_fed_server + 3 tskd_fed_client on 127.0.0.1 (real Flower)
+    python benchmarks/fed_hc18.py federate     # tskd_fed_server + 3 tskd_fed_client on 127.0.0.1 (real Flower);
+                                               # with a committed global teacher: restore it at each site instead
     python benchmarks/fed_hc18.py train ARM    # central_teacher | local_teacher_K | student_K | plain_K
     python benchmarks/fed_hc18.py evaluate ARM # nnUNetv2_predict on the held-out test set, Dice/NSD/HD95 -> committed
     python benchmarks/fed_hc18.py pack         # the global teacher (fp16 trainable weights) -> committed
@@ -155,6 +156,9 @@ class Study:
         if all((self.model_folder(f"fed_teacher_{s[-1]}") / "federated.json").is_file() for s in SITES):
             say("federation: done")
             return
+        if (self.committed / "federation" / "model.json").is_file():
+            self.restore()
+            return
         fed.mkdir(parents=True, exist_ok=True)
         port = 19092
         server_cmd = [str(BIN / "tskd_fed_server"), "-d", str(DATASET_ID), "-c", CONFIGURATION, "--plan-cpu",
@@ -197,6 +201,32 @@ class Study:
         atomic_write_json(str(self.committed / "federation" / "model.json"), record)
         return record
 
+    def restore(self) -> None:
+        """A new machine: every site plans and preprocesses with the committed federated plans (nnU-Net's own
+        preprocessing), and the committed global teacher (fp16 trainable weights, restored as fp32) becomes each
+        site's fed_teacher model folder with the site's federation record, as the federation left them."""
+        from tskd_nnunet.benchmark.committed_model import restore_model
+
+        fed = self.committed / "federation"
+        plans = read_json(str(fed / "model" / "plans.json"))
+        for key in ("tskd_teacher", "tskd_settings"):  # what the teacher trainer adds to its model folder's copy
+            plans.pop(key, None)
+        settings = {"model": read_json(str(fed / "model.json"))}
+        for site in SITES:
+            pp = self.site_root(site) / "nnUNet_preprocessed" / NAME
+            if not (pp / plans["configurations"][CONFIGURATION]["data_identifier"]).is_dir():
+                atomic_write_json(str(pp / f"{PLANS}.json"), plans)
+                shutil.copy(fed / "model" / "dataset_fingerprint.json", pp / "dataset_fingerprint.json")
+                shutil.copy(self.site_root(site) / "nnUNet_raw" / NAME / "dataset.json", pp / "dataset.json")
+                env = self.site_env(site)
+                env.pop("nnUNet_n_proc_DA")  # training only: nnU-Net's preprocessing breaks with it
+                run([str(BIN / "nnUNetv2_preprocess"), "-d", str(DATASET_ID), "-c", CONFIGURATION, "-plans_name",
+                     PLANS, "-np", "2"], env, self.work / "logs" / f"preprocess_{site}.log")
+            fold = self.model_folder(f"fed_teacher_{site[-1]}")
+            restore_model(str(fed), settings, str(fold.parent), 0)
+            shutil.copy(fed / f"{site}_federated.json", fold / "federated.json")
+            say(f"{site}: preprocessed with the federated plans, global teacher restored from {fed / 'model'}")
+
     # ------------------------------------------------------------------------------------------ train
     def make_central(self) -> None:
         """The ceiling: the three sites' preprocessed cases pooled (they share one plans file), 30 labeled."""
@@ -237,8 +267,7 @@ class Study:
 
     # ------------------------------------------------------------------------------------------ evaluate
     def evaluate(self, arm: str) -> None:
-        from tskd_nnunet.evaluation.clinical import evaluate_hc18_folder, hc18_case_to_filename
-        from tskd_nnunet.evaluation.evaluate import evaluate_folders_with_dataset_json
+        from tskd_nnunet.evaluation.clinical import evaluate_test_folder
 
         out = self.committed / "scores" / f"{arm}.csv"
         if out.is_file():
@@ -253,10 +282,7 @@ class Study:
                  "-npp", "1", "-nps", "1", "--disable_progress_bar"], self.arm_env(arm),
                 self.work / "logs" / f"predict_{arm}.log")
             (pred / "done").write_text("")
-        df = evaluate_folders_with_dataset_json(raw / "labelsTs", pred, raw / "dataset.json", tolerance_mm=2)
-        hc = evaluate_hc18_folder(pred, DATA / "pixel_size_and_HC.csv", ".nii.gz",
-                                  case_to_filename=hc18_case_to_filename)
-        df = df.merge(hc, on="case", how="left")
+        df = evaluate_test_folder(raw / "labelsTs", pred, raw / "dataset.json", 2.0, DATA / "pixel_size_and_HC.csv")
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(str(out), df.to_csv(index=False))
         say(f"{arm}: Dice {df['dice'].mean():.4f} over {df['case'].nunique()} test cases")

@@ -74,11 +74,15 @@ def test_hc18_repeat_exams_map_to_their_own_row(case, name):
 
 
 def test_benchmark_uses_the_same_hc18_mapper():
+    # the runner scores through evaluate_test_folder (as tskd_evaluate does: its repeat-exam test in
+    # test_evaluation_folder), which calls evaluate_hc18_folder with its default mapper
     import inspect
 
     from tskd_nnunet.benchmark import actions
+    from tskd_nnunet.evaluation import clinical
 
-    assert "case_to_filename=hc18_case_to_filename" in inspect.getsource(actions.evaluate)
+    assert "evaluate_test_folder(" in inspect.getsource(actions.evaluate)
+    assert "case_to_filename" not in inspect.getsource(clinical.evaluate_test_folder)
     from tskd_nnunet.evaluation.clinical import evaluate_hc18_folder
     assert inspect.signature(evaluate_hc18_folder).parameters["case_to_filename"].default is hc18_case_to_filename
 

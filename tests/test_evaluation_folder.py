@@ -125,3 +125,29 @@ def test_cli_hc18_repeat_exam_uses_its_own_reference(tmp_path, capsys):
     df = pd.read_csv(out)
     assert df.loc[0, "hc_ref_mm"] == pytest.approx(hc)
     assert df.loc[0, "hc_abs_diff_mm"] < 1.0
+
+
+def test_evaluate_test_folder_merges_hc18_columns_on_every_class_row(tmp_path):
+    # the one scoring of a test folder (tskd_evaluate, the benchmark runner, fed_hc18): metrics per case and
+    # class, and the head circumference of each case on each of its rows when an HC18 CSV is given
+    from tskd_nnunet.evaluation.clinical import evaluate_test_folder
+
+    ref_dir, pred_dir = tmp_path / "ref", tmp_path / "pred"
+    ref_dir.mkdir(), pred_dir.mkdir()
+    r, c = np.indices((300, 300))
+    head = ((r - 150) / 100.0) ** 2 + ((c - 150) / 70.0) ** 2 <= 1
+    seg = head.astype(np.uint8)
+    seg[140:160, 140:160] = 2  # a second class inside the head
+    for d in (ref_dir, pred_dir):
+        write_nii(seg[None], d / "hc18_004.nii.gz", (1.0, 0.15, 0.15))
+    dj = tmp_path / "dataset.json"
+    dj.write_text(json.dumps({"labels": {"background": 0, "head": 1, "core": 2}, "file_ending": ".nii.gz"}))
+    hc = ramanujan_perimeter(100 * 0.15, 70 * 0.15)
+    csv = tmp_path / "hc.csv"
+    csv.write_text(f"filename,pixel size(mm),head circumference (mm)\n004_HC.png,0.15,{hc + 2.0}\n")
+    plain = evaluate_test_folder(ref_dir, pred_dir, dj)
+    assert "hc_abs_diff_mm" not in plain and list(plain["class"]) == ["head", "core"]
+    df = evaluate_test_folder(ref_dir, pred_dir, dj, hc18_csv=csv)
+    assert len(df) == 2 and (df["dice"] == 1.0).all()
+    assert df["hc_abs_diff_mm"].to_numpy() == pytest.approx([2.0, 2.0], abs=0.3)
+    pd.testing.assert_frame_equal(df[plain.columns], plain)

@@ -152,18 +152,14 @@ def predict(r: "BenchmarkRunner", budget: Budget, method: str, fold: int) -> Non
 
 def evaluate(r: "BenchmarkRunner", budget: Budget, method: str, fold: int) -> None:
     """scores.csv: Dice/NSD/HD95 per test case and class (+ HC18 head circumference, + slab volumes, + patient)."""
-    from tskd_nnunet.evaluation.evaluate import evaluate_folders_with_dataset_json, read_seg_2d_or_3d, reader_for
+    from tskd_nnunet.evaluation.clinical import evaluate_test_folder
+    from tskd_nnunet.evaluation.evaluate import read_seg_2d_or_3d, reader_for
 
     rdir = r.run_dir(budget, method, fold)
     pred, labels = os.path.join(rdir, "predictions"), os.path.join(r.raw_dataset, "labelsTs")
     try:
-        df = evaluate_folders_with_dataset_json(labels, pred, os.path.join(r.raw_dataset, "dataset.json"),
-                                                tolerance_mm=r.cfg.tolerance_mm)
-        if r.cfg.hc18_csv:
-            from tskd_nnunet.evaluation.clinical import evaluate_hc18_folder, hc18_case_to_filename
-            csv = os.path.abspath(fill_cmd([r.cfg.hc18_csv], r.fields(), r.cfg.path)[0])
-            hc = evaluate_hc18_folder(pred, csv, r.file_ending(), case_to_filename=hc18_case_to_filename)
-            df = df.merge(hc, on="case", how="left")
+        csv = os.path.abspath(fill_cmd([r.cfg.hc18_csv], r.fields(), r.cfg.path)[0]) if r.cfg.hc18_csv else None
+        df = evaluate_test_folder(labels, pred, os.path.join(r.raw_dataset, "dataset.json"), r.cfg.tolerance_mm, csv)
         if r.cfg.slice_thickness_mm and "ref_voxels" in df and df["ref_volume_ml"].isna().all():
             # 2D slices of volumes: each slice is a slab of the slice thickness, so a patient's organ volume is the
             # sum over its slices (report.volume_errors)

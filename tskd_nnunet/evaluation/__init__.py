@@ -2,8 +2,8 @@
 
 One implementation of each metric, used by validation, the benchmark runner and the report.
 """
-from tskd_nnunet.evaluation.clinical import (hc18_case_to_filename, head_circumference_mm, ramanujan_perimeter,
-                                             volume_ml)
+from tskd_nnunet.evaluation.clinical import (evaluate_test_folder, hc18_case_to_filename, head_circumference_mm,
+                                             ramanujan_perimeter, volume_ml)
 from tskd_nnunet.evaluation.evaluate import (EvaluationInputError, evaluate_folders,
                                              evaluate_folders_with_dataset_json)
 from tskd_nnunet.evaluation.metrics import SegmentationScores, compute_scores, evaluate_segmentation
@@ -11,7 +11,8 @@ from tskd_nnunet.evaluation.stats import bootstrap_ci, holm_adjust, mean_sd, pai
 
 __all__ = [
     "SegmentationScores", "compute_scores", "evaluate_segmentation", "evaluate_folders",
-    "evaluate_folders_with_dataset_json", "EvaluationInputError", "hc18_case_to_filename", "head_circumference_mm",
+    "evaluate_folders_with_dataset_json", "evaluate_test_folder", "EvaluationInputError", "hc18_case_to_filename",
+    "head_circumference_mm",
     "ramanujan_perimeter", "volume_ml",
     "bootstrap_ci", "mean_sd", "paired_wilcoxon", "holm_adjust",
 ]

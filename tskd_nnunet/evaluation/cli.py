@@ -48,20 +48,17 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from tskd_nnunet.evaluation.evaluate import (EvaluationInputError, evaluate_folders_with_dataset_json,
-                                                 load_dataset_json, summarize)
+    from tskd_nnunet.evaluation.clinical import evaluate_test_folder
+    from tskd_nnunet.evaluation.evaluate import EvaluationInputError, load_dataset_json, summarize
 
     dj = load_dataset_json(args.djfile)  # refuse a bad -djfile before reading any image
     if os.path.isdir(args.output):
         raise EvaluationInputError(f"output (-o) is a folder: {args.output}; pass a CSV file name")
-    df = evaluate_folders_with_dataset_json(args.ref, args.pred, args.djfile, args.tolerance_mm,
-                                            None, args.missing, args.num_processes)
+    df = evaluate_test_folder(args.ref, args.pred, args.djfile, args.tolerance_mm, args.hc18_csv, args.missing,
+                              args.num_processes)
     if args.hc18_csv:
-        from tskd_nnunet.evaluation.clinical import evaluate_hc18_folder
-
-        hc = evaluate_hc18_folder(args.pred, args.hc18_csv, dj["file_ending"])
-        df = df.merge(hc, on="case", how="left")
-        print(f"HC18 mean absolute difference: {hc['hc_abs_diff_mm'].mean():.2f} mm over {len(hc)} cases")
+        hc = df.drop_duplicates("case")["hc_abs_diff_mm"].dropna()
+        print(f"HC18 mean absolute difference: {hc.mean():.2f} mm over {len(hc)} cases")
     try:
         atomic_write_csv(df, args.output)
     except OSError as e:

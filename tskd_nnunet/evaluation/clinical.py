@@ -179,3 +179,19 @@ def evaluate_hc18_folder(pred_folder: PathLike, hc18_csv: PathLike, file_ending:
         hc = head_circumference_mm(mask, sp)
         rows.append({"case": case, "hc_pred_mm": hc, "hc_ref_mm": hc_ref, "hc_abs_diff_mm": abs(hc - hc_ref)})
     return pd.DataFrame(rows, columns=["case", "hc_pred_mm", "hc_ref_mm", "hc_abs_diff_mm"])
+
+
+def evaluate_test_folder(ref_folder: PathLike, pred_folder: PathLike, dataset_json: PathLike,
+                         tolerance_mm: float = 2.0, hc18_csv: Optional[PathLike] = None,
+                         missing: str = "error", num_processes: int = 1):
+    """Dice/NSD/HD95 per case and class (classes and file ending from dataset.json), with the HC18 head
+    circumference columns of :func:`evaluate_hc18_folder` merged on ``case`` when ``hc18_csv`` is given.
+    The one scoring of a test folder used by ``tskd_evaluate``, the benchmark runner and benchmarks/fed_hc18.py."""
+    from tskd_nnunet.evaluation.evaluate import evaluate_folders_with_dataset_json, load_dataset_json
+
+    df = evaluate_folders_with_dataset_json(ref_folder, pred_folder, dataset_json, tolerance_mm, None, missing,
+                                            num_processes)
+    if hc18_csv is None:
+        return df
+    hc = evaluate_hc18_folder(pred_folder, hc18_csv, load_dataset_json(dataset_json)["file_ending"])
+    return df.merge(hc, on="case", how="left")
