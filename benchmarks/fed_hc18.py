@@ -316,6 +316,59 @@ class Study:
                        nnunet_bytes=record_bytes(dict(net)))
         return out
 
+    KINDS = {"local_teacher": "local teacher", "fed_teacher": "federated teacher",
+             "central_teacher": "centralised teacher", "student": "student", "plain": "plain nnU-Net"}
+    # the study's questions, per site on the same test cases: (model, minus model, what the difference measures)
+    CONTRASTS = [("federated teacher", "local teacher", "federation"),
+                 ("centralised teacher", "federated teacher", "pooling the images"),
+                 ("student", "plain nnU-Net", "distillation")]
+
+    def case_table(self, scores: Dict[str, "pd.DataFrame"]) -> "pd.DataFrame":
+        """Per-case scores in the benchmark report's layout: a site is a dataset, the arms of its column are
+        methods (the federated and centralised teachers stand in every site's column)."""
+        import pandas as pd
+
+        parts = []
+        for site in SITES:
+            for kind, label in self.KINDS.items():
+                arm = "fed_teacher_a" if kind == "fed_teacher" else kind if kind == "central_teacher" \
+                    else f"{kind}_{site[-1]}"
+                if arm in scores:
+                    per_case = scores[arm].groupby("case")[["dice", "nsd", "hd95"]].mean().reset_index()
+                    parts.append(per_case.assign(dataset=site, budget="10 own", method=label))
+        cols = ["dataset", "budget", "method", "case", "dice", "nsd", "hd95"]
+        return pd.concat(parts, ignore_index=True)[cols] if parts else pd.DataFrame(columns=cols)
+
+    def paired_lines(self, cv: "pd.DataFrame") -> List[str]:
+        """The contrasts (mean paired difference, 95 % bootstrap CI, Wilcoxon) with the benchmark report's
+        paired_contrasts; the two pooled teachers are the same models at every site, so that row is given once."""
+        from tskd_nnunet.benchmark.report import paired_contrasts
+
+        pc = paired_contrasts(cv, self.CONTRASTS, metrics=("dice",))
+        pc = pc[(pc["what"] != "pooling the images") | (pc["dataset"] == SITES[0])]
+        if pc.empty:
+            return []
+        out = ["", "Paired on the test cases (Dice of the model minus the other; 95 % bootstrap CI of the mean "
+                   "difference; two-sided Wilcoxon signed-rank):", "",
+               "| site | model | minus | what it measures | cases | mean difference (95 % CI) | Wilcoxon p |",
+               "|---|---|---|---|---|---|---|"]
+        for r in pc.itertuples():
+            site = "all (same models)" if r.what == "pooling the images" else r.dataset
+            out.append(f"| {site} | {r.method} | {r.minus} | {r.what} | {r.n_pairs} | {r.mean_diff:+.4f} "
+                       f"({r.ci_lo:+.4f}, {r.ci_hi:+.4f}) | {r.p_value:.2g} |")
+        return out
+
+    def plot(self, cv: "pd.DataFrame") -> None:
+        """report.png: per-case test Dice of every model, one panel per site (the benchmark report's box plots)."""
+        import pandas as pd
+
+        from tskd_nnunet.benchmark.plots import plot_boxplots
+
+        summary = pd.DataFrame([{"dataset": site, "budget": "10 own", "method": label,
+                                 "status": "done" if ((cv["dataset"] == site) & (cv["method"] == label)).any()
+                                 else "MISSING"} for site in SITES for label in self.KINDS.values()])
+        plot_boxplots(cv, summary, self.committed / "report.png")
+
     def report(self) -> None:
         import pandas as pd
 
@@ -343,6 +396,11 @@ class Study:
             per_case = df.groupby("case")[["dice", "nsd", "hd95", "hc_abs_diff_mm"]].mean()
             lines.append(f"| {arm} | " + " | ".join(f"{per_case[m].mean():.3f} ± {per_case[m].std():.3f}"
                                                       for m in per_case.columns) + " |")
+        cv = self.case_table(scores)
+        lines += self.paired_lines(cv)
+        if len(cv):
+            self.plot(cv)
+            lines += ["", "![per-case test Dice by site](report.png)"]
         b = self.bytes_per_round() if (self.model_folder("fed_teacher_a") / "federated_sent").is_dir() else {}
         if b:
             lines += ["", "## Bytes per round per site (each way: the site's update up, the global weights down)", "",

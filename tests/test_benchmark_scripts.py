@@ -221,6 +221,10 @@ def test_fed_hc18_report_has_dice_per_site_and_bytes_per_round(tmp_path):
     text = (tmp_path / "committed" / "report.md").read_text()
     row_b = next(line for line in text.splitlines() if line.startswith("| site_b |"))
     assert row_b.split(" | ")[1:] == ["not run", "0.8500", "not run", "0.7500", "0.6500 |"]
+    # the student-minus-plain contrast of site_b, paired on its 2 test cases (each +0.1); no local teacher: no row
+    assert "| site_b | student | plain nnU-Net | distillation | 2 | +0.1000 (+0.1000, +0.1000) |" in text
+    assert "| federation |" not in text
+    assert (tmp_path / "committed" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     b = json.loads((tmp_path / "committed" / "bytes.json").read_text())
     assert b["teacher_params"] == 138 and b["nnunet_params"] == 10100
     # what Flower's ArrayRecord carries: the tensors' bytes plus a small header each
