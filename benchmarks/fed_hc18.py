@@ -241,10 +241,11 @@ class Study:
             shutil.copy(src / f, pp / f)
         sites = read_json(str(self.committed / "sites.json"))
         for site in SITES:
-            folder = self.site_root(site) / "nnUNet_preprocessed" / NAME / ident
-            for f in folder.iterdir():
-                if not (pp / ident / f.name).exists():
-                    (pp / ident / f.name).symlink_to(f)
+            for sub in (ident, "gt_segmentations"):  # gt_segmentations: nnU-Net's final validation reads it
+                (pp / sub).mkdir(exist_ok=True)
+                for f in (self.site_root(site) / "nnUNet_preprocessed" / NAME / sub).iterdir():
+                    if not (pp / sub / f.name).exists():
+                        (pp / sub / f.name).symlink_to(f)
         raw = c / "nnUNet_raw" / NAME
         raw.mkdir(parents=True, exist_ok=True)
         shutil.copy(self.converted / NAME / "dataset.json", raw / "dataset.json")

@@ -87,10 +87,13 @@ def test_kill_then_rerun_resumes_without_retraining(bench):
     assert bench["killed_state"]["status"] == "running"
     locked = bench["locked"]
     assert locked.returncode != 0 and "--unlock" in locked.stdout + locked.stderr, locked.stderr[-3000:]
+    # the killed run and the one never started are counted as not run, not as failed
+    assert "0 runs done, 0 failed, 2 not run." in locked.stdout, locked.stdout[-3000:]
     assert bench["unlock"].returncode == 0, bench["unlock"].stderr[-3000:]
     r2 = bench["run2"]
     out2 = r2.stdout + r2.stderr
     assert r2.returncode == 1, out2[-6000:]  # 1: a run failed (the broken method)
+    assert "1 runs done, 1 failed, 0 not run." in r2.stdout
     st = bench["state_after_2"]
     assert st["status"] == "done" and st["attempts"] == 1  # trained once, in the killed call
     # the checkpoint of the killed run was reused: no second nnUNetv2_train, only the prediction again

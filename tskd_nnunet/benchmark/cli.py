@@ -88,15 +88,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         if "--unlock" in extra:  # after a kill: Snakemake's own lock, removed by Snakemake
             return _snakemake(runner, a, budgets, extra)
         _snakemake(runner, a, budgets, extra)
-        counts = {"done": 0, "failed": 0}
+        counts = {"done": 0, "failed": 0, "not run": 0}  # not run: never started, or stopped (killed, locked)
         for b, f, m in runner.matrix(a.only, budgets):
-            counts["done" if runner.run_status(b, m, f) in ("done", "committed") else "failed"] += 1
+            status = runner.run_status(b, m, f)
+            counts["done" if status in ("done", "committed") else "failed" if status == "failed" else "not run"] += 1
         report = write_benchmark_report(runner)
     except (BenchmarkError, BenchmarkConfigError) as e:
         print(f"tskd_benchmark: error: {e}", file=sys.stderr)
         return 2
-    print(f"\n{counts['done']} runs done, {counts['failed']} failed. Report: {report}")
-    return 1 if counts["failed"] else 0
+    print(f"\n{counts['done']} runs done, {counts['failed']} failed, {counts['not run']} not run. Report: {report}")
+    return 1 if counts["failed"] or counts["not run"] else 0
 
 
 if __name__ == "__main__":

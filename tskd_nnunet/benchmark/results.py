@@ -38,7 +38,7 @@ def collect(r: "BenchmarkRunner") -> Tuple["pd.DataFrame", "pd.DataFrame"]:
         columns=["dataset", "method", "budget", "fold", "case", "class", "dice", "nsd", "hd95"])
     # bookkeeping and all-empty columns (2D volumes) are not endpoints
     drop = [c for c in res.columns if c in ("ref_voxels", "pred_voxels", "hc_pred_mm", "hc_ref_mm")
-            or (c not in ("dice", "nsd", "hd95") and res[c].isna().all())]
+            or (len(res) and c not in ("dice", "nsd", "hd95") and res[c].isna().all())]
     return res.drop(columns=drop), pd.DataFrame(runs)
 
 
