@@ -319,10 +319,18 @@ class Study:
 
     KINDS = {"local_teacher": "local teacher", "fed_teacher": "federated teacher",
              "central_teacher": "centralised teacher", "student": "student", "plain": "plain nnU-Net"}
+    COLUMNS = {"local_teacher": "local teacher (10)", "fed_teacher": "federated teacher (30)",
+               "central_teacher": "centralised teacher (30)", "student": "student of the federated teacher",
+               "plain": "plain nnU-Net (10)"}  # the Dice table's headers
     # the study's questions, per site on the same test cases: (model, minus model, what the difference measures)
     CONTRASTS = [("federated teacher", "local teacher", "federation"),
                  ("centralised teacher", "federated teacher", "pooling the images"),
                  ("student", "plain nnU-Net", "distillation")]
+
+    @staticmethod
+    def site_arm(kind: str, site: str) -> str:
+        """The arm that answers for SITE: the federated and centralised teachers are one model for every site."""
+        return {"fed_teacher": "fed_teacher_a", "central_teacher": "central_teacher"}.get(kind, f"{kind}_{site[-1]}")
 
     def case_table(self, scores: Dict[str, "pd.DataFrame"]) -> "pd.DataFrame":
         """Per-case scores in the benchmark report's layout: a site is a dataset, the arms of its column are
@@ -332,8 +340,7 @@ class Study:
         parts = []
         for site in SITES:
             for kind, label in self.KINDS.items():
-                arm = "fed_teacher_a" if kind == "fed_teacher" else kind if kind == "central_teacher" \
-                    else f"{kind}_{site[-1]}"
+                arm = self.site_arm(kind, site)
                 if arm in scores:
                     per_case = scores[arm].groupby("case")[["dice", "nsd", "hd95"]].mean().reset_index()
                     parts.append(per_case.assign(dataset=site, budget="10 own", method=label))
@@ -376,12 +383,9 @@ class Study:
         scores = {p.stem: pd.read_csv(p) for p in sorted((self.committed / "scores").glob("*.csv"))}
         rows = []
         for site in SITES:
-            k = site[-1]
             row = {"site": site}
-            for label, arm in (("local teacher (10)", f"local_teacher_{k}"), ("federated teacher (30)", "fed_teacher_a"),
-                               ("centralised teacher (30)", "central_teacher"),
-                               ("student of the federated teacher", f"student_{k}"), ("plain nnU-Net (10)", f"plain_{k}")):
-                df = scores.get(arm)
+            for kind, label in self.COLUMNS.items():
+                df = scores.get(self.site_arm(kind, site))
                 row[label] = "not run" if df is None else f"{df.groupby('case')['dice'].mean().mean():.4f}"
             rows.append(row)
         lines = ["# HC18 in 3 sites: test Dice (80 held-out cases, the same for every model)", "",
