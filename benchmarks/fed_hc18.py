@@ -381,12 +381,14 @@ class Study:
         import pandas as pd
 
         scores = {p.stem: pd.read_csv(p) for p in sorted((self.committed / "scores").glob("*.csv"))}
+        cv = self.case_table(scores)
+        dice = cv.groupby(["dataset", "method"])["dice"].mean()
         rows = []
         for site in SITES:
             row = {"site": site}
             for kind, label in self.COLUMNS.items():
-                df = scores.get(self.site_arm(kind, site))
-                row[label] = "not run" if df is None else f"{df.groupby('case')['dice'].mean().mean():.4f}"
+                key = (site, self.KINDS[kind])
+                row[label] = f"{dice[key]:.4f}" if key in dice.index else "not run"
             rows.append(row)
         lines = ["# HC18 in 3 sites: test Dice (80 held-out cases, the same for every model)", "",
                  f"Made by `python benchmarks/fed_hc18.py report` ({time.strftime('%Y-%m-%d')}). Schedule: cpu_short "
@@ -401,7 +403,6 @@ class Study:
             per_case = df.groupby("case")[["dice", "nsd", "hd95", "hc_abs_diff_mm"]].mean()
             lines.append(f"| {arm} | " + " | ".join(f"{per_case[m].mean():.3f} ± {per_case[m].std():.3f}"
                                                       for m in per_case.columns) + " |")
-        cv = self.case_table(scores)
         lines += self.paired_lines(cv)
         if len(cv):
             self.plot(cv)
